@@ -1,0 +1,78 @@
+"""Format constants of the .bfq container, version 1 (FORMAT.md is normative).
+
+Everything the writer chooses and the reader checks is defined here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+MAGIC = b"\x89BFQ\r\n\x1a\n"  # non-ASCII first byte, CRLF, ^Z, LF: text-mode transfers break it
+VERSION = 1  # bumped only for changes an old reader cannot skip (see FORMAT.md, "Versioning")
+PREAMBLE_SIZE = 24  # magic (8) + version u32 + header crc32 u32 + header length u64
+ALIGNMENT = 64  # data section and every block start on a multiple of this
+
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+MAX_NDIM = 8
+MAX_BLOCKS = 1_000_000
+
+PACKING_SCHEME = "radix-fraction-v1"
+MAX_WORD_BITS = 64
+
+LEVEL_SETS = ("balanced", "plain")
+MIN_BITS, MAX_BITS = 1, 8
+
+# dtype name -> (itemsize, numpy dtype string); bf16 is carried as raw little-endian uint16
+DENSE_DTYPES = {"f32": (4, "<f4"), "f16": (2, "<f2"), "bf16": (2, "<u2")}
+SCALE_DTYPES = ("f16", "f32")
+
+
+def num_levels(bits: int, levels: str) -> int:
+    """Number of code levels L for an n-bit layer: 2^n + 1 (balanced) or 2^n (plain)."""
+    return (1 << bits) + (1 if levels == "balanced" else 0)
+
+
+def level_offset(bits: int) -> int:
+    """Digit d stored for integer level q is d = q + 2^(n-1) for both level sets."""
+    return 1 << (bits - 1)
+
+
+def bits_per_level_ideal(bits: int, levels: str) -> float:
+    """log2(L): the paper's accounting of an n-bit layer (1.585 for balanced 1-bit)."""
+    return math.log2(num_levels(bits, levels))
+
+
+def word_bits_for(levels_count: int, digits: int) -> int:
+    """Smallest k with L^g <= 2^k."""
+    return (levels_count**digits - 1).bit_length()
+
+
+def fits_fast_path(levels_count: int, word_bits: int) -> bool:
+    """True when (2^k - 1) * L fits in 64 bits, so decoding needs no 128-bit arithmetic."""
+    return ((1 << word_bits) - 1) * levels_count < (1 << 64)
+
+
+def is_legal_packing(levels_count: int, digits: int, word_bits: int) -> bool:
+    return (
+        2 <= levels_count <= 257
+        and 1 <= digits <= 64
+        and 1 <= word_bits <= MAX_WORD_BITS
+        and levels_count**digits <= (1 << word_bits)
+    )
+
+
+def choose_packing(levels_count: int) -> tuple[int, int]:
+    """The writer's (g, k): fewest bits per digit, then the most digits per word, on the fast path."""
+    best = None
+    for g in range(1, 65):
+        k = word_bits_for(levels_count, g)
+        if k > MAX_WORD_BITS:
+            break
+        if not fits_fast_path(levels_count, k):
+            continue
+        key = (Fraction(k, g), -g)
+        if best is None or key < best[0]:
+            best = (key, g, k)
+    return best[1], best[2]
