@@ -604,7 +604,8 @@ class BfqWriter:
         codes = np.asarray(codes)
         if codes.ndim < 2:
             raise ValueError(f"{name}: quantized layers need >= 2 dimensions, got shape {codes.shape}")
-        stored_scales = np.ascontiguousarray(np.asarray(scales).reshape(-1), dtype=DENSE_DTYPES[scale_dtype][1])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught as non-finite below
+            stored_scales = np.ascontiguousarray(np.asarray(scales).reshape(-1), dtype=DENSE_DTYPES[scale_dtype][1])
         if stored_scales.shape != (codes.shape[0],):
             raise ValueError(f"{name}: {stored_scales.size} scales for {codes.shape[0]} output channels")
         if not np.isfinite(stored_scales).all():

@@ -1,0 +1,115 @@
+"""Summaries of .bfq files for `bfq inspect`: per-layer table and size accounting (torch-free)."""
+
+from __future__ import annotations
+
+import os
+
+from bfq.container import BfqFile, open_bfq
+from bfq.format import bits_per_level_ideal
+
+
+def summarize(source: str | os.PathLike | BfqFile) -> dict:
+    """Model, per-layer table and totals of a .bfq file.
+
+    `avg_bits` is the paper's accounting (FORMAT.md §2.4); `bits_on_disk` counts the bytes the
+    file actually spends on codes, scales and cached time features, over the same N_w weights.
+    """
+    bfq = source if isinstance(source, BfqFile) else open_bfq(source)
+    header = bfq.header
+    recipe = header.recipe
+    layers = []
+    for layer in header.layers.values():
+        layers.append(
+            {
+                "name": layer.name,
+                "shape": list(layer.shape),
+                "bits": layer.bits,
+                "levels": layer.levels,
+                "num_levels": layer.num_levels,
+                "bytes": layer.nbytes,
+                "bits_per_weight": 8 * layer.nbytes / layer.size,
+            }
+        )
+    quantized_weights = sum(layer.size for layer in header.layers.values())
+    n_weights_total = int(recipe.get("n_weights_total") or quantized_weights)
+    cache = header.time_cache
+    n_time_features = cache.num_values if cache else 0
+    ideal_bits = sum(bits_per_level_ideal(l.bits, l.levels) * l.size for l in header.layers.values())
+    cache_bytes = sum(t.block.length for t in cache.tables.values()) if cache else 0
+    layer_bytes = sum(layer.nbytes for layer in header.layers.values())
+    dense_bytes = sum(t.block.length for t in header.tensors.values())
+    n_params_total = recipe.get("n_params_total")
+    fp16_bytes = 2 * int(n_params_total) if n_params_total else None
+    return {
+        "file": str(bfq.path),
+        "file_bytes": bfq.file_bytes,
+        "producer": header.raw["producer"],
+        "model": {
+            "class_name": header.model["class_name"],
+            "source": header.model.get("source"),
+            "config_keys": len(header.model["config"]),
+        },
+        "recipe_name": recipe.get("name"),
+        "time_cache": None
+        if cache is None
+        else {"mode": cache.mode, "timesteps": len(cache.timesteps), "values": n_time_features, "bytes": cache_bytes},
+        "n_layers": len(layers),
+        "n_tensors": len(header.tensors),
+        "quantized_weights": quantized_weights,
+        "n_weights_total": n_weights_total,
+        "avg_bits": (ideal_bits + 16 * n_time_features) / n_weights_total,
+        "bits_on_disk": 8 * (layer_bytes + cache_bytes) / n_weights_total,
+        "bytes": {"layers": layer_bytes, "dense": dense_bytes, "time_cache": cache_bytes},
+        "fp16_bytes": fp16_bytes,
+        "ratio_vs_fp16": fp16_bytes / bfq.file_bytes if fp16_bytes else None,
+        "metadata": header.metadata,
+        "layers": layers,
+    }
+
+
+def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
+    """Human-readable report: model, per-layer table, totals."""
+    lines = [
+        f"file        {summary['file']}  ({summary['file_bytes']:,} bytes, {summary['file_bytes'] / 1e6:.2f} MB)",
+        f"producer    {summary['producer']}",
+        f"model       {summary['model']['class_name']}  source={_source(summary['model']['source'])}",
+    ]
+    if summary["recipe_name"]:
+        lines.append(f"recipe      {summary['recipe_name']}")
+    cache = summary["time_cache"]
+    if cache:
+        lines.append(f"time cache  {cache['mode']}: {cache['timesteps']} timesteps, {cache['values']:,} values, {cache['bytes']:,} bytes")
+    width = max([len(r["name"]) for r in summary["layers"]] + [5])
+    lines += ["", f"{'layer':<{width}}  {'shape':<18} {'bits':>4} {'levels':>6} {'bytes':>12} {'bits/w':>7}"]
+    rows = summary["layers"] if max_rows is None else summary["layers"][:max_rows]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<{width}}  {shape:<18} {r['bits']:>4} {r['num_levels']:>6} {r['bytes']:>12,} {r['bits_per_weight']:>7.3f}")
+    if len(rows) < len(summary["layers"]):
+        lines.append(f"... {len(summary['layers']) - len(rows)} more layers (--all shows them)")
+    lines += [
+        "",
+        "bits        " + "  ".join(f"{b}-bit: {n}" for b, n in layer_bits_histogram(summary).items()),
+        f"layers      {summary['n_layers']} quantized ({summary['quantized_weights']:,} weights), {summary['n_tensors']} dense tensors",
+        f"avg bits    {summary['avg_bits']:.4f}  (paper's accounting over N_w = {summary['n_weights_total']:,} weights)",
+        f"on disk     {summary['bits_on_disk']:.4f} bits/weight for codes + scales + time cache",
+    ]
+    if summary["ratio_vs_fp16"]:
+        lines.append(f"vs fp16     {summary['fp16_bytes'] / 1e6:.1f} MB -> {summary['file_bytes'] / 1e6:.1f} MB ({summary['ratio_vs_fp16']:.2f}x smaller)")
+    return "\n".join(lines)
+
+
+def _source(source) -> str:
+    if not source:
+        return "unknown"
+    return ",".join(f"{k}={v}" for k, v in source.items())
+
+
+def layer_bits_histogram(summary: dict) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for r in summary["layers"]:
+        out[r["bits"]] = out.get(r["bits"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+__all__ = ["summarize", "format_summary", "layer_bits_histogram"]

@@ -1,0 +1,1 @@
+"""The `bfq` command line (installed as the package `bfq_cli`)."""

@@ -1,0 +1,111 @@
+"""`bfq`: a thin Click layer over the bfq library.
+
+Errors that are the user's to fix (a bad file, a bad recipe, a missing path) print one line and
+exit with status 2; set BFQ_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from bfq import BfqFormatError, RecipeError, __version__
+
+USER_ERRORS = (BfqFormatError, RecipeError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+class BfqGroup(click.Group):
+    """Turns user errors into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            if os.environ.get("BFQ_DEBUG"):
+                raise
+            name = type(exc).__name__
+            click.echo(f"bfq: error: {name}: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=BfqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bfq")
+def main():
+    """bfq: ~2-bit BitsFusion quantization of Stable Diffusion UNets, in .bfq files.
+
+    \b
+    Typical use:
+      bfq quantize tiny-sd --bits 1.99 -o tiny.bfq   # quantize the bundled model
+      bfq inspect tiny.bfq                           # what is inside, and how big
+      bfq verify tiny.bfq                            # check every checksum, decode everything
+    """
+
+
+@main.command("inspect")
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (keys: file_bytes, avg_bits, bits_on_disk, layers, ...).")
+@click.option("--all", "show_all", is_flag=True, help="List every layer (default: the first 40).")
+def inspect_cmd(file, as_json, show_all):
+    """Show the model, per-layer bits and sizes, and totals of a .bfq FILE.
+
+    avg_bits is the BitsFusion paper's accounting (log2 of the level count per weight, plus
+    16 bits per cached time feature, over every linear/conv weight of the original UNet);
+    bits_on_disk is what the file actually spends on codes, scales and time features.
+    """
+    from bfq.inspect import format_summary, summarize
+
+    summary = summarize(_local_file(file))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_summary(summary, max_rows=None if show_all else 40))
+
+
+@main.command("verify")
+@click.argument("file")
+def verify_cmd(file):
+    """Check every checksum of a .bfq FILE and decode every tensor.
+
+    Exits 0 and prints 'ok' when the file is sound; otherwise prints one line naming the
+    problem and exits 2.
+    """
+    from bfq.container import open_bfq
+
+    with open_bfq(_local_file(file)) as bfq:
+        bfq.verify_all()
+        n = len(bfq.layers)
+    click.echo(f"ok: {file}: {n} layers, every checksum and tensor verified")
+
+
+def _local_file(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    return path
+
+
+def _register_optional_commands():
+    """Commands that live in their own modules (they import torch lazily inside)."""
+    import importlib
+
+    for module, attr in (
+        ("bfq_cli.quantize_cmd", "quantize_cmd"),
+        ("bfq_cli.generate_cmd", "generate_cmd"),
+        ("bfq_cli.eval_cmd", "eval_cmd"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        main.add_command(getattr(mod, attr))
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
