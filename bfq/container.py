@@ -134,10 +134,7 @@ def _get(obj: dict, key: str, kind, path: str):
     if key not in obj:
         _fail(f"{path}.{key}", "missing")
     value = obj[key]
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if kind is int and isinstance(value, bool):
-        ok = False
-    if not ok:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         _fail(f"{path}.{key}", f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r:.60}")
     return value
 
