@@ -1,0 +1,32 @@
+"""README.md and .ci/run must agree on the test command; README snippets name real commands."""
+
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from bfq_cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_test_command() -> str:
+    block = ROOT.joinpath("README.md").read_text().split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if "pytest" in line]
+    assert len(lines) == 1, "the README's first code block must have one test command"
+    return lines[0].split("&&")[-1].strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = ROOT.joinpath(".ci/run").read_text()
+    assert _readme_test_command() in ci.splitlines()
+
+
+def test_readme_commands_exist():
+    text = ROOT.joinpath("README.md").read_text()
+    commands = set(re.findall(r"`bfq ([a-z]+)", text))
+    assert commands, "README documents no bfq commands"
+    runner = CliRunner()
+    for command in sorted(commands):
+        result = runner.invoke(main, [command, "--help"])
+        assert result.exit_code == 0, f"bfq {command} --help failed: {result.output}"
