@@ -1,0 +1,247 @@
+"""bfq.timecache: scheduler and grid time-feature caches on tiny diffusers UNets."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from helpers import tiny_inputs, tiny_unet
+from torch import nn
+
+from bfq.nn import quantize_unet
+from bfq.timecache import (
+    compute_grid_table,
+    compute_scheduler_features,
+    install_grid_cache,
+    install_scheduler_cache,
+    n_time_features,
+    resnets_with_time_proj,
+    scheduler_timesteps,
+    time_cache_mode,
+    time_feature_dims,
+    time_layer_names,
+    unique_timesteps,
+)
+
+torch.set_num_threads(1)
+
+
+def fp16_time_reference(unet):
+    """A copy of ``unet`` whose time path is computed as usual but rounded to fp16 where the cache
+    stores values: after every time_emb_proj (scheduler) / after time_embedding (grid)."""
+    ref = copy.deepcopy(unet)
+
+    def hook(mod, inp, out):
+        return out.half().to(out.dtype)
+
+    return ref, hook
+
+
+def run(unet, sample, t, ehs):
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=ehs).sample
+
+
+@pytest.fixture(scope="module")
+def pndm_timesteps():
+    sched = PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    return scheduler_timesteps(sched, 10)
+
+
+def test_unique_timesteps(pndm_timesteps):
+    sched = PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    sched.set_timesteps(50)
+    assert len(sched.timesteps) == 51 and len(unique_timesteps(sched.timesteps)) == 50
+    assert unique_timesteps([3, 1, 3, 2.5]) == [3.0, 1.0, 2.5]
+    with pytest.raises(ValueError):
+        unique_timesteps([1.0, float("nan")])
+    assert len(pndm_timesteps) == 10
+
+
+def test_scheduler_cache_matches_time_path(pndm_timesteps):
+    unet = tiny_unet(seed=0)
+    ref, hook = fp16_time_reference(unet)
+    for _, r in resnets_with_time_proj(ref):
+        r.time_emb_proj.register_forward_hook(hook)
+    feats = compute_scheduler_features(unet, pndm_timesteps)
+    assert set(feats) == {n for n, _ in resnets_with_time_proj(unet)}
+    assert all(f.dtype == torch.float16 and f.shape == (10, d) for (f, d) in zip(feats.values(), time_feature_dims(unet).values()))
+    install_scheduler_cache(unet, pndm_timesteps, {k: v.numpy() for k, v in feats.items()})
+    assert time_cache_mode(unet) == "scheduler"
+    names = [k for k in unet.state_dict() if "time_embedding" in k or ("time_emb_proj" in k and not k.endswith("features"))]
+    assert names == [] and time_layer_names(unet) == []
+    for batch, t in [(1, pndm_timesteps[0]), (2, pndm_timesteps[3]), (3, torch.tensor(pndm_timesteps[-1])),
+                     (3, torch.tensor([pndm_timesteps[1], pndm_timesteps[5], pndm_timesteps[1]])),
+                     (2, torch.tensor([int(pndm_timesteps[2])], dtype=torch.int64))]:  # fmt: skip
+        sample, ehs = tiny_inputs(unet, batch=batch, seed=batch)
+        out, want = run(unet, sample, t, ehs), run(ref, sample, t, ehs)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        plain = run(tiny_unet(seed=0), sample, t, ehs)
+        torch.testing.assert_close(out, plain, rtol=2e-2, atol=2e-2)  # fp16 precision of the features
+
+
+def test_scheduler_cache_rejects_unknown_timesteps(pndm_timesteps):
+    unet = tiny_unet(seed=0)
+    install_scheduler_cache(unet, pndm_timesteps, compute_scheduler_features(unet, pndm_timesteps))
+    sample, ehs = tiny_inputs(unet, batch=2)
+    with pytest.raises(ValueError, match="not in the time-feature cache.*cached timesteps"):
+        run(unet, sample, 500, ehs)
+    with pytest.raises(ValueError, match="not in the time-feature cache"):
+        run(unet, sample, torch.tensor([pndm_timesteps[0], pndm_timesteps[0] + 0.5]), ehs)
+
+
+def test_scheduler_cache_fp16_unet_and_state_dict(pndm_timesteps):
+    unet = tiny_unet(seed=3)
+    feats = compute_scheduler_features(unet, pndm_timesteps)
+    sample, ehs = tiny_inputs(unet, batch=2)
+    t = pndm_timesteps[4]
+    want = run(unet, sample, t, ehs)
+    install_scheduler_cache(unet, pndm_timesteps, feats)
+    sd = unet.state_dict()
+    assert any(k.endswith("time_emb_proj.features") for k in sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    other = tiny_unet(seed=4)
+    zeros = {k: torch.zeros_like(v) for k, v in feats.items()}
+    install_scheduler_cache(other, pndm_timesteps, zeros)
+    other.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    torch.testing.assert_close(run(other, sample, t, ehs), run(unet, sample, t, ehs), rtol=0, atol=0)
+    half = unet.half()
+    out = run(half, sample.half(), t, ehs.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_scheduler_mode_refuses_extra_embeddings(pndm_timesteps):
+    unet = tiny_unet(seed=0, num_class_embeds=3)
+    with pytest.raises(ValueError, match="class_embedding"):
+        compute_scheduler_features(unet, pndm_timesteps)
+    with pytest.raises(ValueError, match="class_embedding"):
+        install_scheduler_cache(unet, pndm_timesteps, {})
+    cond = tiny_unet(seed=0, time_cond_proj_dim=4)
+    with pytest.raises(ValueError, match="timestep_cond"):
+        compute_scheduler_features(cond, pndm_timesteps)
+    unet = tiny_unet(seed=0)
+    install_scheduler_cache(unet, pndm_timesteps, compute_scheduler_features(unet, pndm_timesteps))
+    with pytest.raises(ValueError, match="already installed"):
+        install_scheduler_cache(unet, pndm_timesteps, {})
+
+
+def test_scheduler_cache_validates_features(pndm_timesteps):
+    unet = tiny_unet(seed=0)
+    feats = compute_scheduler_features(unet, pndm_timesteps)
+    with pytest.raises(ValueError, match="missing"):
+        install_scheduler_cache(unet, pndm_timesteps, dict(list(feats.items())[1:]))
+    with pytest.raises(ValueError, match="shape"):
+        install_scheduler_cache(unet, pndm_timesteps[:-1], feats)
+    assert time_cache_mode(unet) is None  # nothing changed
+
+
+def test_scheduler_mode_with_scale_shift_and_time_act():
+    kw = dict(resnet_time_scale_shift="scale_shift", time_embedding_act_fn="silu")
+    unet = tiny_unet(seed=5, **kw)
+    ts = [999, 500.5, 1]
+    ref, hook = fp16_time_reference(unet)
+    for _, r in resnets_with_time_proj(ref):
+        r.time_emb_proj.register_forward_hook(hook)
+    install_scheduler_cache(unet, ts, compute_scheduler_features(unet, ts))
+    sample, ehs = tiny_inputs(unet, batch=3)
+    t = torch.tensor([500.5, 1.0, 999.0])
+    torch.testing.assert_close(run(unet, sample, t, ehs), run(ref, sample, t, ehs), rtol=1e-5, atol=1e-5)
+
+
+def test_grid_cache_matches_time_path():
+    unet = tiny_unet(seed=1)
+    ref, hook = fp16_time_reference(unet)
+    ref.time_embedding.register_forward_hook(hook)
+    table = compute_grid_table(unet, 1000)
+    assert table.shape == (1000, 32) and table.dtype == torch.float16
+    install_grid_cache(unet, table)
+    assert time_cache_mode(unet) == "grid"
+    assert [k for k in unet.state_dict() if k.startswith("time_embedding.")] == ["time_embedding.table"]
+    assert len(time_layer_names(unet)) == len(resnets_with_time_proj(unet))  # time_emb_proj stay
+    for batch, t in [(1, 0), (2, 999), (3, torch.tensor([10, 500, 981])), (2, torch.tensor(37.0))]:
+        sample, ehs = tiny_inputs(unet, batch=batch, seed=batch)
+        torch.testing.assert_close(run(unet, sample, t, ehs), run(ref, sample, t, ehs), rtol=1e-5, atol=1e-5)
+
+
+def test_grid_cache_interpolates_exact_fractional_timesteps():
+    unet = tiny_unet(seed=2)
+    table = compute_grid_table(unet, 1000).float()
+    install_grid_cache(unet, table.numpy())
+    captured = []
+    unet.time_embedding.register_forward_hook(lambda m, i, o: captured.append(o))
+    sample, ehs = tiny_inputs(unet, batch=2)
+    t = torch.tensor([998.7, 500.3])  # float32, as Euler schedulers produce; fp16 would round 998.7
+    run(unet, sample, t, ehs)
+    x = t.double()
+    want = torch.stack([table[int(v)] * (1 - (v - int(v))) + table[int(v) + 1] * (v - int(v)) for v in x.tolist()])
+    torch.testing.assert_close(captured[-1], want.float(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the cached grid"):
+        run(unet, sample, 1000.5, ehs)
+    with pytest.raises(ValueError, match="outside the cached grid"):
+        run(unet, sample, -1, ehs)
+
+
+def test_grid_cache_works_with_any_scheduler_and_quantized_time_proj():
+    unet = tiny_unet(seed=6)
+    plain = tiny_unet(seed=6)
+    install_grid_cache(unet, compute_grid_table(unet))
+    euler = EulerDiscreteScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    euler.set_timesteps(7)
+    ddim = DDIMScheduler(num_train_timesteps=1000)
+    ddim.set_timesteps(13)
+    sample, ehs = tiny_inputs(unet, batch=2)
+    for t in list(euler.timesteps[:3]) + list(ddim.timesteps[:3]):  # integer-valued: table rows
+        torch.testing.assert_close(run(unet, sample, t, ehs), run(plain, sample, t, ehs), rtol=2e-2, atol=2e-2)
+    frac = EulerDiscreteScheduler(num_train_timesteps=1000)  # linspace spacing: fractional timesteps
+    frac.set_timesteps(7)
+    assert any(float(t) != int(t) for t in frac.timesteps)
+    for t in frac.timesteps[:3]:
+        assert torch.isfinite(run(unet, sample, t, ehs)).all()
+    names = [n for n in time_layer_names(unet) if "time_emb_proj" in n]
+    quantize_unet(unet, {n: 8 for n in names}, progress=False)
+    out = run(unet, sample, ddim.timesteps[0], ehs)
+    assert torch.isfinite(out).all()
+
+
+def test_grid_mode_allows_class_embeddings():
+    unet = tiny_unet(seed=0, num_class_embeds=3)
+    ref, hook = fp16_time_reference(unet)
+    ref.time_embedding.register_forward_hook(hook)
+    install_grid_cache(unet, compute_grid_table(unet, 100))
+    sample, ehs = tiny_inputs(unet, batch=2)
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        out = unet(sample, 42, ehs, class_labels=labels).sample
+        want = ref(sample, 42, ehs, class_labels=labels).sample
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_accounting_helpers():
+    unet = tiny_unet()
+    names = time_layer_names(unet)
+    assert names[:2] == ["time_embedding.linear_1.weight", "time_embedding.linear_2.weight"]
+    assert len(names) == 2 + 8 and all(n.endswith("time_emb_proj.weight") for n in names[2:])
+    dims = time_feature_dims(unet)
+    assert list(dims.values()) == [8, 16, 16, 16, 8, 8, 16, 16]  # down0, down1, up0 x2, up1 x2, mid x2
+    assert n_time_features(unet, "scheduler", 50) == 50 * sum(dims.values())
+    assert n_time_features(unet, "grid", 1000) == 1000 * 32
+    with pytest.raises(ValueError):
+        n_time_features(unet, "both", 1)
+    assert np.isclose(sum(dims.values()), sum(r.time_emb_proj.out_features for _, r in resnets_with_time_proj(unet)))
+
+
+def test_no_timestep_cache_consumer_is_silently_wrong():
+    """The scheduler placeholder embedding is [B, 0]: anything but the cached resnets fails loudly."""
+    unet = tiny_unet(seed=0)
+    install_scheduler_cache(unet, [5], compute_scheduler_features(unet, [5]))
+    unet.down_blocks[0].resnets[0].time_emb_proj = nn.Linear(32, 8)  # an uncached consumer
+    sample, ehs = tiny_inputs(unet, batch=1)
+    with pytest.raises(RuntimeError):
+        run(unet, sample, 5, ehs)
