@@ -1,0 +1,100 @@
+"""Is the metric sensitive? Score tiny-sd with every UNet layer fake-quantized, no fine-tuning.
+
+``python -m bfq.tinysd.sensitivity [--n-per-digit 50] [--steps 20]`` prints one row per setting.
+
+This is a *reference check of the metric*, not the project's quantizer (that is
+``bfq.quantizer``): a plain per-output-channel symmetric quantizer with the balance integer,
+``q = clamp(round(w / s), -2^(n-1), 2^(n-1))`` (2^n + 1 levels; n = 1 is ternary), applied to the
+weight of every ``Conv2d`` and ``Linear`` of the UNet, with either
+
+* min-max scales ``s = max|w| / 2^(n-1)``, or
+* least-squares scales: 10 rounds of ``s = <w, q> / <q, q>`` starting from min-max.
+
+A useful metric must rank these the obvious way: 4-bit with least-squares scales close to fp32,
+ternary with min-max scales far worse on both scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+SETTINGS = (
+    ("fp32", None, None),
+    ("4-bit min-max", 4, "minmax"),
+    ("4-bit least-squares", 4, "lsq"),
+    ("3-bit least-squares", 3, "lsq"),
+    ("2-bit min-max", 2, "minmax"),
+    ("2-bit least-squares", 2, "lsq"),
+    ("ternary min-max", 1, "minmax"),
+    ("ternary least-squares", 1, "lsq"),
+)
+
+
+def fake_quantize_weight(w, bits: int, scales: str = "minmax", rounds: int = 10):
+    """Per-output-channel symmetric fake quantization of one weight tensor (returns a new tensor)."""
+    import torch
+
+    top = 2 ** (bits - 1)
+    flat = w.detach().reshape(w.shape[0], -1).double()
+    s = flat.abs().amax(1, keepdim=True).clamp_min(1e-12) / top
+    q = torch.clamp(torch.round(flat / s), -top, top)
+    if scales == "lsq":
+        for _ in range(rounds):
+            s = ((flat * q).sum(1, keepdim=True) / (q * q).sum(1, keepdim=True).clamp_min(1e-12)).clamp_min(1e-12)
+            q = torch.clamp(torch.round(flat / s), -top, top)
+    elif scales != "minmax":
+        raise ValueError(f"scales must be 'minmax' or 'lsq', not {scales!r}")
+    return (s * q).reshape(w.shape).to(w.dtype)
+
+
+def fake_quantize_unet(unet, bits: int, scales: str = "minmax"):
+    """A copy of ``unet`` with every Conv2d/Linear weight fake-quantized (biases and norms kept)."""
+    import torch
+
+    unet = copy.deepcopy(unet)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.copy_(fake_quantize_weight(module.weight, bits, scales))
+    return unet
+
+
+def sensitivity_table(n_per_digit: int = 50, steps: int = 20, settings=SETTINGS, **kwargs) -> list[dict]:
+    """Evaluate each setting; returns rows ``{"setting", "alignment", "fd", "sweep"}``."""
+    from diffusers import UNet2DConditionModel
+
+    from bfq.evaluate import evaluate
+    from bfq.tinysd import pipeline_dir
+
+    base = UNet2DConditionModel.from_pretrained(str(pipeline_dir() / "unet"), local_files_only=True)
+    rows = []
+    for name, bits, scales in settings:
+        unet = base if bits is None else fake_quantize_unet(base, bits, scales)
+        result = evaluate(unet, n_per_digit=n_per_digit, steps=steps, **kwargs)
+        rows.append(dict(setting=name, alignment=result["alignment"], fd=result["fd"], sweep=result["sweep"]))
+    return rows
+
+
+def main(argv=None):
+    """Print the sensitivity table (and ``--json``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-per-digit", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = sensitivity_table(args.n_per_digit, args.steps)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    scales = [r["cfg"] for r in rows[0]["sweep"]]
+    print(f"{'setting':<24}" + "".join(f"  cfg {c:<4} align/fd" for c in scales))
+    for row in rows:
+        cells = "".join(f"  {r['alignment']:>6.3f} / {r['fd']:>6.2f}" for r in row["sweep"])
+        print(f"{row['setting']:<24}{cells}")
+
+
+if __name__ == "__main__":
+    main()
