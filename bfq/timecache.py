@@ -298,6 +298,12 @@ def compute_grid_table(unet: nn.Module, num_train_timesteps: int = 1000) -> torc
     return _embeddings(unet, ts).to(torch.float16).cpu()
 
 
+def _buffer_device(unet: nn.Module) -> torch.device:
+    """The UNet's device; CPU for a model built on the meta device (a loader assigns weights later)."""
+    device = next(unet.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _install_state(unet: nn.Module, state: _TimeState) -> None:
     unet.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
 
@@ -321,7 +327,7 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
     missing, unknown = sorted(set(names) - set(features)), sorted(set(features) - set(names))
     if missing or unknown:
         raise ValueError(f"time features do not match the UNet: missing {missing[:5]}, unknown {unknown[:5]}")
-    device = next(unet.parameters()).device
+    device = _buffer_device(unet)
     tensors = {}
     for name, r in resnets:
         f = torch.as_tensor(np.asarray(features[name]) if not isinstance(features[name], torch.Tensor) else features[name])
@@ -344,7 +350,7 @@ def install_grid_cache(unet: nn.Module, table) -> nn.Module:
     want = time_embedding_dim(unet)
     if tab.ndim != 2 or tab.shape[1] != want or tab.shape[0] < 1:
         raise ValueError(f"time table has shape {tuple(tab.shape)}, expected [N, {want}]")
-    device = next(unet.parameters()).device
+    device = _buffer_device(unet)
     state = _TimeState()
     unet.time_embedding = _GridTimeEmbedding(state, tab.detach().to(device, torch.float16))
     _install_state(unet, state)

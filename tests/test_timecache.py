@@ -245,3 +245,32 @@ def test_no_timestep_cache_consumer_is_silently_wrong():
     sample, ehs = tiny_inputs(unet, batch=1)
     with pytest.raises(RuntimeError):
         run(unet, sample, 5, ehs)
+
+
+def test_install_on_meta_model_then_assign(pndm_timesteps):
+    """A loader builds the UNet on the meta device, installs the cache, then assigns weights."""
+    from diffusers import UNet2DConditionModel
+    from helpers import tiny_unet_config
+
+    src = tiny_unet(seed=7)
+    feats = compute_scheduler_features(src, pndm_timesteps)
+    table = compute_grid_table(src)
+    for mode in ("scheduler", "grid"):
+        with torch.device("meta"):
+            model = UNet2DConditionModel.from_config(tiny_unet_config())
+        if mode == "scheduler":
+            install_scheduler_cache(model, pndm_timesteps, feats)
+        else:
+            install_grid_cache(model, table)
+        state = {k: v for k, v in src.state_dict().items() if k in model.state_dict()}
+        missing = [k for k, v in model.state_dict().items() if v.is_meta and k not in state]
+        assert missing == []
+        model.load_state_dict(state, strict=False, assign=True)
+        ref = copy.deepcopy(src)
+        if mode == "scheduler":
+            install_scheduler_cache(ref, pndm_timesteps, feats)
+        else:
+            install_grid_cache(ref, table)
+        sample, ehs = tiny_inputs(src, batch=2)
+        t = pndm_timesteps[2]
+        assert torch.equal(run(model.eval(), sample, t, ehs), run(ref, sample, t, ehs))
