@@ -1,0 +1,374 @@
+"""Recipes (bit plans): which bit-width each Linear/Conv2d weight of a UNet gets.
+
+A recipe is JSON (schema: ``spec/recipe.schema.json``)::
+
+    {"format": "bfq-recipe", "version": 1, "name": "...", "levels": "balanced" | "plain",
+     "bits": {"<state-dict weight name>": 1..8, ...}, "notes": "optional"}
+
+It must name exactly the layers :func:`quantizable_layers` lists for the model and the time-cache
+mode: every ``nn.Linear``/``nn.Conv2d`` weight except the time layers the cache removes
+(``scheduler``: ``time_embedding.*`` and every ``time_emb_proj``; ``grid``: ``time_embedding.*`` only).
+
+Built-in recipes:
+
+* ``uniform-N`` (N = 1..8): every layer at N bits, except ``conv_in`` and ``conv_out`` at 8 bits as
+  in the paper (§3.3 step 4). In grid mode the ``time_emb_proj`` layers get N bits too (or
+  ``time_proj_bits`` when given).
+* ``bitsfusion-sd15``: the paper's App. H table (BITSFUSION.md §3.4) for the SD-v1.5 UNet, 258
+  layers. In grid mode the 22 ``time_emb_proj`` layers, which the paper deletes, get
+  ``time_proj_bits`` (default :data:`DEFAULT_TIME_PROJ_BITS` = 4: they are few (3% of the weights)
+  and known to be quantization-sensitive (TFMQ-DM), so they are kept above the ~2-bit average).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from bfq.errors import RecipeError
+from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
+
+RECIPE_FORMAT = "bfq-recipe"
+RECIPE_VERSION = 1
+FIRST_LAST_BITS = 8
+DEFAULT_TIME_PROJ_BITS = 4
+TIME_CACHE_MODES = ("scheduler", "grid")
+BUILTIN_RECIPES = tuple(f"uniform-{n}" for n in range(MIN_BITS, MAX_BITS + 1)) + ("bitsfusion-sd15",)
+_KEYS = {"format", "version", "name", "levels", "bits", "notes"}
+
+
+@dataclass
+class Recipe:
+    """A bit plan: ``bits`` maps state-dict weight names to 1..8, in model order."""
+
+    name: str
+    levels: str = "balanced"
+    bits: dict[str, int] = field(default_factory=dict)
+    notes: str | None = None
+
+    def to_json(self) -> dict:
+        out = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "name": self.name, "levels": self.levels,
+               "bits": dict(self.bits)}  # fmt: skip
+        if self.notes is not None:
+            out["notes"] = self.notes
+        return out
+
+    @classmethod
+    def from_json(cls, obj) -> Recipe:
+        """Parse and check a recipe object (raises :class:`RecipeError` naming the bad field)."""
+        if not isinstance(obj, dict):
+            raise RecipeError("recipe: expected a JSON object")
+        extra = sorted(set(obj) - _KEYS)
+        if extra:
+            raise RecipeError(f"recipe: unknown field(s) {extra}")
+        if obj.get("format") != RECIPE_FORMAT:
+            raise RecipeError(f"recipe.format: expected {RECIPE_FORMAT!r}, got {obj.get('format')!r}")
+        if obj.get("version") != RECIPE_VERSION or isinstance(obj.get("version"), bool):
+            raise RecipeError(f"recipe.version: expected {RECIPE_VERSION}, got {obj.get('version')!r}")
+        if not isinstance(obj.get("name"), str) or not obj["name"]:
+            raise RecipeError("recipe.name: expected a non-empty string")
+        if obj.get("levels") not in LEVEL_SETS:
+            raise RecipeError(f"recipe.levels: expected one of {list(LEVEL_SETS)}, got {obj.get('levels')!r}")
+        if "notes" in obj and not isinstance(obj["notes"], str):
+            raise RecipeError("recipe.notes: expected a string")
+        bits = obj.get("bits")
+        if not isinstance(bits, dict) or not bits:
+            raise RecipeError("recipe.bits: expected a non-empty object {layer weight name: bits}")
+        _check_bit_values(bits)
+        return cls(obj["name"], obj["levels"], dict(bits), obj.get("notes"))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {path}: {e}") from None
+        try:
+            obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        except ValueError as e:
+            raise RecipeError(f"recipe {path}: invalid JSON ({e})") from None
+        return cls.from_json(obj)
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _summarize(names, limit: int = 5) -> str:
+    names = list(names)
+    head = ", ".join(names[:limit])
+    return f"{len(names)}: {head}" + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_bit_values(bits: Mapping) -> None:
+    bad = [k for k, b in bits.items()
+           if not isinstance(k, str) or isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS]  # fmt: skip
+    if bad:
+        raise RecipeError(f"recipe.bits: values must be integers in {MIN_BITS}..{MAX_BITS}; bad layers {_summarize(bad)}")
+
+
+def _check_mode(time_cache: str) -> None:
+    if time_cache not in TIME_CACHE_MODES:
+        raise ValueError(f"time_cache must be one of {TIME_CACHE_MODES}, got {time_cache!r}")
+
+
+def _is_time_embedding(name: str) -> bool:
+    return name.startswith("time_embedding.")
+
+
+def _is_time_proj(name: str) -> bool:
+    return name.endswith("time_emb_proj.weight")
+
+
+def linear_conv_weights(unet: nn.Module) -> dict[str, int]:
+    """``{weight name: n_weights}`` of every ``nn.Linear``/``nn.Conv2d`` (incl. time layers), model order.
+
+    On the original UNet, the sum is N_w of the accounting (859,077,120 for SD-v1.5).
+    """
+    return {
+        f"{name}.weight": m.weight.numel() for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
+
+
+def quantizable_layers(unet: nn.Module, time_cache: str = "scheduler") -> dict[str, int]:
+    """``{weight name: n_weights}`` of the layers a recipe must cover, in model order (works for any
+    diffusers ``UNet2DConditionModel``; meta-device models are fine)."""
+    _check_mode(time_cache)
+    out = {}
+    for name, n in linear_conv_weights(unet).items():
+        if _is_time_embedding(name) or (time_cache == "scheduler" and _is_time_proj(name)):
+            continue
+        out[name] = n
+    return out
+
+
+def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> None:
+    """Raise :class:`RecipeError` unless ``recipe`` covers exactly ``quantizable_layers(unet, time_cache)``
+    with bits in 1..8 and a known level set."""
+    if recipe.levels not in LEVEL_SETS:
+        raise RecipeError(f"recipe {recipe.name!r}: levels must be one of {list(LEVEL_SETS)}, got {recipe.levels!r}")
+    _check_bit_values(recipe.bits)
+    expected = quantizable_layers(unet, time_cache)
+    missing = [n for n in expected if n not in recipe.bits]
+    unknown = [n for n in recipe.bits if n not in expected]
+    if not (missing or unknown):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing layers {_summarize(missing)}")
+    if unknown:
+        parts.append(f"unknown layers {_summarize(unknown)}")
+        removed = [n for n in unknown if _is_time_embedding(n) or _is_time_proj(n)]
+        if removed:
+            parts.append(f"({len(removed)} of them are time layers the {time_cache!r} time cache removes)")
+    if time_cache == "grid" and missing and all(_is_time_proj(n) for n in missing):
+        parts.append("(grid mode keeps time_emb_proj layers: give them bits, e.g. with time_proj_bits)")
+    raise RecipeError(f"recipe {recipe.name!r} does not fit this model: " + "; ".join(parts))
+
+
+# -------------------------------------------------------------------------------- built-ins
+
+# BITSFUSION.md §3.4 (paper App. H), transcribed verbatim. Attention column order:
+# proj_in | attn1 q k v out | attn2 q k v out | ff.net.0.proj ff.net.2 | proj_out
+_SD15_ATTENTION = """
+down_blocks.0.attentions.0   6 | 5 5 4 6 | 5 7 3 3 | 3 3 | 5
+down_blocks.0.attentions.1   4 | 3 4 6 5 | 5 7 2 3 | 3 3 | 6
+down_blocks.1.attentions.0   4 | 3 3 4 4 | 3 5 4 3 | 2 2 | 4
+down_blocks.1.attentions.1   4 | 2 2 4 4 | 3 6 4 3 | 2 2 | 4
+down_blocks.2.attentions.0   3 | 3 2 3 3 | 3 4 4 3 | 2 1 | 3
+down_blocks.2.attentions.1   4 | 4 2 3 3 | 3 4 4 3 | 2 2 | 4
+mid_block.attentions.0       2 | 3 1 2 2 | 1 4 4 3 | 2 1 | 3
+up_blocks.1.attentions.0     3 | 2 1 2 3 | 3 4 4 2 | 2 2 | 3
+up_blocks.1.attentions.1     3 | 2 2 2 2 | 2 4 3 1 | 1 1 | 3
+up_blocks.1.attentions.2     3 | 1 1 2 2 | 1 3 2 1 | 1 1 | 2
+up_blocks.2.attentions.0     4 | 2 2 3 3 | 1 2 1 1 | 1 1 | 3
+up_blocks.2.attentions.1     4 | 2 3 3 3 | 1 3 1 1 | 1 1 | 3
+up_blocks.2.attentions.2     4 | 2 2 2 3 | 2 3 1 1 | 1 1 | 3
+up_blocks.3.attentions.0     4 | 2 2 6 3 | 2 3 1 1 | 1 1 | 4
+up_blocks.3.attentions.1     4 | 2 3 5 3 | 2 3 1 1 | 2 1 | 4
+up_blocks.3.attentions.2     6 | 2 3 4 3 | 4 5 1 1 | 3 2 | 4
+"""
+# ResBlocks: conv1, conv2[, conv_shortcut]
+_SD15_RESNETS = """
+down0.r0 3,3     down0.r1 3,4     down1.r0 3,3,7   down1.r1 3,2     down2.r0 3,2,4   down2.r1 2,1
+down3.r0 1,1     down3.r1 1,1     mid.r0 1,1       mid.r1 1,1
+up0.r0 1,2,1     up0.r1 1,1,1     up0.r2 2,1,1     up1.r0 1,1,3     up1.r1 1,1,3     up1.r2 1,1,3
+up2.r0 1,2,4     up2.r1 1,2,4     up2.r2 1,1,4     up3.r0 1,2,4     up3.r1 2,2,4     up3.r2 2,2,4
+"""
+_SD15_SAMPLERS = "down0 4, down1 4, down2 1, up0 1, up1 2, up2 3"
+_ATTN_COLUMNS = (
+    ["proj_in"]
+    + [f"transformer_blocks.0.attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    + ["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2", "proj_out"]
+)
+
+
+def _block(short: str) -> str:
+    """"down1" -> "down_blocks.1", "up0" -> "up_blocks.0", "mid" -> "mid_block"."""
+    if short == "mid":
+        return "mid_block"
+    kind = "down" if short.startswith("down") else "up"
+    return f"{kind}_blocks.{int(short[len(kind):])}"
+
+
+def _sd15_table_bits() -> dict[str, int]:
+    bits = {"conv_in.weight": FIRST_LAST_BITS}
+    for line in _SD15_ATTENTION.strip().splitlines():
+        prefix, values = line.split(maxsplit=1)
+        nums = [int(v) for v in values.replace("|", " ").split()]
+        if len(nums) != len(_ATTN_COLUMNS):
+            raise RuntimeError(f"malformed built-in table row: {line}")
+        bits.update({f"{prefix}.{col}.weight": b for col, b in zip(_ATTN_COLUMNS, nums)})
+    for entry in zip(*[iter(_SD15_RESNETS.split())] * 2):
+        block, res = entry[0].split(".")
+        nums = [int(v) for v in entry[1].split(",")]
+        prefix = f"{_block(block)}.resnets.{int(res[1:])}"
+        bits.update({f"{prefix}.{conv}.weight": b for conv, b in zip(("conv1", "conv2", "conv_shortcut"), nums)})
+    for item in _SD15_SAMPLERS.split(","):
+        block, b = item.split()
+        kind = "downsamplers" if block.startswith("down") else "upsamplers"
+        bits[f"{_block(block)}.{kind}.0.conv.weight"] = int(b)
+    bits["conv_out.weight"] = FIRST_LAST_BITS
+    return bits
+
+
+def _in_model_order(bits: dict[str, int], order) -> dict[str, int]:
+    rank = {n: i for i, n in enumerate(order)}
+    return dict(sorted(bits.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def uniform_recipe(unet: nn.Module, bits: int, *, time_cache: str = "scheduler", levels: str = "balanced",
+                   time_proj_bits: int | None = None) -> Recipe:  # fmt: skip
+    """``uniform-N``: every quantizable layer at ``bits``, conv_in/conv_out at 8 bits."""
+    layers = quantizable_layers(unet, time_cache)
+    plan = {}
+    for name in layers:
+        if name in ("conv_in.weight", "conv_out.weight"):
+            plan[name] = FIRST_LAST_BITS
+        elif _is_time_proj(name) and time_proj_bits is not None:
+            plan[name] = time_proj_bits
+        else:
+            plan[name] = bits
+    notes = f"every layer {bits}-bit {levels}, conv_in/conv_out {FIRST_LAST_BITS}-bit"
+    return Recipe(f"uniform-{bits}", levels, plan, notes)
+
+
+def bitsfusion_sd15(unet: nn.Module | None = None, *, time_cache: str = "scheduler",
+                    time_proj_bits: int | None = None) -> Recipe:  # fmt: skip
+    """The paper's 1.99-bit SD-v1.5 recipe (App. H), balanced levels.
+
+    In grid mode ``unet`` is needed to name its ``time_emb_proj`` layers, which get ``time_proj_bits``
+    (default 4). The result is in ``unet``'s module order when ``unet`` is given.
+    """
+    _check_mode(time_cache)
+    plan = _sd15_table_bits()
+    if time_cache == "grid":
+        if unet is None:
+            raise ValueError("bitsfusion-sd15 in grid mode needs the UNet to name its time_emb_proj layers")
+        tb = DEFAULT_TIME_PROJ_BITS if time_proj_bits is None else time_proj_bits
+        plan.update({n: tb for n in quantizable_layers(unet, "grid") if _is_time_proj(n)})
+    if unet is not None:
+        plan = _in_model_order(plan, linear_conv_weights(unet))
+    notes = "BitsFusion (Sui et al. 2024) App. H recipe for SD-v1.5; conv_in/conv_out 8-bit"
+    if time_cache == "grid":
+        notes += f"; grid time cache: time_emb_proj {plan[next(n for n in plan if _is_time_proj(n))]}-bit"
+    return Recipe("bitsfusion-sd15", "balanced", plan, notes)
+
+
+def builtin_recipe(name: str, unet: nn.Module, time_cache: str = "scheduler",
+                   time_proj_bits: int | None = None) -> Recipe:  # fmt: skip
+    """One of :data:`BUILTIN_RECIPES` for ``unet`` (not validated; see :func:`resolve_recipe`)."""
+    if name == "bitsfusion-sd15":
+        return bitsfusion_sd15(unet, time_cache=time_cache, time_proj_bits=time_proj_bits)
+    if name in BUILTIN_RECIPES:
+        bits = int(name.split("-")[1])
+        return uniform_recipe(unet, bits, time_cache=time_cache, time_proj_bits=time_proj_bits)
+    raise RecipeError(f"unknown built-in recipe {name!r}; built-ins: {', '.join(BUILTIN_RECIPES)}")
+
+
+def resolve_recipe(name_or_path: str | os.PathLike, unet: nn.Module, time_cache: str = "scheduler",
+                   time_proj_bits: int | None = None, levels: str | None = None) -> Recipe:  # fmt: skip
+    """A validated recipe from a built-in name or a JSON file.
+
+    ``levels`` ("balanced"/"plain"), when given, overrides the recipe's level set (built-ins are
+    balanced). In grid mode, ``time_emb_proj`` layers a recipe file leaves out get ``time_proj_bits`` (default
+    4), so recipes written for the scheduler mode (like the paper's) work unchanged.
+
+    Raises:
+        RecipeError: unknown name, unreadable/invalid file, or a recipe that does not fit ``unet``.
+    """
+    _check_mode(time_cache)
+    if time_proj_bits is not None:
+        _check_bit_values({"time_proj_bits": time_proj_bits})
+    name = os.fspath(name_or_path)
+    if name in BUILTIN_RECIPES:
+        recipe = builtin_recipe(name, unet, time_cache, time_proj_bits)
+    elif Path(name).is_file():
+        recipe = Recipe.load(name)
+        if time_cache == "grid":
+            tb = DEFAULT_TIME_PROJ_BITS if time_proj_bits is None else time_proj_bits
+            for n in quantizable_layers(unet, "grid"):
+                if _is_time_proj(n) and n not in recipe.bits:
+                    recipe.bits[n] = tb
+            recipe.bits = _in_model_order(recipe.bits, linear_conv_weights(unet))
+    else:
+        raise RecipeError(f"unknown recipe {name!r}: not a built-in ({', '.join(BUILTIN_RECIPES)}) nor a file")
+    if levels is not None:
+        recipe.levels = levels
+    validate(recipe, unet, time_cache)
+    return recipe
+
+
+# ------------------------------------------------------------------------------- accounting
+
+
+def average_bits(bits_by_layer: Mapping[str, int], n_weights_by_layer: Mapping[str, int], levels: str,
+                 n_time_features: int, n_weights_total: int) -> float:  # fmt: skip
+    """BITSFUSION.md §5.1: ``(Σ_i log2(L_i)·N_i + 16·N_tf) / N_w``.
+
+    ``L_i`` = 2^b+1 (balanced) or 2^b (plain); ``N_tf`` = cached fp16 time-feature values; ``N_w`` =
+    every Linear/Conv weight of the *original* UNet, including the time layers a cache removed.
+    """
+    if n_weights_total <= 0:
+        raise ValueError("n_weights_total must be positive")
+    missing = [n for n in bits_by_layer if n not in n_weights_by_layer]
+    if missing:
+        raise RecipeError(f"no weight count for layers {_summarize(missing)}")
+    total = sum(bits_per_level_ideal(b, levels) * n_weights_by_layer[n] for n, b in bits_by_layer.items())
+    return (total + 16.0 * n_time_features) / n_weights_total
+
+
+def summarize(recipe: Recipe, unet: nn.Module, time_cache: str, n_time_features: int) -> dict:
+    """Accounting summary of ``recipe`` on the *original* ``unet`` (time layers still present)."""
+    counts = quantizable_layers(unet, time_cache)
+    n_w = sum(linear_conv_weights(unet).values())
+    by_bits: dict[int, int] = {}
+    for b in recipe.bits.values():
+        by_bits[b] = by_bits.get(b, 0) + 1
+    return {
+        "name": recipe.name,
+        "levels": recipe.levels,
+        "time_cache": time_cache,
+        "avg_bits": average_bits(recipe.bits, counts, recipe.levels, n_time_features, n_w),
+        "n_layers": len(recipe.bits),
+        "layers_by_bits": {str(b): by_bits[b] for b in sorted(by_bits)},
+        "n_quantized_weights": sum(counts[n] for n in recipe.bits),
+        "n_time_features": n_time_features,
+        "n_weights_total": n_w,
+        "n_params_total": sum(p.numel() for p in unet.parameters()),
+    }
