@@ -1,0 +1,341 @@
+"""spec/: golden files (decoded exactly), the header's JSON Schema, and invalid files (each rejected
+with BfqFormatError, naming the field, in bounded time). FORMAT.md is normative."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from bfq import BfqFormatError
+from bfq.container import BfqWriter, open_bfq
+from bfq.format import LEVEL_SETS, choose_packing, is_legal_packing, num_levels
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "spec"
+VECTORS = SPEC / "vectors"
+INVALID = SPEC / "invalid"
+GOLDEN = json.loads((VECTORS / "expected.json").read_text("utf-8"))["files"]
+INVALID_EXPECTED = json.loads((INVALID / "expected.json").read_text("utf-8"))
+SCHEMA = json.loads((SPEC / "header.schema.json").read_text("utf-8"))
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+MODEL = {"class_name": "UNet2DConditionModel", "config": {"sample_size": 8}}
+
+
+def _load_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, SPEC / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def header_of(path: Path) -> dict:
+    data = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", data, 16)
+    return json.loads(data[24 : 24 + n])
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators: stdlib only, reproducible byte for byte
+
+
+def _run_generator(script: str, *args: str) -> None:
+    # -I -S: isolated, no site-packages at all, so the generator cannot import numpy or bfq
+    subprocess.run([sys.executable, "-I", "-S", str(SPEC / script), *args], check=True, timeout=60)
+
+
+def _same_tree(generated: Path, committed: Path) -> None:
+    names = sorted(p.name for p in generated.iterdir())
+    assert names == sorted(p.name for p in committed.iterdir() if p.is_file())
+    for name in names:
+        assert (generated / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_gen_vectors_reproduces_committed_files(tmp_path):
+    _run_generator("gen_vectors.py", "--out", str(tmp_path))
+    _same_tree(tmp_path, VECTORS)
+
+
+def test_gen_invalid_reproduces_committed_files(tmp_path):
+    _run_generator("gen_invalid.py", "--vectors", str(VECTORS), "--out", str(tmp_path))
+    _same_tree(tmp_path, INVALID)
+
+
+def test_generator_packing_table_matches_format_and_writer():
+    gen = _load_module("gen_vectors")
+    for levels in LEVEL_SETS:
+        for bits in range(1, 9):
+            L = num_levels(bits, levels)
+            assert gen.DEFAULT_PACKING[L] == gen.writer_choice(L) == choose_packing(L)
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden files
+
+
+def test_every_golden_file_is_described():
+    assert sorted(GOLDEN) == sorted(p.name for p in VECTORS.glob("*.bfq"))
+
+
+def test_worked_example_is_format_section_4_1():
+    path = VECTORS / "worked_example.bfq"
+    with open_bfq(path) as f:
+        layer = f.layers["weight"]
+        assert (layer.shape, layer.bits, layer.levels) == ((1, 4), 1, "balanced")
+        assert (layer.digits_per_word, layer.word_bits) == (3, 5)
+        start = f.data_start + layer.codes.offset
+        assert path.read_bytes()[start : start + layer.codes.length] == bytes.fromhex("D702000000000000")
+        assert f.read_codes("weight").tolist() == [[1, -1, 0, 1]]
+        assert f.decode_layer("weight", "float32").tolist() == [[0.5, -0.5, 0.0, 0.5]]
+
+
+def _bits(array: np.ndarray) -> list[int]:
+    view = {4: np.uint32, 2: np.uint16}[array.dtype.itemsize]
+    return np.ascontiguousarray(array).view(view).ravel().tolist()
+
+
+def _check_dense(array: np.ndarray, exp: dict) -> None:
+    assert array.dtype == {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[exp["dtype"]]
+    assert list(array.shape) == exp["shape"]
+    assert _bits(array) == exp["bits"]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+@pytest.mark.parametrize("verify", [True, False])
+def test_golden_file_decodes_exactly(name, verify):
+    exp = GOLDEN[name]
+    path = VECTORS / name
+    assert path.stat().st_size == exp["size"]
+    with open_bfq(path, verify=verify) as f:
+        f.verify_all()
+        assert sorted(f.layers) == sorted(exp["layers"])
+        for lname, e in exp["layers"].items():
+            layer = f.layers[lname]
+            assert list(layer.shape) == e["shape"] and (layer.bits, layer.levels) == (e["bits"], e["levels"])
+            assert [layer.digits_per_word, layer.word_bits] == e["packing"] and layer.scale_dtype == e["scale_dtype"]
+            assert _bits(f.read_scales(lname)) == e["scale_bits"]
+            codes = f.read_codes(lname)
+            assert codes.dtype == np.int16 and list(codes.shape) == e["shape"]
+            assert codes.ravel().tolist() == e["codes"]
+            f32 = f.decode_layer(lname, "float32")
+            assert f32.dtype == np.float32 and list(f32.shape) == e["shape"]
+            assert _bits(f32) == e["float32_bits"]
+            assert f.decode_layer(lname, "float16").ravel().tolist() == e["float16_bits"]
+            assert f.decode_layer(lname, "bfloat16").ravel().tolist() == e["bfloat16_bits"]
+        assert sorted(f.tensors) == sorted(exp["tensors"])
+        for tname, e in exp["tensors"].items():
+            _check_dense(f.read_tensor(tname), e)
+        cache = exp["time_cache"]
+        if cache is None:
+            assert f.header.time_cache is None
+        else:
+            tc = f.header.time_cache
+            assert tc.mode == cache["mode"] and list(tc.timesteps) == cache["timesteps"]
+            assert sorted(tc.tables) == sorted(cache["tables"])
+            for tname, e in cache["tables"].items():
+                _check_dense(f.read_time_table(tname), e)
+
+
+def test_golden_float_expectations_agree_with_numpy():
+    """expected.json's float16/bfloat16 bits are the float32 bits rounded to nearest even
+    (struct in the generator; numpy and torch here)."""
+    import torch
+
+    for exp in GOLDEN.values():
+        for e in exp["layers"].values():
+            f32 = np.array(e["float32_bits"], dtype=np.uint32).view(np.float32)
+            with np.errstate(over="ignore"):
+                assert f32.astype(np.float16).view(np.uint16).tolist() == e["float16_bits"]
+            bf16 = torch.from_numpy(f32.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            assert bf16.tolist() == e["bfloat16_bits"]
+
+
+def test_scale_edge_cases_are_in_the_vectors():
+    """The double-rounding traps: float16(float32(s * q)) differs from float16(s * q)."""
+    e = GOLDEN["scales.bfq"]["layers"]["f32_scales.weight"]
+    scales = np.array(e["scale_bits"], dtype=np.uint32).view(np.float32).astype(np.float64)
+    q = np.array(e["codes"], dtype=np.float64).reshape(e["shape"])
+    exact = scales[:, None] * q
+    with np.errstate(over="ignore"):
+        direct = exact.astype(np.float16).view(np.uint16).ravel()
+    assert (direct != np.array(e["float16_bits"], dtype=np.uint16)).sum() >= 4
+    assert 0x7F800000 in e["float32_bits"] and 0x7C00 in e["float16_bits"]  # overflow in f32 and in f16
+
+
+def test_brackets_inside_strings_do_not_count_towards_nesting(tmp_path):
+    deep = 0
+    for _ in range(29):
+        deep = [deep]
+    model = {"class_name": "UNet2DConditionModel", "config": {"deep": deep}}
+    with BfqWriter(tmp_path / "m.bfq", model=model, metadata={"brackets": '[{"' * 40 + "\\"}) as w:
+        w.add_tensor("t", np.ones(3, np.float32))
+    with open_bfq(tmp_path / "m.bfq") as f:
+        f.verify_all()
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON Schema
+
+
+def test_schema_is_valid_draft_2020_12():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_schema_accepts_golden_headers(name):
+    VALIDATOR.validate(header_of(VECTORS / name))
+
+
+def _writer_files(tmp_path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    combos = [(b, lv) for lv in LEVEL_SETS for b in range(1, 9)]
+    for i, (bits, levels) in enumerate(combos):
+        path = tmp_path / f"w{i}.bfq"
+        source = [None, {"kind": "hub", "repo": "x/y", "revision": "main"}, {"kind": "file", "sha256": "00" * 32},
+                  {"kind": "builtin", "name": "tiny"}][i % 4]
+        model = dict(MODEL, **({"source": source} if source else {}))
+        shape = [(3, 5), (2, 3, 3, 3), (1, 1), (4, 1, 1, 1, 1, 1, 1, 2)][i % 4]
+        L = num_levels(bits, levels)
+        q = rng.integers(0, L, shape) - (1 << (bits - 1))
+        with BfqWriter(path, model=model, metadata={"i": str(i)} if i % 2 else None) as w:
+            w.add_layer(f"layer{i}.weight", q, rng.random(shape[0]) + 0.1, bits, levels=levels,
+                        scale_dtype=("f16", "f32")[i % 2])
+            w.add_tensor("bias", rng.random(3).astype(np.float32))
+            w.add_tensor("norm", rng.random((2, 2)).astype(np.float16))
+            w.add_tensor("emb", rng.integers(0, 2**15, (2, 3)).astype(np.uint16), dtype="bf16")
+            w.add_tensor("scalar", np.float32(1.5))
+            if i % 3 == 0:
+                w.set_time_cache("scheduler", [999, 500.5, 1], {"down_blocks.0.resnets.0": rng.random((3, 4)).astype(np.float16),
+                                                                "mid_block.resnets.0": rng.random((3, 2)).astype(np.float32)})
+            elif i % 3 == 1:
+                w.set_time_cache("grid", range(5), {"time_embedding": rng.integers(0, 2**15, (5, 4)).astype(np.uint16)},
+                                 dtype="bf16")
+            if i % 4 == 1:
+                w.set_recipe({"avg_bits": 2.1, "n_weights_total": 100, "name": "r"})
+        paths.append(path)
+    return paths
+
+
+def test_schema_accepts_writer_headers(tmp_path):
+    for path in _writer_files(tmp_path):
+        header = header_of(path)
+        VALIDATOR.validate(header)
+        with open_bfq(path) as f:
+            f.verify_all()
+
+
+# Invalid files whose broken rule the schema expresses (the rest: JSON syntax, layout, lengths,
+# CRCs, shape products, name uniqueness, grid order and table rows are checks beyond JSON Schema).
+SCHEMA_REJECTS = """
+unknown_top_level_key missing_producer missing_tensors missing_model_class_name missing_codes_crc32 model_not_object
+model_source_not_object metadata_not_strings layers_not_array layer_not_object layer_name_not_string layer_unknown_field
+packing_unknown_field bits_bool offset_string bits_0 bits_9 levels_unknown packing_scheme_unknown packing_illegal_L_pow_g
+packing_k65 packing_k0 packing_g0 packing_g65 shape_zero_dim shape_negative_dim shape_dim_over_2_40 shape_9_dims
+shape_layer_1_dim shape_not_list dense_shape_0_dims scales_dtype_bf16 dense_dtype_unknown time_table_dtype_unknown
+crc32_over_32_bits crc32_negative recipe_not_object recipe_avg_bits_string time_mode_unknown time_scheduler_table_1d
+time_grid_from_1 time_grid_fraction time_duplicate_timesteps time_empty_timesteps time_timestep_bool time_timestep_string
+time_grid_features_key time_table_with_name time_cache_not_object offset_negative offset_unaligned time_cache_null
+recipe_null
+""".split()
+
+
+@pytest.mark.parametrize("name", SCHEMA_REJECTS)
+def test_schema_rejects_invalid_headers(name):
+    assert not VALIDATOR.is_valid(header_of(INVALID / f"{name}.bfq"))
+
+
+def test_schema_packing_rule_is_l_pow_g_at_most_2_pow_k():
+    for levels in LEVEL_SETS:
+        for bits in range(1, 9):
+            L = num_levels(bits, levels)
+            # exhaustively, reading the schema's groups {word_bits in [a, b] -> digits_per_word <= G}
+            groups = [(e["properties"]["word_bits"]["minimum"], e["properties"]["word_bits"]["maximum"],
+                       e["properties"]["digits_per_word"]["maximum"]) for e in SCHEMA["$defs"][f"packing_L{L}"]["anyOf"]]
+            for g in range(1, 65):
+                for k in range(1, 65):
+                    in_schema = any(a <= k <= b and g <= G for a, b, G in groups)
+                    assert in_schema == is_legal_packing(L, g, k), (L, g, k)
+            # and at the boundary through the validator itself
+            sub = jsonschema.Draft202012Validator({"$ref": f"#/$defs/packing_L{L}", "$defs": SCHEMA["$defs"]})
+            for g in (1, 2, 7, 40, 64):
+                min_k = (L**g - 1).bit_length()
+                for k in {min_k - 1, min_k, 64} - {0}:
+                    packing = {"scheme": "radix-fraction-v1", "digits_per_word": g, "word_bits": k}
+                    assert sub.is_valid(packing) == is_legal_packing(L, g, k), (L, g, k)
+            g0 = choose_packing(L)[0]
+            for g, k in [(g0, choose_packing(L)[1]), (g0, choose_packing(L)[1] - 1), (1, 64), (64, 64)]:
+                # and through the whole header schema (the bits/levels -> packing dispatch)
+                layer = {"name": "w", "shape": [1, 1], "bits": bits, "levels": levels,
+                         "packing": {"scheme": "radix-fraction-v1", "digits_per_word": g, "word_bits": k},
+                         "scales": {"dtype": "f16", "offset": 0, "length": 2, "crc32": 0},
+                         "codes": {"offset": 64, "length": 8, "crc32": 0}}
+                header = {"producer": "p", "model": MODEL, "layers": [layer], "tensors": []}
+                assert VALIDATOR.is_valid(header) == is_legal_packing(L, g, k), (L, g, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Invalid files
+
+
+def test_every_invalid_file_is_described():
+    described = set(INVALID_EXPECTED["files"]) | set(INVALID_EXPECTED["known_bugs"])
+    assert described == {p.name for p in INVALID.glob("*.bfq")}
+    assert not set(INVALID_EXPECTED["files"]) & set(INVALID_EXPECTED["known_bugs"])
+
+
+def _expect_rejected(path: Path, stage: str, message: str) -> None:
+    start = time.perf_counter()
+    pattern = re.escape(message)
+    if stage == "open":
+        with pytest.raises(BfqFormatError, match=pattern):
+            open_bfq(path)
+    else:
+        for verify in (True, False):  # block CRCs are not read at open: only on decode / verify_all
+            with open_bfq(path, verify=verify) as f:
+                with pytest.raises(BfqFormatError, match=pattern):
+                    f.verify_all()
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("name", sorted(INVALID_EXPECTED["files"]))
+def test_invalid_file_is_rejected(name):
+    e = INVALID_EXPECTED["files"][name]
+    _expect_rejected(INVALID / name, e["stage"], e["message"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="reader does not enforce this FORMAT.md rule yet"))
+     for n in sorted(INVALID_EXPECTED["known_bugs"])],
+)
+def test_known_reader_gaps(name):
+    e = INVALID_EXPECTED["known_bugs"][name]
+    _expect_rejected(INVALID / name, e["stage"], e["message"])
+
+
+def test_crc_mismatch_is_found_when_the_block_is_decoded():
+    with open_bfq(INVALID / "crc_mismatch_codes.bfq") as f:  # open does not read block data
+        with pytest.raises(BfqFormatError, match=r"layers\[0\]\.codes\.crc32"):
+            f.read_codes("weight")
+        with pytest.raises(BfqFormatError, match=r"layers\[0\]\.codes\.crc32"):
+            f.decode_layer("weight", "float16")
+    with open_bfq(INVALID / "crc_mismatch_tensor.bfq") as f:
+        with pytest.raises(BfqFormatError, match=r"tensors\[0\]\.crc32"):
+            f.read_tensor("conv_in.bias")
+    with open_bfq(INVALID / "crc_mismatch_codes.bfq", verify=False) as f:  # unchecked decode still works
+        assert f.read_codes("weight").shape == (1, 4)
+
+
+def test_error_type_is_a_value_error():
+    assert issubclass(BfqFormatError, ValueError)
