@@ -14,12 +14,17 @@ _LAZY = {
 
 
 def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bfq' has no attribute {name!r}")
+    """Lazy access to `load_unet` and to submodules (`bfq.tinysd`, `bfq.inspect`, ...)."""
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return importlib.import_module(f"bfq.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"bfq.{name}":
+            raise
+        raise AttributeError(f"module 'bfq' has no attribute {name!r}") from None
 
 
 __all__ = ["BfqFormatError", "RecipeError", "__version__", *_LAZY]

@@ -18,13 +18,21 @@ from bfq import BfqFormatError, RecipeError, __version__
 USER_ERRORS = (BfqFormatError, RecipeError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
+def _user_errors():
+    """USER_ERRORS plus the model resolver's, imported only once a command has run."""
+    models = sys.modules.get("bfq.models")
+    return USER_ERRORS + ((models.ModelError,) if models else ())
+
+
 class BfqGroup(click.Group):
     """Turns user errors into a one-line message instead of a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except Exception as exc:
+            if not isinstance(exc, _user_errors()):
+                raise
             if os.environ.get("BFQ_DEBUG"):
                 raise
             name = type(exc).__name__

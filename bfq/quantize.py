@@ -1,0 +1,176 @@
+"""The whole pipeline behind `bfq quantize`: resolve a model, pick a recipe, cache the time
+features, initialize the quantized layers, export a .bfq.
+
+Each stage lives in its own module; this one only wires them and records what was done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bfq import models, recipe as recipes, timecache
+from bfq.errors import RecipeError
+from bfq.export import export_unet
+from bfq.nn import iter_quantized, quantize_unet
+
+DEFAULT_STEPS = 50  # the paper's PNDM-50 sampler
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    recipe: recipes.Recipe
+    summary: dict
+    seconds: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def pick_recipe(
+    unet, *, bits: float | None, recipe: str | None, time_cache: str, levels: str | None, time_proj_bits: int | None, n_time_features: int
+) -> tuple[recipes.Recipe, str]:
+    """The recipe to use and a sentence saying why.
+
+    `--recipe` wins. For `--bits B` (until sensitivity analysis lands): the paper's
+    `bitsfusion-sd15` when the model has SD-v1.5's layers and B is at least its 1.99 bits,
+    otherwise the largest uniform-N recipe whose average bits stay within B.
+    """
+    if recipe is not None:
+        chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
+        return chosen, f"recipe {chosen.name} as requested"
+    if bits is None:
+        raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
+    try:
+        sd = recipes.resolve_recipe("bitsfusion-sd15", unet, time_cache, time_proj_bits, levels)
+        avg = recipes.summarize(sd, unet, time_cache, n_time_features)["avg_bits"]
+        if round(avg, 2) <= bits:
+            return sd, f"the model has SD-v1.5's layers: using the paper's bitsfusion-sd15 recipe ({avg:.4f} bits)"
+    except RecipeError:
+        pass
+    best = None
+    for n in range(1, 9):
+        candidate = recipes.resolve_recipe(f"uniform-{n}", unet, time_cache, time_proj_bits, levels)
+        avg = recipes.summarize(candidate, unet, time_cache, n_time_features)["avg_bits"]
+        if avg <= bits + 1e-9:
+            best = (candidate, avg)
+    if best is None:
+        raise RecipeError(f"--bits {bits}: even uniform-1 needs more bits on this model; raise the budget")
+    return best[0], (
+        f"no sensitivity analysis yet: using {best[0].name}, the largest uniform recipe within {bits} bits "
+        f"({best[1]:.4f} bits by the paper's accounting)"
+    )
+
+
+def compute_time_cache(resolved: models.ResolvedModel, mode: str, steps: int) -> dict:
+    """{"mode", "timesteps", "tables"} for export, from the float model's time layers."""
+    unet, scheduler = resolved.unet, resolved.scheduler
+    if mode == "scheduler":
+        if scheduler is None:
+            raise RecipeError(
+                f"{resolved.name}: no scheduler comes with this model, so the 'scheduler' time cache cannot "
+                "know which timesteps to store; use --time-cache grid"
+            )
+        steps_list = timecache.scheduler_timesteps(scheduler, steps)
+        tables = timecache.compute_scheduler_features(unet, steps_list)
+        return {"mode": mode, "timesteps": steps_list, "tables": {k: v.numpy() for k, v in tables.items()}}
+    n_train = scheduler.config.num_train_timesteps if scheduler is not None else 1000
+    table = timecache.compute_grid_table(unet, n_train)
+    return {"mode": mode, "timesteps": list(range(n_train)), "tables": {"time_embedding": table.numpy()}}
+
+
+def _settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _init_layers(unet, plan: recipes.Recipe, *, init: str, scale_dtype: str, work_dir: Path | None, settings: dict, progress: bool) -> bool:
+    """quantize_unet, reusing scales saved by an earlier run with the same settings. Returns True
+    when the scales came from the work directory."""
+    from safetensors.torch import load_file, save_file
+
+    scales_path = work_dir / f"scales-{_settings_key(settings)}.safetensors" if work_dir else None
+    if scales_path is not None and scales_path.is_file():
+        quantize_unet(unet, plan.bits, levels=plan.levels, init=None, scale_dtype=scale_dtype, progress=False)
+        saved = load_file(scales_path)
+        with torch.no_grad():
+            for name, module in iter_quantized(unet):
+                module.scale.copy_(saved[name])
+        return True
+    quantize_unet(unet, plan.bits, levels=plan.levels, init=init, scale_dtype=scale_dtype, progress=progress)
+    if scales_path is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = scales_path.with_suffix(".tmp")
+        save_file({name: m.scale.detach().contiguous() for name, m in iter_quantized(unet)}, str(tmp))
+        os.replace(tmp, scales_path)
+    return False
+
+
+def quantize(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    bits: float | None = None,
+    recipe: str | None = None,
+    init: str = "alternating",
+    levels: str | None = None,
+    time_cache: str = "scheduler",
+    steps: int = DEFAULT_STEPS,
+    time_proj_bits: int | None = None,
+    scale_dtype: str = "f16",
+    dense_dtype: str = "f32",
+    work_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize `model` (see bfq.models.resolve_model) and write `out`.
+
+    `work_dir`, when given, keeps the initialized scales so that a rerun with the same settings
+    skips the initialization.
+    """
+    seconds = {}
+    t0 = time.perf_counter()
+    resolved = models.resolve_model(model, revision=revision, allow_pickle=allow_pickle)
+    unet = resolved.unet
+    seconds["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cache = compute_time_cache(resolved, time_cache, steps)
+    n_tf = sum(t.size for t in cache["tables"].values())
+    plan, why = pick_recipe(
+        unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits, n_time_features=n_tf
+    )
+    summary = recipes.summarize(plan, unet, time_cache, n_tf)
+    config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
+    seconds["time_cache"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    settings = {"source": resolved.source, "recipe": plan.to_json(), "init": init, "scale_dtype": scale_dtype}
+    resumed = _init_layers(unet, plan, init=init, scale_dtype=scale_dtype, work_dir=Path(work_dir) if work_dir else None, settings=settings, progress=progress)
+    seconds["initialize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    metadata = {"init": init, "recipe_note": why}
+    if resolved.scheduler is not None and time_cache == "scheduler":
+        metadata["scheduler"] = json.dumps({"class_name": type(resolved.scheduler).__name__, "config": dict(resolved.scheduler.config)}, default=str)
+        metadata["num_inference_steps"] = str(steps)
+    path = export_unet(
+        unet,
+        out,
+        config=config,
+        class_name=type(unet).__name__,
+        source=resolved.source,
+        time_cache=cache,
+        recipe={**summary, "notes": plan.notes or ""},
+        metadata=metadata,
+        dense_dtype=dense_dtype,
+        progress=progress,
+    )
+    seconds["export"] = time.perf_counter() - t0
+    notes = [why] + (["initialized scales reused from the work directory"] if resumed else [])
+    return QuantizeResult(Path(path), plan, summary, seconds, notes)
