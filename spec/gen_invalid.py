@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     add("block_padding_nonzero_last.bfq", patch(W.file, W.data_start + 63, b"\xff"), "open",
         "padding before layers[0].codes", "last padding byte before the codes block is 0xFF")
     add("trailing_zero_byte.bfq", W.file + b"\0", "open", "trailing bytes", "one zero byte after the last block")
-    add("trailing_64_bytes.bfq", W.file + b"\0" * 56 + b"\0" * 64, "open", "trailing bytes", "120 zero bytes appended")
+    add("trailing_120_bytes.bfq", W.file + b"\0" * 56 + b"\0" * 64, "open", "trailing bytes", "120 zero bytes appended")
     add("trailing_block.bfq", W.file + b"\0" * 56 + codes_w, "open", "trailing bytes",
         "an unreferenced copy of the codes block appended at the next aligned offset")
     add("trailing_on_empty.bfq", E.file + b"\0" * 64, "open", "trailing bytes", "a file with no blocks, plus 64 bytes")
@@ -415,7 +415,8 @@ def main(argv=None) -> int:
     for name in os.listdir(out):
         if name.endswith(".bfq"):
             os.remove(os.path.join(out, name))
-    expected = {"about": __doc__.split("\n\n")[2].strip(), "files": {}, "known_bugs": {}}
+    about = " ".join(" ".join(__doc__.split("\n\n")[2:5]).split())
+    expected = {"about": about, "files": {}, "known_bugs": {}}
     for table, key in ((files, "files"), (known_bugs, "known_bugs")):
         for name, (data, stage, message, rule) in table.items():
             with open(os.path.join(out, name), "wb") as fh:

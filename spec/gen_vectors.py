@@ -358,11 +358,11 @@ def balanced(bits: int) -> Vector:
         "and a [3, 2, 3, 3] layer with f32 scales",
     )
     v.layer(
-        f"down_blocks.0.attentions.0.proj_in.weight", [5, 23], bits, "balanced",
+        "down_blocks.0.attentions.0.proj_in.weight", [5, 23], bits, "balanced",
         rng.codes(115, bits, "balanced"), "f16", [rng.f16_bits() for _ in range(5)],
     )
     v.layer(
-        f"down_blocks.0.resnets.0.conv1.weight", [3, 2, 3, 3], bits, "balanced",
+        "down_blocks.0.resnets.0.conv1.weight", [3, 2, 3, 3], bits, "balanced",
         rng.codes(54, bits, "balanced"), "f32", [rng.f32_bits() for _ in range(3)],
     )
     return v

@@ -107,8 +107,8 @@ def _mutate(rng: random.Random, data: bytes) -> tuple[str, bytes]:
         out = data[: pos + 64] + data[pos : pos + 64] + data[pos + 64 :]
     elif kind == "zero":
         pos = rng.randrange(n)
-        out = data[:pos] + b"\0" * min(rng.randint(1, 16), n - pos) + data[pos + 16 :]
-        out = out[:n] if len(out) > n else out
+        out = bytearray(data)
+        out[pos : pos + 16] = bytes(len(out[pos : pos + 16]))  # zero a run in place
     else:  # swap two 64-byte-aligned chunks (block reordering without fixing the header)
         k = n // 64
         i, j = rng.sample(range(k), 2) if k >= 2 else (0, 0)
