@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 import torch
 
@@ -32,6 +33,7 @@ _MIN_SCALE = {"f16": 2.0**-24, "f32": float(torch.finfo(torch.float32).tiny)}
 _MAX_SCALE = {"f16": 65504.0, "f32": float(torch.finfo(torch.float32).max)}
 _TORCH_SCALE_DTYPE = {"f16": torch.float16, "f32": torch.float32}
 INIT_METHODS = ("alternating", "minmax")
+_USE_NUMBA = True  # CPU tensors use the fused numba kernel (tests switch it off to compare)
 
 
 def check_bits(bits: int, levels: str) -> None:
@@ -152,14 +154,78 @@ def quant_error(w: torch.Tensor, scale: torch.Tensor, bits: int, levels: str = "
     return (w2 - s * q).double().pow_(2).sum(1)
 
 
-def _stats(w2: torch.Tensor, s: torch.Tensor, lo: int, hi: int, buf: torch.Tensor):
-    """For each row: <w,q>, <q,q> (float64) with q = Q(w, s); q is written into ``buf``."""
-    torch.div(w2, s[:, None], out=buf).round_().clamp_(lo, hi)
-    # float32 dot products through bmm (3x faster than float64 reductions on CPU); the relative
-    # error (~1e-7) only blurs the choice between scales whose errors are already that close.
-    num = torch.bmm(w2.unsqueeze(1), buf.unsqueeze(2)).reshape(-1).double()
-    den = buf.square_().sum(1).double()
-    return num, den
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _ls_stats_kernel(w2, s, lo, hi, num, den):  # pragma: no cover - compiled
+    for i in numba.prange(w2.shape[0]):
+        si = s[i]
+        a = 0.0
+        b = 0.0
+        row = w2[i]
+        for j in range(row.shape[0]):
+            q = min(max(np.rint(row[j] / si), lo), hi)  # float32 division, round half to even
+            a += np.float64(row[j]) * q
+            b += q * q
+        num[i] = a
+        den[i] = b
+
+
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _row_stats_kernel(w2, amax, sumsq):  # pragma: no cover - compiled
+    for i in numba.prange(w2.shape[0]):
+        m = np.float32(0.0)
+        acc = 0.0
+        row = w2[i]
+        for j in range(row.shape[0]):
+            v = abs(row[j])
+            m = max(m, v)
+            acc += np.float64(v) * np.float64(v)  # NaN/inf propagate here; max() may skip NaN
+        amax[i] = m
+        sumsq[i] = acc
+
+
+def _numba_threads(fn, *args) -> None:
+    """Run a parallel kernel with at most torch's thread count (so set_num_threads(1) means 1)."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        fn(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _row_stats(w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: max|w| (float32) and sum(w^2) (float64, non-finite if the row is)."""
+    if w2.device.type == "cpu" and _USE_NUMBA:
+        arr = w2.contiguous().numpy()
+        amax, sumsq = np.empty(arr.shape[0], np.float32), np.empty(arr.shape[0])
+        _numba_threads(_row_stats_kernel, arr, amax, sumsq)
+        return torch.from_numpy(amax), torch.from_numpy(sumsq)
+    return w2.abs().amax(1), w2.double().square_().sum(1)
+
+
+def _stats_numba(w2: torch.Tensor):
+    """One fused pass per call, float64 accumulation: ~3.5x faster than the torch path on CPU."""
+    arr = w2.contiguous().numpy()
+
+    def stats(s: torch.Tensor, lo: int, hi: int):
+        num, den = np.empty(arr.shape[0]), np.empty(arr.shape[0])
+        _numba_threads(_ls_stats_kernel, arr, s.contiguous().numpy(), np.float32(lo), np.float32(hi), num, den)
+        return torch.from_numpy(num), torch.from_numpy(den)
+
+    return stats
+
+
+def _stats_torch(w2: torch.Tensor):
+    """For tensors on accelerators: the same statistics with torch ops (float32 dot products)."""
+    buf = torch.empty_like(w2)
+
+    def stats(s: torch.Tensor, lo: int, hi: int):
+        torch.div(w2, s[:, None], out=buf).round_().clamp_(lo, hi)
+        num = torch.bmm(w2.unsqueeze(1), buf.unsqueeze(2)).reshape(-1).double()
+        den = buf.square_().sum(1).double()
+        return num, den
+
+    return stats
 
 
 def init_scales(
@@ -191,26 +257,25 @@ def init_scales(
     if method not in INIT_METHODS:
         raise ValueError(f"init method must be one of {INIT_METHODS}, got {method!r}")
     w2 = w.detach().reshape(w.shape[0], -1).to(torch.float32)
-    amax = w2.abs().amax(1)
-    if not bool(torch.isfinite(amax).all()):
+    amax, wsq = _row_stats(w2)
+    if not bool(torch.isfinite(wsq).all()):
         raise ValueError("weight contains NaN or infinite values")
     zero = amax == 0
     s_mm = torch.where(zero, torch.ones_like(amax), amax / float(1 << (bits - 1)))
     if method == "minmax":
         return s_mm
-    wsq = w2.double().square_().sum(1) if w2.numel() else torch.zeros(w2.shape[0], dtype=torch.float64)
     rms = (wsq / max(w2.shape[1], 1)).sqrt().float()
     s_rms = torch.where(zero, s_mm, gaussian_step(bits, levels) * rms)
     s_rms = torch.where(s_rms > 0, s_rms, s_mm)  # rms underflow on tiny channels
-    buf = torch.empty_like(w2)
+    stats = _stats_numba(w2) if w2.device.type == "cpu" and _USE_NUMBA else _stats_torch(w2)
 
     def error(num, den, s):  # ||w - s q||^2 = ||w||^2 - 2 s <w,q> + s^2 <q,q>
         sd = s.double()
         return wsq - 2.0 * sd * num + sd * sd * den
 
-    num, den = _stats(w2, s_mm, lo, hi, buf)
+    num, den = stats(s_mm, lo, hi)
     best_err, best_s = error(num, den, s_mm), s_mm
-    num_r, den_r = _stats(w2, s_rms, lo, hi, buf)
+    num_r, den_r = stats(s_rms, lo, hi)
     err_r = error(num_r, den_r, s_rms)
     use_rms = err_r < best_err
     best_err = torch.where(use_rms, err_r, best_err)
@@ -220,7 +285,7 @@ def init_scales(
     for _ in range(iters):
         s = torch.where(den > 0, (num / den.clamp_min(1e-300)).float(), s)
         s = torch.where(s > 0, s, best_s)  # float32 underflow guard
-        num, den = _stats(w2, s, lo, hi, buf)
+        num, den = stats(s, lo, hi)
         err = error(num, den, s)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -247,3 +247,21 @@ def test_shape_checks():
         quantize_codes(torch.ones(4, 2), torch.ones(3), 2)
     with pytest.raises(ValueError):
         init_scales(torch.ones(4, 2), 2, method="mse")
+
+
+@settings(max_examples=15, deadline=None)
+@given(w=weight_st, bits=st.integers(1, 8), levels=st.sampled_from(LEVELS))
+def test_torch_path_agrees_with_numba_path(w, bits, levels):
+    """Accelerator tensors take the torch path; CPU tensors the fused numba kernel."""
+    import bfq.quantizer as qz
+
+    fast = init_scales(w, bits, levels)
+    old = qz._USE_NUMBA
+    qz._USE_NUMBA = False
+    try:
+        slow = init_scales(w, bits, levels)
+    finally:
+        qz._USE_NUMBA = old
+    e_fast, e_slow = quant_error(w, fast, bits, levels), quant_error(w, slow, bits, levels)
+    tol = 1e-5 * (w.reshape(w.shape[0], -1).double() ** 2).sum(1) + 1e-30
+    assert bool((e_fast <= e_slow + tol).all()) and bool((e_slow <= e_fast + tol).all())
