@@ -153,6 +153,29 @@ def unpack_lookup(stream, n, L, g, k, wide, lut, per_channel, out):
                 w += 1
 
 
+@numba.njit(parallel=True, **_JIT)
+def count_noncanonical_words(stream, n, L, g, k, wide, levels_pow_g):
+    """Words that are not the canonical ceil(W * 2^k / L^g) (their last residual is >= L^g, so the
+    word minus one decodes to the same digits), plus a last word whose unused digits are not zero.
+    `levels_pow_g` is L^g, or 0 when L^g = 2^64 (every residual is then canonical)."""
+    n_words = (n + g - 1) // g
+    n_chunks = (n_words + CHUNK_WORDS - 1) // CHUNK_WORDS
+    mask = _mask_for(k)
+    Lu = np.uint64(L)
+    bad = np.zeros(n_chunks, dtype=np.int64)
+    for c in prange(n_chunks):
+        for w in range(c * CHUNK_WORDS, min((c + 1) * CHUNK_WORDS, n_words)):
+            v = _read_word(stream, w * k, k, mask)
+            used = min(g, n - w * g)
+            for i in range(g):
+                d, v = _times_level(v, Lu, k, mask, wide)
+                if i >= used and d != 0:
+                    bad[c] += 1
+            if levels_pow_g != 0 and v >= levels_pow_g:
+                bad[c] += 1
+    return bad.sum()
+
+
 @numba.njit(**_JIT)
 def count_nonzero_padding(stream, n, g, k):
     """Number of set bits after the last word (must be zero in a valid stream)."""

@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -61,24 +62,19 @@ def _crc32(buf) -> int:
 # Header parsing: strict JSON, bounded depth, no duplicate keys, no non-finite numbers
 
 
+_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
 def _check_depth(raw: bytes) -> None:
+    """Reject nesting deeper than MAX_JSON_DEPTH before json.loads can recurse (strings skipped)."""
     depth = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x7B, 0x5B):
+    for match in _STRING_OR_BRACKET.finditer(raw):
+        token = match.group()
+        if token in (b"{", b"["):
             depth += 1
             if depth > MAX_JSON_DEPTH:
                 raise BfqFormatError(f"header: JSON nesting deeper than {MAX_JSON_DEPTH}")
-        elif byte in (0x7D, 0x5D):
+        elif token in (b"}", b"]"):
             depth -= 1
 
 
@@ -157,6 +153,13 @@ def _shape(obj: dict, path: str, min_ndim: int = 1) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _name(obj: dict, path: str) -> str:
+    name = _get(obj, "name", str, path)
+    if not name:
+        _fail(f"{path}.name", "must not be empty")
+    return name
+
+
 @dataclass(frozen=True)
 class Block:
     """A byte range of the data section, with its CRC-32."""
@@ -223,7 +226,7 @@ class Dense:
 
 def _parse_layer(obj: Any, path: str) -> Layer:
     _only_keys(obj if isinstance(obj, dict) else {}, {"name", "shape", "bits", "levels", "packing", "scales", "codes"}, path)
-    name = _get(obj, "name", str, path)
+    name = _name(obj, path)
     shape = _shape(obj, path, min_ndim=2)
     bits = _get(obj, "bits", int, path)
     if not (MIN_BITS <= bits <= MAX_BITS):
@@ -256,7 +259,7 @@ def _parse_dense(obj: Any, path: str, name: str | None = None) -> Dense:
     keys = {"dtype", "shape", "offset", "length", "crc32"} | ({"name"} if name is None else set())
     _only_keys(obj if isinstance(obj, dict) else {}, keys, path)
     if name is None:
-        name = _get(obj, "name", str, path)
+        name = _name(obj, path)
     dtype = _get(obj, "dtype", str, path)
     if dtype not in DENSE_DTYPES:
         _fail(f"{path}.dtype", f"unknown dtype {dtype!r:.40}; expected one of {sorted(DENSE_DTYPES)}")
@@ -265,8 +268,12 @@ def _parse_dense(obj: Any, path: str, name: str | None = None) -> Dense:
 
 
 def _finite_number(value, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, f"expected a finite number, got {value!r:.40}")
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        ok = False
+    if not ok:
+        _fail(path, f"expected a finite number, got {str(value)[:40]}")
     return float(value)
 
 
@@ -302,9 +309,9 @@ def _parse_time_cache(obj: Any, path: str) -> TimeCache:
         tables = {"time_embedding": _parse_dense(_get(obj, "embedding", dict, path), f"{path}.embedding", "time_embedding")}
         if steps != tuple(float(i) for i in range(len(steps))):
             _fail(f"{path}.timesteps", "grid mode must cover 0, 1, ..., T-1")
-    for name, table in tables.items():
+    for table in tables.values():
         if len(table.shape) != 2 or table.shape[0] != len(steps):
-            _fail(f"{path}.{name}.shape", f"{list(table.shape)} must be [{len(steps)}, D]")
+            _fail(f"{table.block.path}.shape", f"{list(table.shape)} must be [{len(steps)}, D]")
     return TimeCache(mode, steps, tables)
 
 
@@ -364,11 +371,9 @@ def validate_header(header: dict) -> Header:
         if tensor.name in tensors or tensor.name in layers:
             _fail(f"tensors[{i}].name", f"duplicate name {tensor.name!r}")
         tensors[tensor.name] = tensor
-    time_cache = header.get("time_cache")
-    cache = None if time_cache is None else _parse_time_cache(time_cache, "time_cache")
-    recipe = header.get("recipe")
-    if recipe is not None:
-        _get(header, "recipe", dict, "header")
+    cache = _parse_time_cache(_get(header, "time_cache", dict, "header"), "time_cache") if "time_cache" in header else None
+    if "recipe" in header:
+        recipe = _get(header, "recipe", dict, "header")
         for key in ("avg_bits", "n_weights_total"):
             if key in recipe:
                 _finite_number(recipe[key], f"recipe.{key}")
@@ -530,8 +535,11 @@ class BfqFile:
         """Check every checksum, scale and stream, and decode every layer."""
         for block in self.header.blocks():
             self._bytes(block, check=True)
-        for name in self.layers:
+        for name, layer in self.layers.items():
             self.decode_layer(name, "float32")
+            bad = pack.noncanonical_words(self.read_stream(name), layer.size, layer.bits, layer.levels, layer.digits_per_word, layer.word_bits)
+            if bad:
+                raise BfqFormatError(f"{layer.codes.path}: {bad} word(s) not canonically encoded (FORMAT.md §4)")
 
 
 def open_bfq(path: str | os.PathLike, *, verify: bool = True) -> BfqFile:
@@ -571,13 +579,13 @@ class BfqWriter:
         self._closed = False
 
     def _write_block(self, buf) -> dict:
+        view = memoryview(buf).cast("B")
+        if len(view) == 0:
+            raise ValueError("empty blocks are not allowed")
         pad = align_up(self._end) - self._end
         if pad:
             self._data.write(b"\0" * pad)
         offset = self._end + pad
-        view = memoryview(buf).cast("B")
-        if len(view) == 0:
-            raise ValueError("empty blocks are not allowed")
         self._data.write(view)
         self._end = offset + len(view)
         return {"offset": offset, "length": len(view), "crc32": _crc32(view)}
@@ -646,14 +654,16 @@ class BfqWriter:
         """scheduler mode: tables = {resnet name: [T, D]}; grid mode: {"time_embedding": [T, D]}."""
         if "time_cache" in self._header:
             raise ValueError("the time cache was already set")
+        if mode not in ("scheduler", "grid"):
+            raise ValueError(f"time cache mode must be 'scheduler' or 'grid', got {mode!r}")
+        if mode == "grid" and set(tables) != {"time_embedding"}:
+            raise ValueError(f"grid mode takes exactly one table, 'time_embedding'; got {sorted(tables)}")
         steps = [float(t) for t in timesteps]
         stored = {name: self._dense_entry(table, dtype) for name, table in tables.items()}
         if mode == "scheduler":
             self._header["time_cache"] = {"mode": mode, "timesteps": steps, "features": stored}
-        elif mode == "grid":
-            self._header["time_cache"] = {"mode": mode, "timesteps": steps, "embedding": stored["time_embedding"]}
         else:
-            raise ValueError(f"time cache mode must be 'scheduler' or 'grid', got {mode!r}")
+            self._header["time_cache"] = {"mode": mode, "timesteps": steps, "embedding": stored["time_embedding"]}
 
     def set_recipe(self, recipe: dict) -> None:
         self._header["recipe"] = recipe
@@ -664,7 +674,9 @@ class BfqWriter:
             return self.path
         try:
             raw = json.dumps(self._header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-            validate_header(parse_header(raw))  # the writer never emits what the reader rejects
+            # the writer never emits what the reader rejects
+            if check_layout(validate_header(parse_header(raw)).blocks()) != self._end:
+                raise ValueError("internal error: the blocks do not tile the data written")
             if len(raw) > MAX_HEADER_BYTES:
                 raise ValueError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)

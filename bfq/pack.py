@@ -64,6 +64,14 @@ def unpack_codes(stream: np.ndarray, n: int, bits: int, levels: str, g: int, k: 
     return out
 
 
+def noncanonical_words(stream: np.ndarray, n: int, bits: int, levels: str, g: int, k: int) -> int:
+    """Words a writer following FORMAT.md §4 would not have written (0 in a valid stream)."""
+    levels_count = num_levels(bits, levels)
+    _check_stream(stream, n, levels_count, g, k)
+    power = levels_count**g
+    return int(_kernels.count_noncanonical_words(stream, n, levels_count, g, k, not fits_fast_path(levels_count, k), np.uint64(0 if power >= 1 << 64 else power)))
+
+
 def padding_bits_set(stream: np.ndarray, n: int, g: int, k: int) -> int:
     """Set bits after the last word of a stream; a valid stream has none."""
     return int(_kernels.count_nonzero_padding(stream, n, g, k))
@@ -84,11 +92,13 @@ def dequant_table(scales: np.ndarray, bits: int, levels: str, dtype: str) -> np.
     """
     levels_count = num_levels(bits, levels)
     q = np.arange(levels_count, dtype=np.float32) - np.float32(level_offset(bits))
-    values = scales.astype(np.float32)[:, None] * q[None, :]
+    with np.errstate(over="ignore"):  # a huge f32 scale times q may overflow to inf, as defined
+        values = scales.astype(np.float32)[:, None] * q[None, :]
     if dtype == "float32":
         return np.ascontiguousarray(values)
     if dtype == "float16":
-        return np.ascontiguousarray(values.astype(np.float16).view(np.uint16))
+        with np.errstate(over="ignore"):
+            return np.ascontiguousarray(values.astype(np.float16).view(np.uint16))
     if dtype == "bfloat16":
         return np.ascontiguousarray(_f32_to_bf16_bits(values))
     raise ValueError(f"unknown output dtype {dtype!r}; expected one of {OUTPUT_DTYPES}")
@@ -119,9 +129,8 @@ def unpack_dequantize(
     lut = dequant_table(scales, bits, levels, dtype)
     if out is None:
         out = np.empty(n, dtype=lut.dtype)
-    flat = out.reshape(-1)
-    if flat.size != n or flat.dtype.itemsize != lut.dtype.itemsize or not flat.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous array of {n} {dtype} values")
-    flat = flat.view(lut.dtype)
+    if out.size != n or out.dtype.itemsize != lut.dtype.itemsize or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous array of {n} {dtype} values")
+    flat = out.reshape(-1).view(lut.dtype)
     _kernels.unpack_lookup(stream, n, levels_count, g, k, not fits_fast_path(levels_count, k), lut, n // channels, flat)
     return out

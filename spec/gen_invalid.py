@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     h = W.h()
     L0(h)["codes"]["crc32"] = zlib.crc32(struct.pack("<Q", cell))
     add("last_word_not_zero_completed.bfq", assemble(dump_json(h), patch(W.data, 64, struct.pack("<Q", cell))), "verify",
-        "codes", "FORMAT.md 4: the last word is completed with zero digits; here its unused digits are [0, 1]", bug=True)
+        "codes", "FORMAT.md 4: the last word is completed with zero digits; here its unused digits are [0, 1]")
     loose = next(layer for layer in P.header["layers"] if layer["name"] == "loose_k10_g3.weight")
     loose_i = P.header["layers"].index(loose)
     stream = bytearray(block_bytes(P, loose["codes"]))
@@ -398,13 +398,13 @@ def main(argv=None) -> int:
     h = P.h()
     h["layers"][loose_i]["codes"]["crc32"] = zlib.crc32(bytes(stream))
     add("word_not_rounded_up.bfq", assemble(dump_json(h), patch(P.data, loose["codes"]["offset"], bytes(stream))), "verify",
-        "codes", "FORMAT.md 4: v = ceil(W 2^k / L^g); here word 0 holds v + 1, which decodes to the same digits", bug=True)
+        "codes", "FORMAT.md 4: v = ceil(W 2^k / L^g); here word 0 holds v + 1, which decodes to the same digits")
     header_case("time_cache_null.bfq", W, lambda h: h.update(time_cache=None), "time_cache",
-                "FORMAT.md 2: time_cache is an object or absent; null is neither", bug=True)
+                "FORMAT.md 2: time_cache is an object or absent; null is neither")
     header_case("recipe_null.bfq", W, lambda h: h.update(recipe=None), "recipe",
-                "FORMAT.md 2: recipe is an optional object; null is not an object", bug=True)
+                "FORMAT.md 2: recipe is an optional object; null is not an object")
     raw_case_bug = lambda name, g, old, new, msg, rule: add(  # noqa: E731
-        name, assemble(g.raw.replace(old, new, 1), g.data), "open", msg, rule, bug=True)
+        name, assemble(g.raw.replace(old, new, 1), g.data), "open", msg, rule)
     raw_case_bug("time_timestep_huge_int.bfq", S, b'"timesteps":[999,', b'"timesteps":[1' + b"0" * 400 + b",",
                  "time_cache.timesteps[0]", "timestep 10^400 (an integer beyond float range): OverflowError escapes")
     raw_case_bug("recipe_avg_bits_huge_int.bfq", W, b'"tensors":[]', b'"tensors":[],"recipe":{"avg_bits":1' + b"0" * 400 + b"}",

@@ -314,16 +314,6 @@ def test_invalid_file_is_rejected(name):
     _expect_rejected(INVALID / name, e["stage"], e["message"])
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="reader does not enforce this FORMAT.md rule yet"))
-     for n in sorted(INVALID_EXPECTED["known_bugs"])],
-)
-def test_known_reader_gaps(name):
-    e = INVALID_EXPECTED["known_bugs"][name]
-    _expect_rejected(INVALID / name, e["stage"], e["message"])
-
-
 def test_crc_mismatch_is_found_when_the_block_is_decoded():
     with open_bfq(INVALID / "crc_mismatch_codes.bfq") as f:  # open does not read block data
         with pytest.raises(BfqFormatError, match=r"layers\[0\]\.codes\.crc32"):
@@ -368,23 +358,18 @@ def _writer_after(tmp_path, action) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="bug: BfqWriter._write_block writes the alignment padding before refusing an "
-                   "empty block, so every later offset is off")
 def test_writer_survives_a_refused_empty_tensor(tmp_path):
     path = _writer_after(tmp_path, lambda w: w.add_tensor("empty", np.zeros(0, np.float32)))
     with open_bfq(path) as f:
         f.verify_all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: set_time_cache writes every table's block before checking the mode")
 def test_writer_survives_a_refused_time_cache_mode(tmp_path):
     path = _writer_after(tmp_path, lambda w: w.set_time_cache("linear", [0, 1], {"t": np.ones((2, 2), np.float16)}))
     with open_bfq(path) as f:
         f.verify_all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: grid mode writes the blocks of every table but references only "
-                   "time_embedding; the file closes without error and is invalid")
 def test_writer_grid_time_cache_with_an_extra_table(tmp_path):
     path = tmp_path / "g.bfq"
     try:
