@@ -190,3 +190,20 @@ def test_quantize_unet_rejects_bad_recipes():
     quantize_unet(unet, {"conv_in.weight": 4}, progress=False)
     with pytest.raises(RecipeError):  # already quantized
         quantize_unet(unet, {"conv_in.weight": 4}, progress=False)
+
+
+@pytest.mark.slow
+def test_sd15_scale_init_under_five_minutes():
+    """Paper: 10 alternating rounds take ~5 min. Reproduce: pytest -m slow tests/test_nn.py -s"""
+    import time
+
+    from bfq.models import build_sd15_random
+    from bfq.recipe import resolve_recipe
+
+    unet = build_sd15_random()
+    recipe = resolve_recipe("bitsfusion-sd15", unet)
+    start = time.monotonic()
+    quantize_unet(unet, recipe.bits, progress=False)
+    elapsed = time.monotonic() - start
+    print(f"alternating scale init, {len(recipe.bits)} layers, {torch.get_num_threads()} thread(s): {elapsed:.1f} s")
+    assert elapsed < 300
