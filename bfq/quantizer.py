@@ -262,6 +262,7 @@ def init_scales(
         raise ValueError("weight contains NaN or infinite values")
     zero = amax == 0
     s_mm = torch.where(zero, torch.ones_like(amax), amax / float(1 << (bits - 1)))
+    s_mm = torch.where(s_mm > 0, s_mm, amax)  # subnormal max|w|: the division underflowed to 0
     if method == "minmax":
         return s_mm
     rms = (wsq / max(w2.shape[1], 1)).sqrt().float()

@@ -193,6 +193,10 @@ def test_zero_and_tiny_weights():
         q = quantize_codes(w, rs, 1)
         assert bool((rs > 0).all()) and bool(torch.isfinite(dequantize(q, rs)).all())
     assert quantize_codes(w, round_scales(s, "f16"), 1).abs().sum() == 0
+    sub = torch.tensor([[1e-45, 0.0, -1e-45]])  # max|w| / 128 underflows in float32
+    for method in ("minmax", "alternating"):
+        s = init_scales(sub, 8, method=method)
+        assert bool((s > 0).all()) and quantize_codes(sub, s, 8).tolist() == [[1, 0, -1]]
 
 
 def test_non_finite_weights_rejected():
