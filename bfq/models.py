@@ -214,9 +214,10 @@ def _load_unet_dir(unet_dir: Path, allow_pickle: bool):
         raise ModelError(f"{cfg_path}: _class_name is {cls_name!r}; only UNet2DConditionModel is supported")
     files = _weight_files(unet_dir, allow_pickle)
     use_safetensors = files[0].suffix == ".safetensors"
+    variant = "fp16" if all(".fp16." in p.name for p in files) else None
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            unet_dir, torch_dtype=torch.float32, use_safetensors=use_safetensors, local_files_only=True
+            unet_dir, torch_dtype=torch.float32, use_safetensors=use_safetensors, variant=variant, local_files_only=True
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"cannot load the UNet in {unet_dir}: {e}") from None

@@ -91,6 +91,14 @@ def test_local_pipeline_and_unet_dirs(tmp_path):
     assert bare.source["sha256"] == sha256(weights)
 
 
+def test_fp16_variant_dir(tmp_path):
+    unet = tiny_unet(seed=5)
+    unet.half().save_pretrained(tmp_path / "unet", variant="fp16")
+    assert [p.name for p in (tmp_path / "unet").glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    res = resolve_model(tmp_path / "unet")
+    assert res.unet.dtype == torch.float32 and same_weights(res.unet.half(), unet)
+
+
 def test_pickle_weights_need_opt_in(tmp_path):
     unet = tiny_unet(seed=4)
     root = make_pipeline_dir(tmp_path / "pipe", unet, safe=False)
