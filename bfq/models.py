@@ -372,7 +372,9 @@ def resolve_model(
             unet, files = _load_unet_dir(path, allow_pickle)
             source = {"kind": "file", "name": path.name, "sha256": _sha256_files(files)}
             return ResolvedModel(unet, None, source, name=name)
-        raise ModelError(f"{path} is neither a diffusers pipeline (model_index.json + unet/) nor a UNet directory (config.json)")
+        raise ModelError(
+            f"{path} is neither a diffusers pipeline (model_index.json + unet/) nor a UNet directory (config.json)"
+        )
     if path.is_file():
         if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
             raise ModelError(f"{path.name}: unsupported checkpoint type (use .safetensors, or a diffusers directory)")

@@ -116,10 +116,14 @@ def _summarize(names, limit: int = 5) -> str:
 
 
 def _check_bit_values(bits: Mapping) -> None:
-    bad = [k for k, b in bits.items()
-           if not isinstance(k, str) or isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS]  # fmt: skip
+    def ok(name, b) -> bool:
+        return isinstance(name, str) and isinstance(b, int) and not isinstance(b, bool) and MIN_BITS <= b <= MAX_BITS
+
+    bad = [k for k, b in bits.items() if not ok(k, b)]
     if bad:
-        raise RecipeError(f"recipe.bits: values must be integers in {MIN_BITS}..{MAX_BITS}; bad layers {_summarize(bad)}")
+        raise RecipeError(
+            f"recipe.bits: values must be integers in {MIN_BITS}..{MAX_BITS}; bad layers {_summarize(bad)}"
+        )
 
 
 def _check_mode(time_cache: str) -> None:

@@ -330,7 +330,8 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
     device = _buffer_device(unet)
     tensors = {}
     for name, r in resnets:
-        f = torch.as_tensor(np.asarray(features[name]) if not isinstance(features[name], torch.Tensor) else features[name])
+        f = features[name]
+        f = f if isinstance(f, torch.Tensor) else torch.tensor(np.asarray(f))  # copies read-only arrays
         want = (len(ts), r.time_emb_proj.out_features)
         if tuple(f.shape) != want:
             raise ValueError(f"time features of {name}: shape {tuple(f.shape)}, expected {want}")
@@ -346,7 +347,7 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
 def install_grid_cache(unet: nn.Module, table) -> nn.Module:
     """Replace ``time_embedding`` by a lookup in ``table`` (``[N, D_te]``, stored fp16). In place."""
     _refuse_if_unsupported(unet, "grid")
-    tab = torch.as_tensor(np.asarray(table) if not isinstance(table, torch.Tensor) else table)
+    tab = table if isinstance(table, torch.Tensor) else torch.tensor(np.asarray(table))
     want = time_embedding_dim(unet)
     if tab.ndim != 2 or tab.shape[1] != want or tab.shape[0] < 1:
         raise ValueError(f"time table has shape {tuple(tab.shape)}, expected [N, {want}]")

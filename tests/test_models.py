@@ -19,7 +19,6 @@ from bfq.models import (
     ModelError,
     build_meta_unet,
     build_random_unet,
-    build_sd15_random,
     resolve_model,
     sd15_config,
     sd15_scheduler,

@@ -34,7 +34,9 @@ def _layer_cases():
         yield nn.Conv2d(**kw), torch.randn(2, 4, 9, 8)
 
 
-@pytest.mark.parametrize("bits,levels,scale_dtype", [(1, "balanced", "f16"), (2, "plain", "f32"), (8, "balanced", "f16"), (3, "balanced", "f32")])
+@pytest.mark.parametrize(
+    "bits,levels,scale_dtype", [(1, "balanced", "f16"), (2, "plain", "f32"), (8, "balanced", "f16"), (3, "balanced", "f32")]
+)
 def test_forward_equals_exported_codes(bits, levels, scale_dtype):
     for layer, x in _layer_cases():
         ref_w = layer.weight.detach().clone()

@@ -114,7 +114,9 @@ def test_round_half_to_even():
 
 
 @settings(max_examples=40, deadline=None)
-@given(w=weight_st, bits=st.integers(1, 8), levels=st.sampled_from(LEVELS), method=st.sampled_from(["minmax", "alternating"]))
+@given(
+    w=weight_st, bits=st.integers(1, 8), levels=st.sampled_from(LEVELS), method=st.sampled_from(["minmax", "alternating"])
+)
 def test_codes_match_reference_and_stay_in_range(w, bits, levels, method):
     s = init_scales(w, bits, levels, method=method)
     assert s.dtype == torch.float32 and s.shape == (w.shape[0],)
