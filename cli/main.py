@@ -57,8 +57,9 @@ def main():
 @click.argument("file")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (keys: file_bytes, avg_bits, bits_on_disk, layers, ...).")
 @click.option("--all", "show_all", is_flag=True, help="List every layer (default: the first 40).")
-def inspect_cmd(file, as_json, show_all):
-    """Show the model, per-layer bits and sizes, and totals of a .bfq FILE.
+@click.option("--revision", help="Hub revision (branch, tag or commit) when FILE is a repo id (user/name).")
+def inspect_cmd(file, as_json, show_all, revision):
+    """Show the model, per-layer bits and sizes, and totals of a .bfq FILE (or Hub repo id user/name).
 
     avg_bits is the BitsFusion paper's accounting (log2 of the level count per weight, plus
     16 bits per cached time feature, over every linear/conv weight of the original UNet);
@@ -66,7 +67,7 @@ def inspect_cmd(file, as_json, show_all):
     """
     from bfq.inspect import format_summary, summarize
 
-    summary = summarize(_local_file(file))
+    summary = summarize(_local_file(file, revision))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -89,10 +90,13 @@ def verify_cmd(file):
     click.echo(f"ok: {file}: {n} layers, every checksum and tensor verified")
 
 
-def _local_file(path: str) -> str:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    return path
+def _local_file(path: str, revision: str | None = None) -> str:
+    """`path` itself when it exists; a Hub repo id ("user/name[/file.bfq]") is downloaded (cached)."""
+    if os.path.exists(path):
+        return path
+    from bfq import hub
+
+    return hub.resolve(path, revision=revision)
 
 
 def _register_optional_commands():
@@ -103,6 +107,7 @@ def _register_optional_commands():
         ("bfq_cli.quantize_cmd", "quantize_cmd"),
         ("bfq_cli.generate_cmd", "generate_cmd"),
         ("bfq_cli.eval_cmd", "eval_cmd"),
+        ("bfq_cli.push_cmd", "push_cmd"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -1,0 +1,53 @@
+"""`bfq push`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("push")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--repo", "repo_id", required=True, help="Hub repo id, user/name (created if needed).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to push to (created from main if needed). Default: main.")
+@click.option("--filename", help="Name of the file in the repo (default: FILE's name).")
+@click.option("-m", "--message", "commit_message", help="Commit message.")
+@click.option("--preview", is_flag=True, help="Generate a small image grid with the model and show it on the model card.")
+@click.option("--preview-prompt", "preview_prompts", multiple=True, help="Prompt of the preview (repeat for several; implies --preview).")
+@click.option("--preview-steps", type=click.IntRange(1, 1000), help="Sampler steps of the preview (default: the cached scheduler's, else 50).")
+@click.option("--base", help="Pipeline (directory or Hub id) with the VAE and text encoder for the preview. Default: the model's source.")
+@click.option("--device", help="Device of the preview generation (default: cuda when available).")
+def push_cmd(file, repo_id, private, revision, filename, commit_message, preview, preview_prompts, preview_steps, base, device):
+    """Publish a .bfq FILE on the Hugging Face Hub, with a generated model card.
+
+    The card carries the Hub metadata (library bfq, quantization tags, base_model with
+    base_model_relation: quantized, the base's license where known), the bits per block, the
+    average bits and the size against fp16, and the exact loading snippet. Pushing the same file
+    again uploads nothing.
+
+    The token comes from huggingface_hub's usual sources (HF_TOKEN, or `hf auth login`) and is
+    never printed. HF_ENDPOINT selects another Hub; HF_HUB_DISABLE_XET=1 uploads through plain LFS.
+
+    \b
+    Example:
+      bfq push tiny.bfq --repo you/tiny-sd-2bit --preview
+    """
+    from bfq.hub import HubError, push
+
+    try:
+        result = push(file, repo_id, private=private, revision=revision, preview=preview or bool(preview_prompts),
+                      commit_message=commit_message, filename=filename, preview_prompts=list(preview_prompts) or None,
+                      preview_base=base, preview_steps=preview_steps, preview_device=device)  # fmt: skip
+    except HubError as exc:
+        raise click.ClickException(str(exc)) from None
+    where = result["repo_url"]
+    if result["up_to_date"]:
+        click.echo(f"up to date: {where} already has {', '.join(result['skipped'])}; nothing uploaded, no commit")
+    else:
+        sent = ", ".join(f"{u['path']} ({u['bytes']:,} bytes)" for u in result["uploaded"])
+        click.echo(f"pushed to {where}: {sent}")
+        if result["skipped"]:
+            click.echo(f"unchanged, not uploaded: {', '.join(result['skipped'])}")
+    click.echo(f"commit {result['commit_url']}")
+    rev = f", revision={result['revision']!r}" if result["revision"] != "main" else ""
+    click.echo(f"load it: bfq.load_unet({result['load']!r}{rev})")
