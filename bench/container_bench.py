@@ -114,8 +114,7 @@ def whole_unet(runs: int, workdir: Path) -> dict:
 
     def decode_bfq():
         with open_bfq(bfq_path) as f:
-            for name in f.layers:
-                f.decode_layer(name, "float16", out=outs[name])
+            f.decode_layers(outs, "float16")
 
     def load_safetensors():
         for t in load_file(str(st_path)).values():

@@ -102,55 +102,67 @@ def unpack_digits(stream, n, L, g, k, wide, out):
                 out[base + i] = d
 
 
-@numba.njit(parallel=True, **_JIT)
-def unpack_lookup(stream, n, L, g, k, wide, lut, per_channel, out):
-    """Fused decode + dequantize: out[i] = lut[i // per_channel, digit_i].
+@numba.njit(**_JIT)
+def _lookup_words(stream, n, L, g, k, wide, lut, per_channel, out, w, w1):
+    """out[i] = lut[i // per_channel, digit_i] for the digits of words [w, w1).
 
-    `lut` holds, per output channel, the L output values already in the target format
-    (float32, or the uint16 bit patterns of fp16/bf16), so one kernel serves every dtype.
     Four words whose digits all fall in one channel are decoded together, so their multiply
     chains overlap; indices in that loop are unsigned, which spares numba's wraparound code.
     """
-    n_words = (n + g - 1) // g
-    n_chunks = (n_words + CHUNK_WORDS - 1) // CHUNK_WORDS
     mask = _mask_for(k)
     Lu = np.uint64(L)
     ku = np.uint64(k)
     gu = np.uint64(g)
+    while w < w1:
+        pos = w * g
+        ch = pos // per_channel
+        left = (ch + 1) * per_channel - pos
+        if not wide and w + 4 <= w1 and left >= 4 * g and (w + 4) * g <= n:
+            row = lut[ch]
+            v0 = _read_word(stream, w * k, k, mask)
+            v1 = _read_word(stream, (w + 1) * k, k, mask)
+            v2 = _read_word(stream, (w + 2) * k, k, mask)
+            v3 = _read_word(stream, (w + 3) * k, k, mask)
+            b = np.uint64(pos)
+            for i in range(gu):
+                x0 = v0 * Lu
+                x1 = v1 * Lu
+                x2 = v2 * Lu
+                x3 = v3 * Lu
+                out[b + i] = row[x0 >> ku]
+                out[b + gu + i] = row[x1 >> ku]
+                out[b + np.uint64(2) * gu + i] = row[x2 >> ku]
+                out[b + np.uint64(3) * gu + i] = row[x3 >> ku]
+                v0 = x0 & mask
+                v1 = x1 & mask
+                v2 = x2 & mask
+                v3 = x3 & mask
+            w += 4
+        else:
+            v = _read_word(stream, w * k, k, mask)
+            for i in range(min(g, n - pos)):
+                d, v = _times_level(v, Lu, k, mask, wide)
+                out[pos + i] = lut[(pos + i) // per_channel, d]
+            w += 1
+
+
+@numba.njit(parallel=True, **_JIT)
+def unpack_lookup(stream, n, L, g, k, wide, lut, per_channel, out):
+    """Fused decode + dequantize: out[i] = lut[i // per_channel, digit_i], in parallel chunks.
+
+    `lut` holds, per output channel, the L output values already in the target format
+    (float32, or the uint16 bit patterns of fp16/bf16), so one kernel serves every dtype.
+    """
+    n_words = (n + g - 1) // g
+    n_chunks = (n_words + CHUNK_WORDS - 1) // CHUNK_WORDS
     for c in prange(n_chunks):
-        w = c * CHUNK_WORDS
-        w1 = min(w + CHUNK_WORDS, n_words)
-        while w < w1:
-            pos = w * g
-            ch = pos // per_channel
-            left = (ch + 1) * per_channel - pos
-            if not wide and w + 4 <= w1 and left >= 4 * g and (w + 4) * g <= n:
-                row = lut[ch]
-                v0 = _read_word(stream, w * k, k, mask)
-                v1 = _read_word(stream, (w + 1) * k, k, mask)
-                v2 = _read_word(stream, (w + 2) * k, k, mask)
-                v3 = _read_word(stream, (w + 3) * k, k, mask)
-                b = np.uint64(pos)
-                for i in range(gu):
-                    x0 = v0 * Lu
-                    x1 = v1 * Lu
-                    x2 = v2 * Lu
-                    x3 = v3 * Lu
-                    out[b + i] = row[x0 >> ku]
-                    out[b + gu + i] = row[x1 >> ku]
-                    out[b + np.uint64(2) * gu + i] = row[x2 >> ku]
-                    out[b + np.uint64(3) * gu + i] = row[x3 >> ku]
-                    v0 = x0 & mask
-                    v1 = x1 & mask
-                    v2 = x2 & mask
-                    v3 = x3 & mask
-                w += 4
-            else:
-                v = _read_word(stream, w * k, k, mask)
-                for i in range(min(g, n - pos)):
-                    d, v = _times_level(v, Lu, k, mask, wide)
-                    out[pos + i] = lut[(pos + i) // per_channel, d]
-                w += 1
+        _lookup_words(stream, n, L, g, k, wide, lut, per_channel, out, c * CHUNK_WORDS, min((c + 1) * CHUNK_WORDS, n_words))
+
+
+@numba.njit(**_JIT)
+def unpack_lookup_serial(stream, n, L, g, k, wide, lut, per_channel, out):
+    """unpack_lookup on the calling thread (for callers that run several layers at once)."""
+    _lookup_words(stream, n, L, g, k, wide, lut, per_channel, out, 0, (n + g - 1) // g)
 
 
 @numba.njit(parallel=True, **_JIT)

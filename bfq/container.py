@@ -509,14 +509,15 @@ class BfqFile:
         if pack.padding_bits_set(stream, layer.size, layer.digits_per_word, layer.word_bits):
             raise BfqFormatError(f"{layer.codes.path}: bits after the last word must be zero")
 
-    def decode_layer(self, name: str, dtype: str = "float16", out: np.ndarray | None = None) -> np.ndarray:
-        """Dequantized weight of a layer: float32, or fp16/bf16 as uint16 bit patterns (see pack)."""
+    def decode_layer(self, name: str, dtype: str = "float16", out: np.ndarray | None = None, parallel: bool = True) -> np.ndarray:
+        """Dequantized weight of a layer: float32, or fp16/bf16 as uint16 bit patterns (see pack).
+        Thread-safe; `parallel=False` decodes on the calling thread."""
         layer = self.layers[name]
         scales = self.read_scales(name)
         stream = self.read_stream(name)
         self._check_stream_padding(layer, stream)
         result = pack.unpack_dequantize(
-            stream, layer.shape, scales, layer.bits, layer.levels, layer.digits_per_word, layer.word_bits, dtype, out
+            stream, layer.shape, scales, layer.bits, layer.levels, layer.digits_per_word, layer.word_bits, dtype, out, parallel
         )
         return result.reshape(layer.shape) if out is None else result
 
@@ -530,6 +531,18 @@ class BfqFile:
 
     def read_time_table(self, name: str) -> np.ndarray:
         return self._dense(self.header.time_cache.tables[name])
+
+    def decode_layers(self, outputs: dict[str, np.ndarray], dtype: str = "float16", threads: int | None = None) -> None:
+        """Decode many layers into preallocated arrays, largest first, one layer per thread at a
+        time: no per-layer fork/join, so a busy core slows one layer instead of every layer."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numba
+
+        order = sorted(outputs, key=lambda name: -self.layers[name].size)
+        with ThreadPoolExecutor(max_workers=threads or numba.get_num_threads()) as pool:
+            for future in [pool.submit(self.decode_layer, name, dtype, outputs[name], False) for name in order]:
+                future.result()
 
     def verify_all(self) -> None:
         """Check every checksum, scale and stream, and decode every layer."""

@@ -94,11 +94,8 @@ def _install_time_cache(model: nn.Module, bfq: BfqFile, dtype: torch.dtype) -> N
 
 def _decode_all(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     decode_as, view_as = _DECODE_AS[dtype]
-    out = {}
-    for name, layer in bfq.layers.items():
-        tensor = torch.empty(layer.shape, dtype=dtype)
-        bfq.decode_layer(name, decode_as, out=tensor.view(view_as).numpy())
-        out[name] = tensor
+    out = {name: torch.empty(layer.shape, dtype=dtype) for name, layer in bfq.layers.items()}
+    bfq.decode_layers({name: t.view(view_as).numpy() for name, t in out.items()}, decode_as)
     for name, dense in bfq.tensors.items():
         array = bfq.read_tensor(name)
         if dense.dtype == "bf16":

@@ -114,11 +114,14 @@ def unpack_dequantize(
     k: int,
     dtype: str = "float16",
     out: np.ndarray | None = None,
+    parallel: bool = True,
 ) -> np.ndarray:
     """Decode and dequantize a layer straight into `dtype` (uint16 bit patterns for fp16/bf16).
 
     `out`, when given, must be a C-contiguous array of the layer's size with itemsize 4 (float32)
     or 2 (fp16/bf16 viewed as uint16 or float16); it is filled in place and returned.
+    `parallel=False` decodes on the calling thread (the GIL is released), for callers that
+    decode several layers from a thread pool.
     """
     n = int(np.prod(shape))
     channels = shape[0]
@@ -132,5 +135,6 @@ def unpack_dequantize(
     if out.size != n or out.dtype.itemsize != lut.dtype.itemsize or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous array of {n} {dtype} values")
     flat = out.reshape(-1).view(lut.dtype)
-    _kernels.unpack_lookup(stream, n, levels_count, g, k, not fits_fast_path(levels_count, k), lut, n // channels, flat)
+    kernel = _kernels.unpack_lookup if parallel else _kernels.unpack_lookup_serial
+    kernel(stream, n, levels_count, g, k, not fits_fast_path(levels_count, k), lut, n // channels, flat)
     return out

@@ -167,3 +167,14 @@ def test_open_checks_before_reading_header(tmp_path):
     with pytest.raises(BfqFormatError, match="header_length"):
         open_bfq(tmp_path / "t.bfq")
     assert time.perf_counter() - start < 1
+
+
+def test_decode_layers_in_threads_equals_decode_layer(tmp_path):
+    path = tmp_path / "m.bfq"
+    _write_sample(path)
+    with open_bfq(path) as f:
+        for dtype, np_dtype in (("float16", np.uint16), ("float32", np.float32), ("bfloat16", np.uint16)):
+            outs = {name: np.empty(layer.shape, np_dtype) for name, layer in f.layers.items()}
+            f.decode_layers(outs, dtype, threads=2)
+            for name, out in outs.items():
+                assert np.array_equal(out, f.decode_layer(name, dtype)), (name, dtype)
