@@ -43,11 +43,10 @@ def load_pipeline(torch_dtype=None, unet=None, directory=None):
     from diffusers import StableDiffusionPipeline
 
     kwargs = {} if unet is None else {"unet": unet}
+    if torch_dtype is not None and torch_dtype != torch.float32:  # the weights are stored in fp32
+        kwargs["torch_dtype"] = torch_dtype
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(directory or pipeline_dir()),
-        torch_dtype=torch.float32 if torch_dtype is None else torch_dtype,
-        local_files_only=True,
-        **kwargs,
+        str(directory or pipeline_dir()), local_files_only=True, **kwargs
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,9 +1,9 @@
 """The digit classifier behind the tiny-sd quality metric, and its real-data feature statistics.
 
-A small CNN trained on the real digits, in both polarities, at tiny-sd's resolution. It plays the
+A small CNN trained on the real digits at tiny-sd's resolution. It plays the
 two roles CLIP and Inception play in the paper's evaluation: its label of a generated image scores
 prompt alignment, and its penultimate layer (``FEATURE_DIM`` ReLU features) is the space of the
-Fréchet distance. The real statistics (mean and covariance of the features of all 3,594 real
+Fréchet distance. The real statistics (mean and covariance of the features of all 1,797 real
 images) are stored next to the weights, so evaluation needs no data pass.
 
 Training uses 80% of the digits (a fixed split) with +-1 pixel shifts as augmentation; the other
@@ -113,7 +113,7 @@ def load_classifier(directory: str | Path | None = None) -> Classifier:
 
 
 def _shift(x, rng):
-    """Random +-1 pixel translations (zero-padded in ink space, i.e. background-padded)."""
+    """Random +-1 pixel translations (wrapping; the digits' borders are blank)."""
     import torch
 
     out = torch.empty_like(x)
@@ -129,7 +129,7 @@ def train_classifier(out: str | Path, seed: int = 0, epochs: int = 30, batch_siz
     Args:
         out: output directory.
         seed: seeds the split, the initialisation and the batches.
-        epochs: passes over the training split (both polarities).
+        epochs: passes over the training split.
         batch_size: images per step.
     Returns:
         The config written (settings, held-out accuracy, seconds).
@@ -139,13 +139,10 @@ def train_classifier(out: str | Path, seed: int = 0, epochs: int = 30, batch_siz
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    gray, labels, inverted = real_gray_images()
-    n = len(gray) // 2
+    gray, labels = real_gray_images()
     rng = np.random.default_rng(seed)
-    test_ids = rng.permutation(n)[: n // 5]
-    is_test = np.zeros(n, bool)
-    is_test[test_ids] = True
-    is_test = np.concatenate([is_test, is_test])
+    is_test = np.zeros(len(gray), bool)
+    is_test[rng.permutation(len(gray))[: len(gray) // 5]] = True
     x = torch.from_numpy(gray)[:, None]
     y = torch.from_numpy(labels)
     x_train, y_train = x[~is_test], y[~is_test]
@@ -159,12 +156,7 @@ def train_classifier(out: str | Path, seed: int = 0, epochs: int = 30, batch_siz
         order = torch.from_numpy(rng.permutation(len(x_train)))
         for i in range(len(x_train) // batch_size):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            # shift in "ink" space so the padding is background for either polarity
-            xb = x_train[idx]
-            inv = torch.from_numpy(inverted[~is_test][idx.numpy()])[:, None, None, None]
-            ink = torch.where(inv, xb, 1 - xb)
-            ink = _shift(ink, rng)
-            xb = torch.where(inv, ink, 1 - ink)
+            xb = 1 - _shift(1 - x_train[idx], rng)  # shift the ink, so background comes in
             loss = F.cross_entropy(model(xb)[0], y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -196,7 +188,7 @@ def train_classifier(out: str | Path, seed: int = 0, epochs: int = 30, batch_siz
         heldout_images=int(is_test.sum()),
         heldout_accuracy=round(acc_test, 4),
         all_real_accuracy=round(acc_all, 4),
-        real_stats="mean/covariance of the 64 features over all 3594 real images (both polarities)",
+        real_stats="mean/covariance of the 64 features over all 1797 real images",
         torch_threads=torch.get_num_threads(),
         seconds=round(time.perf_counter() - start, 1),
     )

@@ -2,7 +2,7 @@
 
 Two stages, both deterministic for a given seed and thread count on a given machine:
 
-1. The VAE (``AutoencoderKL``) learns to encode the 16x16 digits (both polarities) into 8x8x4
+1. The VAE (``AutoencoderKL``) learns to encode the 16x16 digits into 8x8x4
    latents: MSE reconstruction plus a small KL term. Its ``scaling_factor`` is then set to
    1 / std of the latent means, as SD's 0.18215 was.
 2. The UNet and the CLIP text encoder learn together, with SD's recipe: ε-prediction on latents
@@ -27,38 +27,45 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bfq.tinysd.build import build_models, load_tokenizer, save_pipeline, write_tokenizer, MAX_LENGTH
-from bfq.tinysd.data import POLARITIES, ink_to_gray, load_digits_images, training_caption
+from bfq.tinysd.build import MAX_LENGTH, build_models, load_tokenizer, save_pipeline, write_tokenizer
+from bfq.tinysd.data import caption, real_gray_images
 
 DEFAULTS = dict(
     seed=0,
-    vae_steps=800,
+    vae_steps=400,
     vae_batch=64,
     vae_lr=1e-3,
     kl_weight=1e-4,
-    unet_steps=1500,
+    unet_steps=1800,
     unet_batch=128,
-    unet_lr=1e-3,
+    unet_lr=3e-3,
     warmup=100,
     weight_decay=1e-2,
     ema_decay=0.995,
     uncond_prob=0.1,
     grad_clip=1.0,
     threads=1,
+    device="cpu",
 )
 
 
 def _images():
-    """All training images ``(3594, 3, 16, 16)`` in [-1, 1], their digits and polarities."""
+    """All training images ``(1797, 3, 16, 16)`` in [-1, 1] and their digits."""
     import torch
 
-    ink, labels = load_digits_images()
-    gray = np.concatenate([ink_to_gray(ink, p) for p in POLARITIES])
-    x = torch.from_numpy(gray * 2 - 1).float()[:, None].repeat(1, 3, 1, 1)
-    polarity = [p for p in POLARITIES for _ in range(len(ink))]
-    return x, np.concatenate([labels, labels]), polarity
+    gray, labels = real_gray_images()
+    return torch.from_numpy(gray * 2 - 1)[:, None].repeat(1, 3, 1, 1), labels
+
+
+def _timed(log):
+    """Prefix each log line with the minutes:seconds since training started."""
+    start = time.perf_counter()
+
+    def timed(line: str) -> None:
+        minutes, seconds = divmod(int(time.perf_counter() - start), 60)
+        log(f"[{minutes:02d}:{seconds:02d}] {line}")
+
+    return timed
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -74,12 +81,14 @@ def train_vae(vae, x, s: dict, gen, log) -> tuple[object, float]:
     opt = torch.optim.Adam(vae.parameters(), lr=s["vae_lr"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, s["vae_steps"], 50))
     vae.train()
+    dev = s["device"]
     for step in range(s["vae_steps"]):
         idx = torch.randint(0, len(x), (s["vae_batch"],), generator=gen)
-        post = vae.encode(x[idx]).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        xb = x[idx].to(dev)
+        post = vae.encode(xb).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
         rec = vae.decode(z).sample
-        mse = (rec - x[idx]).pow(2).mean()
+        mse = (rec - xb).pow(2).mean()
         loss = mse + s["kl_weight"] * post.kl().mean() / z[0].numel()
         opt.zero_grad()
         loss.backward()
@@ -89,13 +98,13 @@ def train_vae(vae, x, s: dict, gen, log) -> tuple[object, float]:
             log(f"vae step {step} mse {mse.item():.5f}")
     vae.eval()
     with torch.no_grad():
-        mean = torch.cat([vae.encode(x[i : i + 500]).latent_dist.mean for i in range(0, len(x), 500)])
+        mean = torch.cat([vae.encode(x[i : i + 500].to(dev)).latent_dist.mean for i in range(0, len(x), 500)])
     scale = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
     return vae, scale
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, labels, polarity, s: dict, gen, log):
+def train_unet(unet, text_encoder, tokenizer, latents, labels, s: dict, gen, log):
     """Stage 2: ε-prediction on latents, jointly with the text encoder. Returns the EMA copies."""
     import torch
     from diffusers import DDPMScheduler
@@ -115,21 +124,23 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, polarity, s: dict
         opt, lambda i: _lr_factor(i, s["unet_steps"], s["warmup"])
     )
     ema = [copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(text_encoder).eval().requires_grad_(False)]
+    ema_params = list(ema[0].parameters()) + list(ema[1].parameters())
     rng = random.Random(s["seed"])
     unet.train()
     text_encoder.train()
+    dev = s["device"]
     for step in range(s["unet_steps"]):
         idx = torch.randint(0, len(mean), (s["unet_batch"],), generator=gen)
-        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(dev)
         captions = [
-            "" if rng.random() < s["uncond_prob"] else training_caption(int(labels[i]), polarity[i], rng)
+            "" if rng.random() < s["uncond_prob"] else caption(int(labels[i]), rng)
             for i in idx.tolist()
         ]
         ids = tokenizer(
             captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen)
+        ).input_ids.to(dev)
+        noise = torch.randn(z0.shape, generator=gen).to(dev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen).to(dev)
         zt = noise_sched.add_noise(z0, noise, t)
         cond = text_encoder(ids)[0]
         loss = (unet(zt, t, cond).sample - noise).pow(2).mean()
@@ -140,9 +151,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, polarity, s: dict
         sched.step()
         decay = min(s["ema_decay"], (1 + step) / (10 + step))
         with torch.no_grad():
-            for model, avg in zip((unet, text_encoder), ema):
-                for p, q in zip(model.parameters(), avg.parameters()):
-                    q.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 100 == 0 or step == s["unet_steps"] - 1:
             log(f"unet step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
     return ema
@@ -167,34 +176,35 @@ def train(out: str | Path, log=print, **settings) -> dict:
     torch.set_num_threads(s["threads"])
     start = time.perf_counter()
     out = Path(out)
+    log = _timed(log)
     tokenizer = load_tokenizer(write_tokenizer(out / "tokenizer"))
-    unet, vae, text_encoder = build_models(tokenizer, s["seed"])
+    unet, vae, text_encoder = (m.to(s["device"]) for m in build_models(tokenizer, s["seed"]))
     gen = torch.Generator().manual_seed(s["seed"])
-    x, labels, polarity = _images()
+    x, labels = _images()
 
     vae, scale = train_vae(vae, x, s, gen, log)
     t_vae = time.perf_counter() - start
     with torch.no_grad():
-        posts = [vae.encode(x[i : i + 500]).latent_dist for i in range(0, len(x), 500)]
-        latents = (torch.cat([p.mean for p in posts]) * scale, torch.cat([p.std for p in posts]) * scale)
-        rec = torch.cat([vae.decode(p.mean).sample for p in posts])
+        posts = [vae.encode(x[i : i + 500].to(s["device"])).latent_dist for i in range(0, len(x), 500)]
+        latents = (torch.cat([p.mean for p in posts]).cpu() * scale, torch.cat([p.std for p in posts]).cpu() * scale)
+        rec = torch.cat([vae.decode(p.mean).sample for p in posts]).cpu()
     vae_mse = float((rec - x).pow(2).mean())
     log(f"vae done in {t_vae:.0f}s: scaling_factor {scale:.4f}, reconstruction mse {vae_mse:.5f}")
 
-    unet, text_encoder = train_unet(unet, text_encoder, tokenizer, latents, labels, polarity, s, gen, log)
+    unet, text_encoder = train_unet(unet, text_encoder, tokenizer, latents, labels, s, gen, log)
     seconds = time.perf_counter() - start
     record = dict(
         command=f"python -m bfq.tinysd.train --out DIR --seed {s['seed']}"
         + "".join(f" --{k.replace('_', '-')} {v}" for k, v in s.items() if k != "seed" and v != DEFAULTS[k]),
         settings=s,
-        data="scikit-learn digits (1797 images, 8x8) upscaled bilinearly to 16x16, in both polarities",
+        data="scikit-learn digits (1797 images, 8x8) upscaled bilinearly to 16x16, dark on light",
         vae_scaling_factor=scale,
         vae_reconstruction_mse=vae_mse,
         seconds_vae=round(t_vae, 1),
         seconds_total=round(seconds, 1),
         machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
     )
-    save_pipeline(out, unet, vae, text_encoder, training=record)
+    save_pipeline(out, unet.cpu(), vae.cpu(), text_encoder.cpu(), training=record)
     record = json.loads((out / "TRAINING.json").read_text())
     log(f"saved {out} in {seconds:.0f}s, sha256 {record['sha256']}")
     return record
