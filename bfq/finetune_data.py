@@ -1,0 +1,367 @@
+"""Conditioning batches for :func:`bfq.finetune.finetune`.
+
+A *batch* is a dict of CPU or device tensors:
+
+* ``"encoder_hidden_states"`` ``[B, S, D]`` (required): the text embeddings the UNet is conditioned on;
+* ``"uncond_hidden_states"`` ``[S, D]``, ``[1, S, D]`` or ``[B, S, D]`` (optional): the embedding of
+  the empty prompt, which replaces a sample's text with probability ``uncond_prob`` (CFG-aware
+  training); :func:`bfq.finetune.finetune` also takes it once for all batches;
+* ``"latents"`` ``[B, C, H, W]`` (optional): clean latents ``x_0`` (already multiplied by the VAE's
+  ``scaling_factor``). Without them the trainer samples ``x_0`` from the teacher for the prompts
+  (prompts-only mode), then noises it like any other latent.
+
+Any iterable of such dicts works. The sources here are *indexed*: ``source.batch(i)`` is a pure
+function of ``i`` and the source's seed, so a resumed run (or rank ``r`` of ``world`` processes)
+reads exactly the batches it would have read without interruption, without replaying the ones
+before:
+
+* :func:`tinysd_digits`: the bundled tiny-sd's digits, encoded by its VAE, with its captions;
+* :func:`image_caption_folder`: ``NAME.png|jpg|... + NAME.txt`` pairs, encoded by a pipeline's
+  VAE and text encoder;
+* :func:`prompt_batches`: prompts alone (a list, or a text file with one prompt a line);
+* :class:`TensorBatches`: tensors already in memory.
+
+:func:`make_source` turns a ``--data`` string (``tiny-sd-digits``, ``folder:PATH``,
+``prompts:FILE``) into one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DATA_KINDS = ("tiny-sd-digits", "folder:PATH", "prompts:FILE")
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (numpy SeedSequence): independent streams per index."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class IndexedBatches:
+    """Base of the sources: ``batch(i)`` is deterministic; iteration yields ``batch(0), batch(1), ...``
+    without end. Subclasses set ``n`` (examples), ``batch_size`` and ``seed`` and implement ``_make``."""
+
+    n: int
+    batch_size: int
+    seed: int
+
+    def __init__(self):
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def indices(self, i: int) -> torch.Tensor:
+        """The example indices of batch ``i``: epochs of a seeded permutation, read in order."""
+        if i < 0:
+            raise ValueError(f"batch index must be >= 0, got {i}")
+        start = i * self.batch_size
+        out = []
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(start + len(out), self.n)
+            perm = self._permutation(epoch)
+            out.extend(perm[offset : offset + self.batch_size - len(out)].tolist())
+        return torch.tensor(out, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, 1, epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=gen))
+        return self._perm[1]
+
+    def generator(self, i: int) -> torch.Generator:
+        """A CPU generator for batch ``i``'s own random draws (posterior samples, caption choices)."""
+        return torch.Generator().manual_seed(_seed(self.seed, 2, i))
+
+    def batch(self, i: int) -> dict:
+        return self._make(i, self.indices(i))
+
+    def _make(self, i: int, idx: torch.Tensor) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        i = 0
+        while True:
+            yield self.batch(i)
+            i += 1
+
+
+class TensorBatches(IndexedBatches):
+    """Batches drawn from tensors in memory.
+
+    Args:
+        encoder_hidden_states: ``[N, S, D]`` text embeddings, one per example.
+        uncond_hidden_states: ``[S, D]`` (or ``[1, S, D]``) empty-prompt embedding.
+        latents: ``[N, C, H, W]`` clean latents, or None (prompts-only mode).
+        latents_std: ``[N, C, H, W]`` posterior standard deviations: each batch then draws
+            ``latents + std * noise`` (a VAE posterior sample), as Stable Diffusion trains.
+        batch_size: examples per batch.
+        seed: seeds the example order and the posterior samples.
+    """
+
+    def __init__(self, encoder_hidden_states, uncond_hidden_states, latents=None, latents_std=None, *, batch_size: int = 16, seed: int = 0):
+        super().__init__()
+        self.ehs = torch.as_tensor(encoder_hidden_states)
+        self.uncond = torch.as_tensor(uncond_hidden_states).reshape(self.ehs.shape[1:])
+        self.latents = None if latents is None else torch.as_tensor(latents)
+        self.latents_std = None if latents_std is None else torch.as_tensor(latents_std)
+        if self.latents is not None and len(self.latents) != len(self.ehs):
+            raise ValueError(f"{len(self.latents)} latents for {len(self.ehs)} text embeddings")
+        _check_sizes(len(self.ehs), batch_size)
+        self.n, self.batch_size, self.seed = len(self.ehs), int(batch_size), int(seed)
+
+    def _make(self, i, idx):
+        out = {"encoder_hidden_states": self.ehs[idx], "uncond_hidden_states": self.uncond}
+        if self.latents is not None:
+            z = self.latents[idx]
+            if self.latents_std is not None:
+                z = z + self.latents_std[idx] * torch.randn(z.shape, generator=self.generator(i), dtype=z.dtype)
+            out["latents"] = z
+        return out
+
+
+def _check_sizes(n: int, batch_size: int) -> None:
+    if n < 1:
+        raise ValueError("no examples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+# ------------------------------------------------------------------------- pipeline components
+
+
+def load_text_encoder(pipeline_dir: str | os.PathLike, device="cpu"):
+    """``(tokenizer, text_encoder)`` of a diffusers Stable Diffusion pipeline directory (eval, frozen)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = Path(pipeline_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder"), local_files_only=True)
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def load_vae(pipeline_dir: str | os.PathLike, device="cpu"):
+    """The ``AutoencoderKL`` of a pipeline directory (eval, frozen, float32)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(Path(pipeline_dir) / "vae"), local_files_only=True)
+    return vae.float().to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """``[N, S, D]`` float32 CPU embeddings of ``prompts``, as Stable Diffusion computes them
+    (padded to the tokenizer's ``model_max_length``, last hidden state)."""
+    device = next(text_encoder.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer(
+            list(prompts[i : i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(device)  # fmt: skip
+        out.append(text_encoder(ids)[0].float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of the VAE posterior of ``images`` (``[N, 3, H, W]`` in [-1, 1]), both times
+    the VAE's ``scaling_factor``, float32 on the CPU."""
+    device = next(vae.parameters()).device
+    scale = float(vae.config.scaling_factor)
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        post = vae.encode(images[i : i + batch_size].to(device, torch.float32)).latent_dist
+        means.append(post.mean.cpu() * scale)
+        stds.append(post.std.cpu() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+def image_resolution(pipeline_dir: str | os.PathLike) -> int:
+    """The pixel size the pipeline's UNet was trained at: ``unet.sample_size * 2^(VAE levels - 1)``."""
+    base = Path(pipeline_dir)
+    unet_cfg = json.loads((base / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((base / "vae" / "config.json").read_text())
+    return int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+
+
+# ----------------------------------------------------------------------------------- tiny-sd
+
+
+class DigitBatches(IndexedBatches):
+    """The tiny-sd training set: 1,797 digits (VAE posterior samples) with captions drawn from
+    tiny-sd's templates, like :mod:`bfq.tinysd.train`. Built by :func:`tinysd_digits`."""
+
+    def __init__(self, mean, std, labels, captions: list[str], caption_table, uncond, *, batch_size: int, seed: int):
+        super().__init__()
+        _check_sizes(len(mean), batch_size)
+        self.mean, self.std, self.labels = mean, std, torch.as_tensor(labels)
+        self.captions, self.table, self.uncond = captions, caption_table, uncond
+        self.n_templates = len(captions) // 10
+        self.n, self.batch_size, self.seed = len(mean), int(batch_size), int(seed)
+
+    def _make(self, i, idx):
+        gen = self.generator(i)
+        z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)
+        template = torch.randint(0, self.n_templates, (len(idx),), generator=gen)
+        rows = self.labels[idx] * self.n_templates + template
+        return {"encoder_hidden_states": self.table[rows], "uncond_hidden_states": self.uncond, "latents": z}
+
+    def caption(self, i: int) -> list[str]:
+        """The captions of batch ``i`` (for inspection)."""
+        gen = self.generator(i)
+        idx = self.indices(i)
+        torch.randn(self.mean[idx].shape, generator=gen)
+        template = torch.randint(0, self.n_templates, (len(idx),), generator=gen)
+        return [self.captions[int(r)] for r in self.labels[idx] * self.n_templates + template]
+
+
+def tinysd_digits(pipeline_dir: str | os.PathLike | None = None, *, batch_size: int = 64, seed: int = 0) -> DigitBatches:
+    """tiny-sd's own training data: every digit image encoded by the bundled VAE, each with a
+    caption drawn from tiny-sd's templates (``"the number 7"``, ``"seven"``, ...).
+
+    Args:
+        pipeline_dir: the tiny-sd pipeline (default: the bundled one).
+        batch_size: examples per batch.
+        seed: seeds the order, the posterior samples and the caption choices.
+    """
+    from bfq.tinysd import pipeline_dir as bundled
+    from bfq.tinysd.data import DIGIT_TEMPLATES, DIGIT_WORDS, load_digits_images
+
+    base = Path(pipeline_dir or bundled())
+    size = image_resolution(base)
+    ink, labels = load_digits_images(size)
+    images = torch.from_numpy(1.0 - ink)[:, None].repeat(1, 3, 1, 1) * 2 - 1  # dark ink on white, [-1, 1]
+    mean, std = encode_images(load_vae(base), images)
+    captions = [t.format(w=DIGIT_WORDS[d], n=str(d)) for d in range(10) for t in DIGIT_TEMPLATES]
+    tokenizer, encoder = load_text_encoder(base)
+    table = encode_text(tokenizer, encoder, captions + [""])
+    return DigitBatches(mean, std, labels, captions, table[:-1], table[-1], batch_size=batch_size, seed=seed)
+
+
+# ------------------------------------------------------------------------------ folders, prompts
+
+
+def folder_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """``(image path, caption)`` for every image in ``folder`` that has a ``.txt`` caption next to
+    it (same stem), sorted by file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such data folder: {folder}")
+    pairs = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.with_suffix(".txt").is_file():
+            pairs.append((path, path.with_suffix(".txt").read_text(encoding="utf-8").strip()))
+    if not pairs:
+        raise FileNotFoundError(f"{folder}: no image files with a .txt caption next to them")
+    return pairs
+
+
+def _load_image(path: Path, size: int) -> torch.Tensor:
+    """``[3, size, size]`` in [-1, 1]: RGB, resized (shorter side) and center-cropped."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class FolderBatches(IndexedBatches):
+    """Image-caption pairs encoded on demand (VAE posterior sample, text embedding); see
+    :func:`image_caption_folder`."""
+
+    def __init__(self, pairs, tokenizer, text_encoder, vae, size: int, *, batch_size: int, seed: int):
+        super().__init__()
+        _check_sizes(len(pairs), batch_size)
+        self.pairs, self.tokenizer, self.text_encoder, self.vae, self.size = pairs, tokenizer, text_encoder, vae, size
+        self.uncond = encode_text(tokenizer, text_encoder, [""])[0]
+        self.n, self.batch_size, self.seed = len(pairs), int(batch_size), int(seed)
+
+    def _make(self, i, idx):
+        chosen = [self.pairs[int(j)] for j in idx]
+        images = torch.stack([_load_image(p, self.size) for p, _ in chosen])
+        mean, std = encode_images(self.vae, images)
+        z = mean + std * torch.randn(mean.shape, generator=self.generator(i))
+        ehs = encode_text(self.tokenizer, self.text_encoder, [c for _, c in chosen])
+        return {"encoder_hidden_states": ehs, "uncond_hidden_states": self.uncond, "latents": z}
+
+
+def image_caption_folder(folder, pipeline_dir, *, batch_size: int = 16, seed: int = 0, resolution: int | None = None, device="cpu") -> FolderBatches:
+    """Batches from a folder of images with ``.txt`` captions (``cat.png`` + ``cat.txt``).
+
+    Args:
+        folder: the data folder.
+        pipeline_dir: a Stable Diffusion pipeline directory whose VAE, tokenizer and text encoder
+            encode the data.
+        resolution: image size in pixels (default: what the pipeline's UNet was trained at).
+        device: where the VAE and text encoder run.
+    """
+    pairs = folder_pairs(folder)
+    tokenizer, encoder = load_text_encoder(pipeline_dir, device)
+    size = resolution or image_resolution(pipeline_dir)
+    return FolderBatches(pairs, tokenizer, encoder, load_vae(pipeline_dir, device), size, batch_size=batch_size, seed=seed)
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Non-empty lines of a text file (one prompt a line; lines starting with ``#`` are skipped)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def prompt_batches(prompts, pipeline_dir, *, batch_size: int = 16, seed: int = 0, device="cpu") -> TensorBatches:
+    """Prompts alone (a list, or a text file with one prompt a line): batches without latents, so
+    the trainer draws ``x_0`` from the teacher (see :class:`bfq.finetune.FinetuneConfig`
+    ``sample_steps``/``sample_cfg``)."""
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = read_prompts(prompts)
+    tokenizer, encoder = load_text_encoder(pipeline_dir, device)
+    table = encode_text(tokenizer, encoder, list(prompts) + [""])
+    return TensorBatches(table[:-1], table[-1], batch_size=batch_size, seed=seed)
+
+
+def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, batch_size: int = 16, seed: int = 0, device="cpu") -> IndexedBatches:
+    """A batch source from a ``--data`` string.
+
+    Args:
+        spec: ``"tiny-sd-digits"``, ``"folder:PATH"``, ``"prompts:FILE"``, or None for the model's
+            built-in data (tiny-sd's digits for ``model_name == "tiny-sd"``).
+        model_name: the model's name (``bfq.models.ResolvedModel.name``).
+        pipeline_dir: the pipeline whose VAE/text encoder encode folder and prompt data.
+
+    Raises:
+        ValueError: an unknown spec, or a spec that needs a pipeline directory the model lacks.
+    """
+    if spec is None:
+        if model_name != "tiny-sd":
+            raise ValueError(
+                f"no built-in training data for {model_name or 'this model'}: give data as "
+                "folder:PATH (images + .txt captions) or prompts:FILE (one prompt a line)"
+            )
+        spec = "tiny-sd-digits"
+    if spec == "tiny-sd-digits":
+        return tinysd_digits(pipeline_dir if model_name != "tiny-sd" else None, batch_size=batch_size, seed=seed)
+    kind, _, arg = spec.partition(":")
+    if kind not in ("folder", "prompts") or not arg:
+        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}, got {spec!r}")
+    if pipeline_dir is None:
+        raise ValueError(
+            f"data {spec!r} needs the model's VAE and text encoder: give a diffusers pipeline directory "
+            "(model_index.json + unet/ vae/ text_encoder/ tokenizer/) as the model"
+        )
+    if kind == "folder":
+        return image_caption_folder(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device)
+    return prompt_batches(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device)
