@@ -154,9 +154,12 @@ def explain(exc: BaseException) -> str:
         return f"cannot connect to {endpoint}" + (f" ({why})" if why else "")
     if first(httpx2.TimeoutException) is not None:
         return f"timed out talking to {endpoint}"
-    transport = first(httpx2.TransportError) or first(ConnectionError)
+    transport = first(httpx2.TransportError)
     if transport is not None:
         return f"the connection to {endpoint} was interrupted ({type(transport).__name__})"
+    connection = first(ConnectionError)  # e.g. from hf_xet, which does its own HTTP
+    if connection is not None:
+        return f"transfer failed ({_first_line(str(connection))})"
     if first(LocalEntryNotFoundError) is not None:
         return "not in the local Hugging Face cache, and the Hub could not be reached"
     validation = first(HFValidationError)
@@ -310,10 +313,14 @@ def base_model_info(source: dict | None, *, token: str | bool | None = None, loo
 def _hub_license(repo: str, revision: str | None, token) -> dict:
     from huggingface_hub import HfApi
 
-    try:
-        card = HfApi(token=token).model_info(repo, revision=revision).card_data
-    except Exception:
-        return {}
+    api = HfApi(token=token)
+    card = None
+    for rev in dict.fromkeys([revision, None]):  # the pinned revision, else the default branch
+        try:
+            card = api.model_info(repo, revision=rev).card_data
+            break
+        except Exception:
+            continue
     if card is None or not card.get("license"):
         return {}
     out = {"license": card.get("license")}
@@ -587,6 +594,8 @@ def push(
     if not filename.endswith(".bfq"):
         raise HubError(f"the file's name in the repo must end in .bfq (got {filename!r})")
     branch = revision if revision and revision != "main" else None
+    if branch and (re.fullmatch(r"[0-9a-fA-F]{40}", branch) or branch.startswith("refs/")):
+        raise HubError(f"--revision {branch!r}: push needs a branch name (a commit or ref cannot be pushed to)")
     _check_file(path)
     token = token or get_token()
     if not token:

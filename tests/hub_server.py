@@ -702,7 +702,9 @@ def point_client_at(monkeypatch, endpoint: str, home, *, offline: bool = False, 
         "HF_HUB_DISABLE_XET": disable_xet,
     }.items():
         monkeypatch.setattr(constants, name, value)
-    if no_retry_sleep:
+    if no_retry_sleep:  # the request backoff (utils._http) and the download resume (file_download) sleep
+        from huggingface_hub import file_download
         from huggingface_hub.utils import _http
 
-        monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+        for module in (_http, file_download):
+            monkeypatch.setattr(module, "time", types.SimpleNamespace(sleep=lambda seconds: None))
