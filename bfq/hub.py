@@ -100,43 +100,62 @@ def _scrub(text: str, token: str | None) -> str:
     if token:
         text = text.replace(token, "***")
     text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    text = re.sub(r"\bhf_[A-Za-z0-9]{8,}\b", "hf_***", text)
+    text = re.sub(r"\bhf_[A-Za-z0-9]{30,}\b", "hf_***", text)  # the shape of Hugging Face tokens
     return " ".join(text.split())
+
+
+def _named(exc: BaseException, *names: str, module: str = "") -> bool:
+    """Whether `exc` is an instance of a class called one of `names` (from `module`): classifies
+    httpx2 / httpx / requests errors without importing whichever transport huggingface_hub uses."""
+    return any(c.__name__ in names and c.__module__.startswith(module) for c in type(exc).__mro__)
+
+
+def _is_connect(e) -> bool:
+    return _named(e, "ConnectError") or _named(e, "ConnectionError", module="requests")
+
+
+def _is_timeout(e) -> bool:
+    return _named(e, "TimeoutException", "Timeout")
+
+
+def _is_transport(e) -> bool:
+    return _named(e, "TransportError") or _named(e, "RequestException", module="requests")
+
+
+def _hf_errors():
+    from huggingface_hub import errors
+
+    remote = getattr(errors, "RemoteEntryNotFoundError", None) or errors.EntryNotFoundError  # 1.x / 0.x
+    return errors, remote
 
 
 def explain(exc: BaseException) -> str:
     """Why a huggingface_hub / HTTP call failed, as a short phrase (no token, one line)."""
-    import httpx2
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
+    errors, remote_entry_not_found = _hf_errors()
     chain = _chain(exc)
 
-    def first(kind):
-        return next((e for e in chain if isinstance(e, kind)), None)
+    def first(test):
+        return next((e for e in chain if test(e)), None)
+
+    def of(kind):
+        return lambda e: isinstance(e, kind)
 
     endpoint = _endpoint()
-    if first(OfflineModeIsEnabled) is not None:
+    if first(of(errors.OfflineModeIsEnabled)) is not None:
         return "offline mode is on (HF_HUB_OFFLINE=1)"
-    http = first(HfHubHTTPError)
+    http = first(of(errors.HfHubHTTPError))
     if http is not None:
-        status = http.response.status_code if getattr(http, "response", None) is not None else None
-        detail = _first_line(http.server_message or "") if getattr(http, "server_message", None) else ""
+        response = getattr(http, "response", None)
+        status = response.status_code if response is not None else None
+        detail = _first_line(getattr(http, "server_message", None) or "")
         detail = f": {detail}" if detail else ""
-        if isinstance(http, RevisionNotFoundError):
+        if isinstance(http, errors.RevisionNotFoundError):
             return f"revision not found (HTTP {status})"
-        if isinstance(http, RemoteEntryNotFoundError):
+        if isinstance(http, remote_entry_not_found):
             return f"file not found in the repo (HTTP {status})"
         if status == 401 and "credentials" in detail.lower():
             return f"authentication failed (HTTP 401{detail}): log in again with `hf auth login` or set HF_TOKEN"
-        if isinstance(http, RepositoryNotFoundError):
+        if isinstance(http, errors.RepositoryNotFoundError):
             return (
                 f"repository not found (HTTP {status}); if it is private, check that your token "
                 "(HF_TOKEN or `hf auth login`) can read it"
@@ -148,21 +167,21 @@ def explain(exc: BaseException) -> str:
         if status is not None and status >= 500:
             return f"the Hub answered HTTP {status} (server error{detail}); try again later"
         return f"the Hub answered HTTP {status}{detail or ': ' + _first_line(str(http))}"
-    connect = first(httpx2.ConnectError)
+    connect = first(_is_connect)
     if connect is not None:
         why = _first_line(str(connect))
         return f"cannot connect to {endpoint}" + (f" ({why})" if why else "")
-    if first(httpx2.TimeoutException) is not None:
+    if first(_is_timeout) is not None:
         return f"timed out talking to {endpoint}"
-    transport = first(httpx2.TransportError)
+    transport = first(_is_transport)
     if transport is not None:
         return f"the connection to {endpoint} was interrupted ({type(transport).__name__})"
-    connection = first(ConnectionError)  # e.g. from hf_xet, which does its own HTTP
+    connection = first(of(ConnectionError))  # e.g. from hf_xet, which does its own HTTP
     if connection is not None:
         return f"transfer failed ({_first_line(str(connection))})"
-    if first(LocalEntryNotFoundError) is not None:
+    if first(of(errors.LocalEntryNotFoundError)) is not None:
         return "not in the local Hugging Face cache, and the Hub could not be reached"
-    validation = first(HFValidationError)
+    validation = first(of(getattr(errors, "HFValidationError", ValueError)))
     if validation is not None:
         return _first_line(str(validation))
     if isinstance(exc, ValueError):
@@ -172,21 +191,29 @@ def explain(exc: BaseException) -> str:
 
 def _fail(kind: type[HubError], what: str, exc: BaseException, token: str | None, after: str = "") -> HubError:
     message = f"{what}: {explain(exc)}" + (f"; {after}" if after else "")
-    if "xet" in str(exc).lower() or any("xet" in str(e).lower() for e in _chain(exc)):
+    if _endpoint() != "https://huggingface.co" and any("xet" in str(e).lower() for e in _chain(exc)):
         message += " (if this endpoint does not support Xet storage, set HF_HUB_DISABLE_XET=1)"
-    return kind(_scrub(message, token))
+    return kind(_scrub(message, token or _current_token()))
+
+
+def _current_token() -> str | None:
+    """The token huggingface_hub would send (to scrub it from messages); None if unavailable."""
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:
+        return None
 
 
 def _is_unreachable(exc: BaseException) -> bool:
     """Offline, no connection, or a server error: cases where the local cache may still answer."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
+    errors, _ = _hf_errors()
     for e in _chain(exc):
-        if isinstance(e, (OfflineModeIsEnabled, httpx2.TransportError)):
-            return True
-        if isinstance(e, HfHubHTTPError):
+        if isinstance(e, errors.HfHubHTTPError):  # before the transport test: in 0.x it is a requests error
             return e.response is not None and e.response.status_code >= 500
+        if isinstance(e, ConnectionError) or _is_transport(e):  # OfflineModeIsEnabled is a ConnectionError
+            return True
     return False
 
 
@@ -219,9 +246,9 @@ def download_bfq(spec: str, *, revision: str | None = None) -> str:
 
 
 def _offline() -> bool:
-    from huggingface_hub import is_offline_mode
+    from huggingface_hub import constants
 
-    return is_offline_mode()
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _single_bfq(repo: str, revision: str | None) -> str:
@@ -235,10 +262,9 @@ def _single_bfq(repo: str, revision: str | None) -> str:
         files = _cached_bfq_files(repo, revision)
         if files is None:
             where = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc)
-            raise HubDownloadError(
-                _scrub(f"cannot get {repo}{' (revision ' + revision + ')' if revision else ''}: {where}, and it is not "
-                       "in the local Hugging Face cache; fetch it once online", None)  # fmt: skip
-            ) from None
+            at = f" (revision {revision})" if revision else ""
+            message = f"cannot get {repo}{at}: {where}, and it is not in the local Hugging Face cache; fetch it once online"
+            raise HubDownloadError(_scrub(message, _current_token())) from None
     if len(files) != 1:
         found = ", ".join(files) if files else "none"
         raise BfqFormatError(f"{repo}: expected exactly one .bfq file (found {found}); name it as {repo}/FILE.bfq")
@@ -366,7 +392,6 @@ def model_card(
     """
     import yaml
 
-    from bfq import __version__
     from bfq.inspect import summarize
 
     path = Path(path)
@@ -420,13 +445,11 @@ def model_card(
         f"The UNet of {quantized_from} quantized to **{avg:.2f} bits per weight** with "
         "bfq (BitsFusion, Sui et al., NeurIPS 2024), stored in "
         f"`{filename}`: a checksummed, memory-mappable `.bfq` container "
-        f"({_fmt_bytes(summary['file_bytes'])}). Written by {summary['producer']}; card by bfq {__version__}.",
+        f"({_fmt_bytes(summary['file_bytes'])}), written by {summary['producer']}.",
         "",
         "## Use it",
         "",
-        "```bash",
-        "pip install bfq",
-        "```",
+        "With the `bfq` Python package (plus torch and diffusers) installed:",
         "",
         "```python",
         "import bfq",

@@ -29,6 +29,9 @@ from bfq_cli.main import main
 from tests.helpers import tiny_unet
 from tests.hub_server import FakeHub, free_port, point_client_at
 
+# huggingface_hub itself passes file objects as `data=` to httpx2, which warns
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
 TOKEN = "hf_TestTokenMustNeverLeak0123456789"
 BASE_REPO = "base/tiny-unet"
 BASE_CARD = b"---\nlicense: creativeml-openrail-m\ntags:\n- stable-diffusion\n---\n# a base model\n"
@@ -414,7 +417,8 @@ def test_token_never_in_output_logs_or_files(hub, models, tmp_path, monkeypatch,
 
 def test_error_text_is_scrubbed_of_the_token():
     assert TOKEN not in bfq_hub._scrub(f"server said: bad header 'Bearer {TOKEN}'\nsecond line", TOKEN)
-    assert bfq_hub._scrub(f"token={TOKEN} and hf_SomethingElse123456", None) == "token=hf_*** and hf_***"
+    other = "hf_" + "AbCdEfGh12" * 3 + "xyzw"  # the shape of a real token (hf_ + 34 letters and digits)
+    assert bfq_hub._scrub(f"token={TOKEN} and {other}, repo hf_user/x", None) == "token=hf_*** and hf_***, repo hf_user/x"
 
 
 def test_repo_id_parsing():
