@@ -373,6 +373,7 @@ def model_card(
     preview: dict | None = None,
     base: dict | None = None,
     token: str | bool | None = None,
+    summary: dict | None = None,
 ) -> str:
     """The README.md (model card) for a .bfq file as it will sit in `repo_id`.
 
@@ -389,13 +390,14 @@ def model_card(
         name_file: whether the snippet names the file ("user/name/file.bfq"), needed when the
             repo holds more than one .bfq.
         base: `base_model_info(...)` result; default: computed (may read the base's card).
+        summary: `bfq.inspect.summarize(path)`, when already at hand.
     """
     import yaml
 
     from bfq.inspect import summarize
 
     path = Path(path)
-    summary = summarize(path)
+    summary = summary or summarize(path)
     filename = filename or path.name
     repo_id = repo_id or "USER/NAME"
     base = base if base is not None else base_model_info(summary["model"]["source"], token=token)
@@ -604,6 +606,8 @@ def push(
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.hf_api import RepoFile
 
+    from bfq.inspect import summarize
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -620,6 +624,7 @@ def push(
     if branch and (re.fullmatch(r"[0-9a-fA-F]{40}", branch) or branch.startswith("refs/")):
         raise HubError(f"--revision {branch!r}: push needs a branch name (a commit or ref cannot be pushed to)")
     _check_file(path)
+    summary = summarize(path)
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN (a token with write access)")
@@ -644,8 +649,9 @@ def push(
 
     other_bfq = sorted(p for p in remote if p.endswith(".bfq") and p != filename)
     name_file = bool(other_bfq) or "/" in filename
-    base = base_model_info(_source(path), token=token)
-    card = model_card(path, repo_id=repo, filename=filename, revision=branch, name_file=name_file, preview=preview_info, base=base).encode()
+    base = base_model_info(summary["model"]["source"], token=token)
+    card = model_card(path, repo_id=repo, filename=filename, revision=branch, name_file=name_file, preview=preview_info,
+                      base=base, summary=summary).encode()  # fmt: skip
 
     wanted = [(filename, None, local_sha, path.stat().st_size), (CARD_FILE, card, None, len(card))]
     if preview_png is not None:
@@ -679,7 +685,7 @@ def push(
     except Exception as exc:
         raise _fail(HubError, f"push to {where}: upload of {', '.join(u['path'] for u in uploaded)} failed", exc, token,
                     "nothing was committed") from None  # fmt: skip
-    message = commit_message or f"bfq push: {filename} ({summary_bits(path):.2f} bits per weight)"
+    message = commit_message or f"bfq push: {filename} ({summary['avg_bits']:.2f} bits per weight)"
     try:
         info = api.create_commit(repo, operations=ops, commit_message=message, revision=revision)
     except Exception as exc:
@@ -699,19 +705,6 @@ def _http_status(exc: BaseException) -> int | None:
         if isinstance(e, HfHubHTTPError) and e.response is not None:
             return e.response.status_code
     return None
-
-
-def _source(path: Path) -> dict | None:
-    from bfq.container import open_bfq
-
-    with open_bfq(path) as f:
-        return f.header.model.get("source")
-
-
-def summary_bits(path: str | os.PathLike) -> float:
-    from bfq.inspect import summarize
-
-    return summarize(path)["avg_bits"]
 
 
 __all__ = [
