@@ -57,8 +57,8 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
         "n_tensors": len(header.tensors),
         "quantized_weights": quantized_weights,
         "n_weights_total": n_weights_total,
-        "avg_bits": (ideal_bits + 16 * n_time_features) / n_weights_total,
-        "bits_on_disk": 8 * (layer_bytes + cache_bytes) / n_weights_total,
+        "avg_bits": (ideal_bits + 16 * n_time_features) / n_weights_total if n_weights_total else None,
+        "bits_on_disk": 8 * (layer_bytes + cache_bytes) / n_weights_total if n_weights_total else None,
         "bytes": {"layers": layer_bytes, "dense": dense_bytes, "time_cache": cache_bytes},
         "fp16_bytes": fp16_bytes,
         "ratio_vs_fp16": fp16_bytes / bfq.file_bytes if fp16_bytes else None,
@@ -91,9 +91,12 @@ def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
         "",
         "bits        " + "  ".join(f"{b}-bit: {n}" for b, n in layer_bits_histogram(summary).items()),
         f"layers      {summary['n_layers']} quantized ({summary['quantized_weights']:,} weights), {summary['n_tensors']} dense tensors",
-        f"avg bits    {summary['avg_bits']:.4f}  (paper's accounting over N_w = {summary['n_weights_total']:,} weights)",
-        f"on disk     {summary['bits_on_disk']:.4f} bits/weight for codes + scales + time cache",
     ]
+    if summary["avg_bits"] is not None:
+        lines += [
+            f"avg bits    {summary['avg_bits']:.4f}  (paper's accounting over N_w = {summary['n_weights_total']:,} weights)",
+            f"on disk     {summary['bits_on_disk']:.4f} bits/weight for codes + scales + time cache",
+        ]
     if summary["ratio_vs_fp16"]:
         lines.append(f"vs fp16     {summary['fp16_bytes'] / 1e6:.1f} MB -> {summary['file_bytes'] / 1e6:.1f} MB ({summary['ratio_vs_fp16']:.2f}x smaller)")
     return "\n".join(lines)

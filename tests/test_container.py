@@ -178,3 +178,13 @@ def test_decode_layers_in_threads_equals_decode_layer(tmp_path):
             f.decode_layers(outs, dtype, threads=2)
             for name, out in outs.items():
                 assert np.array_equal(out, f.decode_layer(name, dtype)), (name, dtype)
+
+
+def test_inspect_file_without_layers():
+    from pathlib import Path
+
+    from bfq.inspect import format_summary, summarize
+
+    summary = summarize(Path(__file__).resolve().parents[1] / "spec/vectors/dense.bfq")
+    assert summary["n_layers"] == 0 and summary["avg_bits"] is None
+    assert "dense tensors" in format_summary(summary)
