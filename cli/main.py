@@ -107,6 +107,8 @@ def _register_optional_commands():
         ("bfq_cli.quantize_cmd", "quantize_cmd"),
         ("bfq_cli.generate_cmd", "generate_cmd"),
         ("bfq_cli.eval_cmd", "eval_cmd"),
+        ("bfq_cli.analyze_cmd", "analyze_cmd"),
+        ("bfq_cli.allocate_cmd", "allocate_cmd"),
         ("bfq_cli.finetune_cmd", "finetune_cmd"),
         ("bfq_cli.push_cmd", "push_cmd"),
     ):

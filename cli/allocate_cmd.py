@@ -1,0 +1,119 @@
+"""`bfq allocate`: bits per layer for an exact budget, from a sensitivity analysis."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+METHOD_HELP = (
+    "paper: BitsFusion Alg. 1 (size-aware score, threshold bisected to the budget, alignment refinement); "
+    "optimal: least summed measured error within the budget (knapsack DP); size-only: bits by layer size alone."
+)
+
+
+@click.command("allocate")
+@click.argument("sensitivity", type=click.Path(exists=True, dir_okay=False))
+@click.option("--bits", "budget", type=float, required=True, help="Average bits per weight by the paper's accounting, e.g. 1.99 (never exceeded).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Recipe JSON to write (for `bfq quantize --recipe`).")
+@click.option("--method", type=click.Choice(["paper", "optimal", "size-only"]), default="paper", show_default=True, help=METHOD_HELP)
+@click.option("--eta", type=click.FloatRange(0), default=0.3, show_default=True, help="Size factor of S = M * N^-eta (paper and size-only).")
+@click.option("--no-refine", is_flag=True, help="Paper method: skip the +1/+1/+1-bit alignment refinement.")
+@click.option("--metric", default="mse", show_default=True, help="Error metric the allocation uses (paper and optimal).")
+@click.option("--n-time-features", type=click.IntRange(0), default=None, help="N_tf of the accounting (default: the analysis's; set it when exporting with another --steps).")
+@click.option("--model", default=None, help="Check that the analysis was made for MODEL (same layers and weights).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Plot bits per layer across the UNet here (PNG).")
+@click.option("--compare", is_flag=True, help="Also report the other methods at the same budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print the allocation summary as JSON.")
+def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_time_features, model, plot, compare, as_json):
+    """Choose bits per layer so the average bits meet BITS without exceeding it.
+
+    The average reported is the paper's accounting, the number `bfq inspect` reports for a file
+    exported with the recipe (same N_w, same N_tf). Nothing is written when the budget cannot be met.
+
+    \b
+    Examples:
+      bfq allocate sens.json --bits 1.99 -o recipe.json --plot bits.png
+      bfq allocate sens.json --bits 1.99 --method optimal --compare
+      bfq quantize tiny-sd --recipe recipe.json -o tiny.bfq
+    """
+    from bfq.allocate import allocate, check_model, load_sensitivity, plot_allocation
+
+    sens = load_sensitivity(sensitivity)
+    if model is not None:
+        from bfq.analyze import model_fingerprint
+        from bfq.models import resolve_model
+
+        resolved = resolve_model(model)
+        check_model(sens, model_fingerprint(resolved.unet, resolved.source), where=f"sensitivity file {sensitivity}")
+
+    def run(m):
+        kwargs = {"n_time_features": n_time_features}
+        if m in ("paper", "size-only"):
+            kwargs["eta"] = eta
+        if m in ("paper", "optimal"):
+            kwargs["metric"] = metric
+        if m == "paper" and no_refine:
+            kwargs["align_metric"] = None
+        return allocate(sens, budget, m, **kwargs)
+
+    alloc = run(method)
+    others = []
+    if compare:
+        from bfq.allocate import SensitivityError
+
+        for m in ("paper", "optimal", "size-only"):
+            if m != method:
+                try:
+                    others.append(run(m))
+                except SensitivityError as e:
+                    others.append((m, str(e)))
+    if out is not None:
+        alloc.save(out)
+    if plot is not None:
+        plot_allocation(alloc, plot)
+    if as_json:
+        summary = alloc.summary()
+        if compare:
+            summary["compare"] = [o.summary() if not isinstance(o, tuple) else {"method": o[0], "error": o[1]} for o in others]
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(_report(alloc))
+        for o in others:
+            if isinstance(o, tuple):
+                click.echo(f"compare     {o[0]:<9}  cannot meet the budget: {o[1]}")
+            else:
+                click.echo(f"compare     {_one_line(o)}")
+    if out is not None and not as_json:
+        click.echo(f"wrote       {out}")
+    if plot is not None and not as_json:
+        click.echo(f"plot        {plot}")
+
+
+def _one_line(a) -> str:
+    err = "n/a (bit-widths above those analysed)" if a.predicted_error is None else f"{a.predicted_error:.6g}"
+    return f"{a.method:<9}  {a.avg_bits:.6f} bits  summed {a.details['metric']} {err}  layers by bits {a.summary()['layers_by_bits']}"
+
+
+def _report(a) -> str:
+    s = a.summary()
+    d = a.details
+    fixed = sum(1 for n in a.bits if n in ("conv_in.weight", "conv_out.weight"))
+    lines = [
+        f"recipe      {a.name}  ({a.method} allocation, {a.levels} levels, time cache {a.time_cache})",
+        f"avg bits    {a.avg_bits:.6f} by the paper's accounting (budget {a.budget:g}; N_w {a.n_weights_total:,}, "
+        f"N_tf {a.n_time_features:,}): what `bfq inspect` reports for the exported file",
+        f"layers      {s['n_layers']} ({fixed} fixed at 8 bits); by bits: "
+        + ", ".join(f"{b}-bit {n}" for b, n in s["layers_by_bits"].items()),
+    ]
+    if a.method in ("paper", "size-only"):
+        extra = f", refinement by {d['align_metric']} on {d['refined_layers']} layers" if d.get("align_metric") else ""
+        lines.append(f"threshold   S_o = {d['threshold']:.6g} (eta {d['eta']:g}, {d['bisection_steps']} bisection steps{extra})")
+    if a.method == "optimal":
+        lines.append(f"optimality  summed {d['metric']} {d['objective']:.6g}; Lagrangian lower bound {d['lower_bound']:.6g} "
+                     f"(gap {100 * d['relative_gap']:.2f}%)")  # fmt: skip
+    elif a.predicted_error is not None:
+        lines.append(f"predicted   summed {d['metric']} {a.predicted_error:.6g}")
+    if d.get("note"):
+        lines.append(f"note        {d['note']}")
+    return "\n".join(lines)
