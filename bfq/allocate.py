@@ -759,12 +759,12 @@ def plot_allocation(alloc: Allocation | Mapping, path, *, title: str | None = No
     ax2.set_xlabel("layers in UNet order (down → mid → up)")
     used = [k for k in KIND_COLORS if k in set(kinds)]
     handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS[k]) for k in used]
-    ax.legend(handles, used, ncol=min(5, len(used)), fontsize=7, loc="upper left", bbox_to_anchor=(0, 0.93), frameon=False)
+    fig.legend(handles, used, ncol=len(used), fontsize=7, loc="lower center", frameon=False, handlelength=1.0)
     if title is None and isinstance(alloc, Allocation):
         title = f"{alloc.name}: {alloc.avg_bits:.4f} average bits ({alloc.method} allocation)"
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
