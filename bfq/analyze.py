@@ -220,7 +220,7 @@ def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[in
                         ("finetune_batch", finetune_batch, 1), ("init_iters", init_iters, 0)):  # fmt: skip
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise SensitivityError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if n_timesteps > steps:
+    if mode == "proxy" and n_timesteps > steps:
         raise SensitivityError(f"n_timesteps ({n_timesteps}) cannot exceed the sampler steps ({steps})")
     tiny = _is_tinysd(base_dir, source)
     if n_prompts is None:
