@@ -842,18 +842,19 @@ def plot_timestep_errors(table: Mapping, path, *, title: str | None = None) -> P
     import matplotlib.pyplot as plt
 
     t = table["timesteps"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(t, table["latent_err"], "o-", color="#c44e52", label="latent error (1−ᾱ)/ᾱ·‖ε̂_fp−ε̂_q‖²")
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.0), sharex=True)
+    ax.plot(t, table["latent_err"], "o-", color="#c44e52")
     ax.set_yscale("log")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("latent error", color="#c44e52")
-    ax2 = ax.twinx()
-    ax2.plot(t, table["eps_mse"], "s--", color="#4c72b0", label="noise error ‖ε̂_fp−ε̂_q‖²")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("noise-prediction MSE", color="#4c72b0")
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
+    ax.set_ylabel("x0 error\n(1-abar_t)/abar_t * MSE")
     ax.set_title(title or "quantization error per timestep", fontsize=10)
+    ax2.plot(t, table["eps_mse"], "s-", color="#4c72b0")
+    positive = [v for v in table["eps_mse"] if v > 0]
+    if positive and max(positive) / min(positive) > 10:
+        ax2.set_yscale("log")
+    ax2.set_ylabel("noise-prediction MSE\n|eps_fp - eps_q|^2")
+    ax2.set_xlabel("timestep t")
+    for a in (ax, ax2):
+        a.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
