@@ -721,11 +721,20 @@ def unet_order(names) -> list[str]:
     return [n for _, n in sorted(enumerate(names), key=key)]
 
 
+def require_matplotlib():
+    """Import matplotlib with the Agg backend, or raise ImportError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'bfq[plot]' (or pip install matplotlib)") from None
+    return matplotlib
+
+
 def plot_allocation(alloc: Allocation | Mapping, path, *, title: str | None = None) -> Path:
     """Bits per layer across the UNet (down, mid, up), coloured by layer type, with log10 layer
     sizes underneath: the paper's App. H table as a picture. ``alloc`` may be an :class:`Allocation`
     or ``{"bits": {...}, "n_weights": {...}}``. Needs matplotlib."""
-    import matplotlib
+    matplotlib = require_matplotlib()
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -836,7 +836,9 @@ def format_timestep_table(table: Mapping) -> str:
 
 def plot_timestep_errors(table: Mapping, path, *, title: str | None = None) -> Path:
     """Log-scale plot of ``eps_mse`` and ``latent_err`` against t (the paper's Fig. 4). Needs matplotlib."""
-    import matplotlib
+    from bfq.allocate import require_matplotlib
+
+    matplotlib = require_matplotlib()
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

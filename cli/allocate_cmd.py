@@ -37,8 +37,13 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
       bfq allocate sens.json --bits 1.99 --method optimal --compare
       bfq quantize tiny-sd --recipe recipe.json -o tiny.bfq
     """
-    from bfq.allocate import allocate, check_model, load_sensitivity, plot_allocation
+    from bfq.allocate import allocate, check_model, load_sensitivity, plot_allocation, require_matplotlib
 
+    if plot is not None:
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise click.ClickException(str(e)) from None
     sens = load_sensitivity(sensitivity)
     if model is not None:
         from bfq.analyze import model_fingerprint

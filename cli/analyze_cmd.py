@@ -65,6 +65,13 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
     """
     if out is None and timestep_plot is None and timestep_table is None:
         raise click.UsageError("give -o SENS.json, --timestep-plot PNG or --timestep-table JSON")
+    if timestep_plot is not None:
+        from bfq.allocate import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise click.ClickException(str(e)) from None
     import torch
 
     from bfq.analyze import analyze, format_sensitivity, format_timestep_table

@@ -3,6 +3,7 @@ the size-only baseline, on synthetic sensitivity files checked against brute for
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -301,6 +302,7 @@ def test_import_is_torch_free():
 
 
 def test_cli_allocate_writes_recipe_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
     from bfq.recipe import Recipe
     from bfq_cli.main import main
 
@@ -333,12 +335,13 @@ def test_cli_allocate_bad_input_writes_nothing(tmp_path):
     bad.write_text(json.dumps(sens))  # json writes NaN; the reader must refuse it
     runner = CliRunner()
     out = tmp_path / "r.json"
+    plot = ["--plot", str(tmp_path / "p.png")] if importlib.util.find_spec("matplotlib") else []
     for args, message in (
         ([str(good), "--bits", "0.5"], "below what all-1-bit reaches"),
         ([str(good), "--bits", "9"], "above what all-8-bit reaches"),
         ([str(bad), "--bits", "3"], "non-finite"),
     ):
-        r = runner.invoke(main, ["allocate", *args, "-o", str(out), "--plot", str(tmp_path / "p.png")])
+        r = runner.invoke(main, ["allocate", *args, "-o", str(out), *plot])
         assert r.exit_code == 2 and message in r.output, r.output
         assert r.output.startswith("bfq: error: SensitivityError")
         assert not out.exists() and not (tmp_path / "p.png").exists()

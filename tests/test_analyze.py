@@ -5,6 +5,7 @@ error analysis, CLI, and the path `bfq quantize --bits` takes (recipe_for_budget
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -217,6 +218,7 @@ def test_timestep_errors_table_and_plot(unet, tmp_path):
     # the x0-error weighting (1-abar)/abar grows with t
     assert table["latent_err"][-1] / table["eps_mse"][-1] > table["latent_err"][0] / table["eps_mse"][0]
     assert "latent_err" in an.format_timestep_table(table)
+    pytest.importorskip("matplotlib")
     png = an.plot_timestep_errors(table, tmp_path / "t.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -251,11 +253,12 @@ def test_cli_analyze_allocate_quantize_inspect_agree(small_pipeline, pipe_cache,
     runner = CliRunner()
     sens = tmp_path / "sens.json"
     sens.write_text(pipe_cache[2].read_text())  # same settings as the CLI call below: it resumes a finished file
+    plot = ["--timestep-plot", str(tmp_path / "t.png")] if importlib.util.find_spec("matplotlib") else []
     r = runner.invoke(main, ["analyze", str(small_pipeline), "-o", str(sens), "--bits", "1,2", "--prompts", "2",
                              "--steps", "3", "--timesteps", "2", "--cache-steps", "10", "--quiet",
-                             "--timestep-plot", str(tmp_path / "t.png"), "--timestep-table", str(tmp_path / "t.json")])  # fmt: skip
+                             "--timestep-table", str(tmp_path / "t.json"), *plot])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "entries     142/142 (complete)" in r.output and (tmp_path / "t.png").is_file()
+    assert "entries     142/142 (complete)" in r.output and (tmp_path / "t.png").is_file() == bool(plot)
     assert load_sensitivity(sens)["accounting"]["cache_steps"] == 10
     assert json.loads((tmp_path / "t.json").read_text())["recipe"] == "uniform-2"
     for method in ("paper", "optimal", "size-only"):
