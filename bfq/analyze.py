@@ -139,7 +139,7 @@ def model_fingerprint(unet: nn.Module, source: Mapping | None = None) -> dict:
             w = weights[n]
             if w.device.type == "meta":
                 raise SensitivityError("cannot fingerprint a meta-device model (no weights)")
-            h.update(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            h.update(memoryview(w.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
     weights_sha = h.hexdigest()
     return {
         "fingerprint": hashlib.sha256(f"{layers_sha}:{weights_sha}".encode()).hexdigest(),
@@ -345,7 +345,9 @@ class _Context:
         self.unet, self.s, self.base_dir, self.device, self.bs = unet, settings, base_dir, device, batch_size
         cfg = unet.config
         self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.cond, self.uncond = self._conditioning()
+        self.dtype = next(unet.parameters()).dtype
+        cond, uncond = self._conditioning()
+        self.cond, self.uncond = cond.to(self.dtype), uncond.to(self.dtype)
 
     def _conditioning(self):
         s = self.s
@@ -376,7 +378,7 @@ class _Context:
 
     def initial_noise(self, offset: int = 0) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.s["seed"] + offset)
-        return torch.randn(self.s["n_prompts"], *self.shape, generator=g).to(self.device)
+        return torch.randn(self.s["n_prompts"], *self.shape, generator=g).to(self.device, self.dtype)
 
     # ---- proxy mode: fixed (x_t, t, embedding) set
     def build_proxy(self):
@@ -427,7 +429,7 @@ class _Context:
         out = []
         sf = self.vae.config.scaling_factor
         for i in range(0, lat.shape[0], self.bs):
-            img = self.vae.decode(lat[i : i + self.bs] / sf).sample
+            img = self.vae.decode((lat[i : i + self.bs] / sf).to(self.vae.dtype)).sample
             out.append((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
