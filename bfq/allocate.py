@@ -798,6 +798,24 @@ def _settings_key(settings: Mapping) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def analysis_cache_path(unet, *, resolved=None, time_cache: str = "scheduler", levels: str | None = None,
+                        cache_dir=None, mode: str = "proxy", analysis_options: Mapping | None = None,
+                        fingerprint: Mapping | None = None) -> Path:  # fmt: skip
+    """Where :func:`recipe_for_budget` keeps (and looks for) the analysis of ``unet`` with these
+    settings: ``<cache_dir>/sensitivity-<fingerprint[:16]>-<settings hash>.json``. ``path.is_file()``
+    tells whether ``--bits`` will reuse an analysis or run one (imports torch)."""
+    from bfq import analyze as an
+
+    source = getattr(resolved, "source", None)
+    fp = fingerprint or an.model_fingerprint(unet, source=source)
+    settings = an.analysis_settings(unet, mode=mode, levels=levels or "balanced", time_cache=time_cache,
+                                    scheduler=getattr(resolved, "scheduler", None),
+                                    base_dir=getattr(resolved, "base_dir", None), source=source,
+                                    **dict(analysis_options or {}))  # fmt: skip
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache / f"sensitivity-{fp['fingerprint'][:16]}-{_settings_key(settings)}.json"
+
+
 def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "paper", resolved=None,
                       time_cache: str = "scheduler", n_time_features: int, levels: str | None = None,
                       time_proj_bits: int | None = None, cache_dir=None, mode: str = "proxy",
@@ -849,10 +867,8 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "p
         opts = dict(analysis_options or {})
         scheduler = getattr(resolved, "scheduler", None)
         base_dir = getattr(resolved, "base_dir", None)
-        settings = an.analysis_settings(unet, mode=mode, levels=levels, time_cache=time_cache, scheduler=scheduler,
-                                        base_dir=base_dir, source=source, **opts)  # fmt: skip
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = cache / f"sensitivity-{fp['fingerprint'][:16]}-{_settings_key(settings)}.json"
+        path = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels, cache_dir=cache_dir,
+                                   mode=mode, analysis_options=opts, fingerprint=fp)  # fmt: skip
         sens = an.analyze(unet, out=path, mode=mode, levels=levels, time_cache=time_cache, scheduler=scheduler,
                           base_dir=base_dir, source=source, n_time_features=n_time_features, progress=progress,
                           **opts)  # fmt: skip

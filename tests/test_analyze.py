@@ -236,6 +236,9 @@ def pipe_cache(small_pipeline, tmp_path_factory):
     recipe, why = recipe_for_budget(r.unet, 4.0, resolved=r, n_time_features=1234, cache_dir=cache,
                                     analysis_options=PIPE_OPTS, progress=False)  # fmt: skip
     (path,) = cache.glob("sensitivity-*.json")
+    from bfq.allocate import analysis_cache_path
+
+    assert analysis_cache_path(r.unet, resolved=r, cache_dir=cache, analysis_options=PIPE_OPTS) == path
     return r, cache, path, recipe, why
 
 
