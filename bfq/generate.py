@@ -73,6 +73,8 @@ def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_i
     for prompt in prompts:
         result = pipe([prompt] * num_images, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
         rows.append(result.images)
+    zoom = max(1, 128 // rows[0][0].size[0])  # small models (tiny-sd: 16 px) are enlarged to be seen
+    rows = [[image.resize((image.width * zoom, image.height * zoom), Image.NEAREST) for image in images] for images in rows]
     w, h = rows[0][0].size
     grid = Image.new("RGB", (w * num_images, h * len(rows)))
     for r, images in enumerate(rows):
