@@ -33,38 +33,38 @@ class QuantizeResult:
 
 
 def pick_recipe(
-    unet, *, bits: float | None, recipe: str | None, time_cache: str, levels: str | None, time_proj_bits: int | None, n_time_features: int
+    unet,
+    *,
+    bits: float | None,
+    recipe: str | None,
+    time_cache: str,
+    levels: str | None,
+    time_proj_bits: int | None,
+    n_time_features: int,
+    resolved: models.ResolvedModel | None = None,
+    allocator: str = "paper",
+    sensitivity: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
-    `--recipe` wins. For `--bits B` (until sensitivity analysis lands): the paper's
-    `bitsfusion-sd15` when the model has SD-v1.5's layers and B is at least its 1.99 bits,
-    otherwise the largest uniform-N recipe whose average bits stay within B.
+    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.allocate, paper's
+    Alg. 1 by default) from a sensitivity analysis: the given file, one cached for this model
+    and these settings, or a new (resumable) proxy analysis.
     """
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
-    try:
-        sd = recipes.resolve_recipe("bitsfusion-sd15", unet, time_cache, time_proj_bits, levels)
-        avg = recipes.summarize(sd, unet, time_cache, n_time_features)["avg_bits"]
-        if round(avg, 2) <= bits:
-            return sd, f"the model has SD-v1.5's layers: using the paper's bitsfusion-sd15 recipe ({avg:.4f} bits)"
-    except RecipeError:
-        pass
-    best = None
-    for n in range(1, 9):
-        candidate = recipes.resolve_recipe(f"uniform-{n}", unet, time_cache, time_proj_bits, levels)
-        avg = recipes.summarize(candidate, unet, time_cache, n_time_features)["avg_bits"]
-        if avg <= bits + 1e-9:
-            best = (candidate, avg)
-    if best is None:
-        raise RecipeError(f"--bits {bits}: even uniform-1 needs more bits on this model; raise the budget")
-    return best[0], (
-        f"no sensitivity analysis yet: using {best[0].name}, the largest uniform recipe within {bits} bits "
-        f"({best[1]:.4f} bits by the paper's accounting)"
-    )
+    from bfq.allocate import recipe_for_budget
+
+    return recipe_for_budget(
+        unet, bits, sensitivity=sensitivity, method=allocator, resolved=resolved, time_cache=time_cache,
+        n_time_features=n_time_features, levels=levels, time_proj_bits=time_proj_bits,
+        cache_dir=Path(work_dir) / "analysis" if work_dir else None, progress=progress,
+    )  # fmt: skip
 
 
 def compute_time_cache(resolved: models.ResolvedModel, mode: str, steps: int) -> dict:
@@ -127,6 +127,8 @@ def quantize(
     revision: str | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    allocator: str = "paper",
+    sensitivity: str | os.PathLike | None = None,
 ) -> QuantizeResult:
     """Quantize `model` (see bfq.models.resolve_model) and write `out`.
 
@@ -143,8 +145,10 @@ def quantize(
     cache = compute_time_cache(resolved, time_cache, steps)
     n_tf = sum(t.size for t in cache["tables"].values())
     plan, why = pick_recipe(
-        unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits, n_time_features=n_tf
-    )
+        unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits,
+        n_time_features=n_tf, resolved=resolved, allocator=allocator, sensitivity=sensitivity, work_dir=work_dir,
+        progress=progress,
+    )  # fmt: skip
     summary = recipes.summarize(plan, unet, time_cache, n_tf)
     config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
     seconds["time_cache"] = time.perf_counter() - t0

@@ -14,7 +14,9 @@ TIME_CACHE_HELP = (
 @click.command("quantize")
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically).")
-@click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99.")
+@click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (cached per model) and an allocator.")
+@click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="paper", show_default=True, help="With --bits: the paper's Alg. 1, the error-minimizing knapsack, or layer size alone.")
+@click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: reuse or run a proxy analysis).")
 @click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits.")
 @click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization.")
 @click.option("--levels", type=click.Choice(["balanced", "plain"]), default=None, help="Level set (default: the recipe's, balanced 2^n+1).")
@@ -27,7 +29,7 @@ TIME_CACHE_HELP = (
 @click.option("--revision", help="Hub revision (branch, tag or commit) for Hub models.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle-based checkpoints (.ckpt/.bin). Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quantize_cmd(model, out, bits, recipe, init, levels, time_cache, steps, time_proj_bits, scale_dtype, dense_dtype, work_dir, revision, allow_pickle, quiet):
+def quantize_cmd(model, out, bits, allocator, sensitivity, recipe, init, levels, time_cache, steps, time_proj_bits, scale_dtype, dense_dtype, work_dir, revision, allow_pickle, quiet):
     """Quantize MODEL's UNet and write a .bfq file.
 
     MODEL is `tiny-sd` (bundled), `sd15-random` (SD-v1.5-shaped, random weights), `sd15` (the Hub's
@@ -50,7 +52,7 @@ def quantize_cmd(model, out, bits, recipe, init, levels, time_cache, steps, time
     result = quantize(
         model, out, bits=bits, recipe=recipe, init=init, levels=levels, time_cache=time_cache, steps=steps,
         time_proj_bits=time_proj_bits, scale_dtype=scale_dtype, dense_dtype=dense_dtype, work_dir=work_dir,
-        revision=revision, allow_pickle=allow_pickle, progress=not quiet,
+        revision=revision, allow_pickle=allow_pickle, progress=not quiet, allocator=allocator, sensitivity=sensitivity,
     )  # fmt: skip
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
