@@ -10,9 +10,16 @@ Words are concatenated LSB-first into a stream of little-endian uint64 cells.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import prange
+
+# numba's default "omp" layer, once started, made every later torch CPU forward in the process
+# 5-10x slower here (measured in bfq.analyze); "workqueue" does not. Users can still choose.
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"
 
 _JIT = dict(nogil=True, cache=True)
 _MASK32 = np.uint64(0xFFFFFFFF)

@@ -42,29 +42,53 @@ def pick_recipe(
     time_proj_bits: int | None,
     n_time_features: int,
     resolved: models.ResolvedModel | None = None,
-    allocator: str = "paper",
+    allocator: str = "optimal",
     sensitivity: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
-    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.allocate, paper's
-    Alg. 1 by default) from a sensitivity analysis: the given file, one cached for this model
-    and these settings, or a new (resumable) proxy analysis.
+    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.allocate; the
+    error-minimizing allocator by default, since it beat the paper's Alg. 1 on tiny-sd) from a
+    sensitivity analysis: the given file, one cached for this model and these settings, or a new
+    (resumable) proxy analysis. SD-v1.5-shaped models on a CPU-only machine with no analysis at
+    hand get the paper's published recipe.
     """
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
-    from bfq.allocate import recipe_for_budget
+    from bfq.allocate import analysis_cache_path, recipe_for_budget
 
+    cache_dir = Path(work_dir) / "analysis" if work_dir else None
+    if sensitivity is None and not torch.cuda.is_available():
+        shortcut = _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features)
+        cached = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels, cache_dir=cache_dir)
+        if shortcut is not None and not cached.is_file():
+            return shortcut
     return recipe_for_budget(
         unet, bits, sensitivity=sensitivity, method=allocator, resolved=resolved, time_cache=time_cache,
         n_time_features=n_time_features, levels=levels, time_proj_bits=time_proj_bits,
-        cache_dir=Path(work_dir) / "analysis" if work_dir else None, progress=progress,
+        cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
+
+
+def _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features):
+    """The paper's own App. H recipe for SD-v1.5-shaped models on CPU-only machines, where a
+    sensitivity analysis of 768 candidates would take days; None for other models."""
+    try:
+        sd = recipes.resolve_recipe("bitsfusion-sd15", unet, time_cache, time_proj_bits, levels)
+    except RecipeError:
+        return None
+    avg = recipes.summarize(sd, unet, time_cache, n_time_features)["avg_bits"]
+    if avg > bits + 0.005:  # the paper's 1.9885 is its "1.99"
+        return None
+    return sd, (
+        f"SD-v1.5 layers and no GPU: using the paper's bitsfusion-sd15 recipe ({avg:.4f} bits) instead of "
+        "running a sensitivity analysis here; pass --sensitivity FILE (from `bfq analyze` on a GPU) to allocate"
+    )
 
 
 def compute_time_cache(resolved: models.ResolvedModel, mode: str, steps: int) -> dict:
@@ -127,7 +151,7 @@ def quantize(
     revision: str | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
-    allocator: str = "paper",
+    allocator: str = "optimal",
     sensitivity: str | os.PathLike | None = None,
 ) -> QuantizeResult:
     """Quantize `model` (see bfq.models.resolve_model) and write `out`.

@@ -25,6 +25,8 @@ import numba
 import numpy as np
 import torch
 
+import bfq._kernels  # noqa: F401  (sets numba's threading layer before any parallel kernel runs)
+
 from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, SCALE_DTYPES
 
 # Smallest positive values a stored scale may take: the smallest fp16 subnormal (2^-24, exact in

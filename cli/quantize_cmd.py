@@ -15,7 +15,7 @@ TIME_CACHE_HELP = (
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically).")
 @click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (cached per model) and an allocator.")
-@click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="paper", show_default=True, help="With --bits: the paper's Alg. 1, the error-minimizing knapsack, or layer size alone.")
+@click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="optimal", show_default=True, help="With --bits: the error-minimizing knapsack (best on tiny-sd), the paper's Alg. 1, or layer size alone.")
 @click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: reuse or run a proxy analysis).")
 @click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits.")
 @click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization.")
