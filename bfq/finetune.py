@@ -395,11 +395,32 @@ class _DataExhausted(Exception):
     pass
 
 
+def _use_cpu(requested: bool = False) -> bool:
+    """Train on the CPU: when asked to (``cpu``, ``ACCELERATE_USE_CPU``) or when no accelerator exists.
+
+    accelerate only sets up multi-process CPU training (gloo) when told it runs on the CPU, so a
+    machine without a GPU must say so for ``accelerate launch --multi_gpu --num_processes N`` to
+    give N ranks instead of N independent runs.
+    """
+    if requested or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    has_other = (xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available())
+    return not (torch.cuda.is_available() or has_other)
+
+
+def _partial_state(cpu: bool = False):
+    from accelerate.state import PartialState
+
+    return PartialState(cpu=_use_cpu(cpu))
+
+
 def _make_accelerator(cfg: FinetuneConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu)
+    kwargs = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=_use_cpu(cfg.cpu))
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:
@@ -991,8 +1012,6 @@ def finetune_model(
     """``bfq finetune``: resolve ``model``, pick the recipe, initialize the scales, run the stages,
     export ``out`` (on the main process only under ``accelerate launch``; other ranks return
     ``path=None``). Arguments as in :func:`bfq.quantize.quantize` and :func:`run_finetune_stages`."""
-    from accelerate.state import PartialState
-
     from bfq import models, recipe as recipes
     from bfq.export import export_unet
     from bfq.nn import quantize_unet
@@ -1013,7 +1032,7 @@ def finetune_model(
     run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=config,
                         stage2_config=stage2_config, work_dir=work_dir, progress=progress, log=log)  # fmt: skip
     seconds["finetune"] = time.perf_counter() - t0
-    if not PartialState().is_main_process:
+    if not _partial_state((config or FinetuneConfig()).cpu).is_main_process:
         return FinetuneResult(None, plan, summary, seconds, [why])
     t0 = time.perf_counter()
     cfg1 = (config or FinetuneConfig()).to_dict()
