@@ -1007,6 +1007,8 @@ def finetune_model(
     revision: str | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    allocator: str = "optimal",
+    sensitivity: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """``bfq finetune``: resolve ``model``, pick the recipe, initialize the scales, run the stages,
@@ -1024,7 +1026,8 @@ def finetune_model(
     cache = compute_time_cache(resolved, time_cache, steps)
     n_tf = sum(t.size for t in cache["tables"].values())
     plan, why = pick_recipe(unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels,
-                            time_proj_bits=time_proj_bits, n_time_features=n_tf)  # fmt: skip
+                            time_proj_bits=time_proj_bits, n_time_features=n_tf, resolved=resolved,
+                            allocator=allocator, sensitivity=sensitivity, work_dir=work_dir, progress=progress)  # fmt: skip
     summary = recipes.summarize(plan, unet, time_cache, n_tf)
     quantize_unet(unet, plan.bits, levels=plan.levels, init=init, scale_dtype=scale_dtype, progress=progress)
     seconds["initialize"] = time.perf_counter() - t0

@@ -80,7 +80,9 @@ def finetune_settings(params: dict, *, default_stage1_steps: int = 0, quiet: boo
 @click.command("finetune")
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically).")
-@click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99.")
+@click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99 (allocated as by `bfq quantize`).")
+@click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="optimal", show_default=True, help="With --bits: the bit allocator (see `bfq quantize --help`).")
+@click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze`.")
 @click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits.")
 @click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization.")
 @click.option("--levels", type=click.Choice(["balanced", "plain"]), default=None, help="Level set (default: the recipe's).")
@@ -95,7 +97,7 @@ def finetune_settings(params: dict, *, default_stage1_steps: int = 0, quiet: boo
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle-based checkpoints. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @finetune_options
-def finetune_cmd(model, out, bits, recipe, init, levels, time_cache, steps, time_proj_bits, scale_dtype, dense_dtype,
+def finetune_cmd(model, out, bits, allocator, sensitivity, recipe, init, levels, time_cache, steps, time_proj_bits, scale_dtype, dense_dtype,
                  work_dir, revision, allow_pickle, quiet, **params):  # fmt: skip
     """Quantize MODEL's UNet, fine-tune it (BitsFusion Stage I distillation, then Stage II
     noise prediction) and write a .bfq file.
@@ -126,7 +128,8 @@ def finetune_cmd(model, out, bits, recipe, init, levels, time_cache, steps, time
             model, out, bits=bits, recipe=recipe, init=init, levels=levels, time_cache=time_cache, steps=steps,
             time_proj_bits=time_proj_bits, scale_dtype=scale_dtype, dense_dtype=dense_dtype, stage1_steps=s1,
             stage2_steps=s2, config=c1, stage2_config=c2, work_dir=work_dir, revision=revision,
-            allow_pickle=allow_pickle, progress=not quiet, log=functools.partial(click.echo, err=True),
+            allow_pickle=allow_pickle, progress=not quiet, allocator=allocator, sensitivity=sensitivity,
+            log=functools.partial(click.echo, err=True),
         )  # fmt: skip
     except ValueError as exc:
         if type(exc) is not ValueError:  # BfqFormatError, RecipeError, ModelError: the group reports them

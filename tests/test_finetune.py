@@ -295,6 +295,87 @@ def test_export_after_finetune_reproduces_the_fake_quantized_model(tmp_path, mod
             torch.testing.assert_close(loaded(x, t, c).sample, student(x, t, c).sample, rtol=2e-3, atol=2e-3)
 
 
+# ------------------------------------------------------------------------ data and command line
+
+
+def test_data_sources_tiny_sd_folder_and_prompts(tmp_path):
+    from PIL import Image
+
+    from bfq.finetune_data import make_source, tinysd_digits
+    from bfq.tinysd import pipeline_dir
+
+    digits = tinysd_digits(batch_size=6, seed=3)
+    b = digits.batch(5)
+    assert b["latents"].shape == (6, 4, 8, 8) and b["encoder_hidden_states"].shape == (6, 77, 64)
+    assert torch.equal(digits.batch(5)["latents"], b["latents"])  # a pure function of the index
+    assert len(set(digits.caption(5))) > 1
+    seen = torch.cat([digits.indices(i) for i in range(len(digits.labels) // 6)])
+    assert len(set(seen.tolist())) == len(seen)  # an epoch is a permutation
+    for i, digit in enumerate((3, 7, 1)):
+        arr = np.full((20, 24, 3), 255, np.uint8)
+        arr[5:15, 8 + i : 12 + i] = 0
+        Image.fromarray(arr).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"the number {digit}\n")
+    (tmp_path / "no-caption.png").write_bytes((tmp_path / "img0.png").read_bytes())
+    folder = make_source(f"folder:{tmp_path}", model_name="x", pipeline_dir=pipeline_dir(), batch_size=2)
+    fb = folder.batch(0)
+    assert folder.n == 3 and fb["latents"].shape == (2, 4, 8, 8) and fb["uncond_hidden_states"].shape == (77, 64)
+    (tmp_path / "prompts.txt").write_text("# digits\nthe number 4\nnine\n\n")
+    prompts = make_source(f"prompts:{tmp_path / 'prompts.txt'}", pipeline_dir=pipeline_dir(), batch_size=3)
+    pb = prompts.batch(0)
+    assert "latents" not in pb and pb["encoder_hidden_states"].shape == (3, 77, 64)
+    with pytest.raises(ValueError, match="no built-in training data"):
+        make_source(None, model_name="my-model")
+    with pytest.raises(ValueError, match="pipeline directory"):
+        make_source(f"folder:{tmp_path}", model_name="x")
+
+
+def test_cli_finetune_tiny_sd_then_rerun_resumes(tmp_path):
+    from click.testing import CliRunner
+
+    import bfq
+    from bfq_cli.main import main
+
+    out = tmp_path / "ft.bfq"
+    args = ["finetune", "tiny-sd", "--recipe", "uniform-2", "--stage1-steps", "2", "--stage2-steps", "1",
+            "--batch-size", "4", "--log-every", "1", "--quiet", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    logs = sorted((tmp_path / "ft.work" / "finetune").glob("stage*/log.jsonl"))
+    assert [p.parent.name[:6] for p in logs] == ["stage1", "stage2"]
+    lines = [len(p.read_text().splitlines()) for p in logs]
+    assert lines == [2, 1]
+    unet = bfq.load_unet(out, dtype=torch.float32)
+    with torch.no_grad():
+        y = unet(torch.randn(1, 4, 8, 8), 951, torch.randn(1, 77, 64)).sample
+    assert torch.isfinite(y).all()
+    result = CliRunner().invoke(main, args)  # both stages are complete: nothing is trained again
+    assert result.exit_code == 0, result.output
+    assert [len(p.read_text().splitlines()) for p in logs] == lines
+    bad = CliRunner().invoke(main, args[:-2] + ["--t-sampling", "gauss", "-o", str(out)])
+    assert bad.exit_code == 2
+
+
+def test_finetune_options_decorator_for_other_commands(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from bfq_cli.finetune_cmd import finetune_options, finetune_settings
+
+    @click.command()
+    @finetune_options
+    def cmd(**params):
+        s1, s2, c1, c2 = finetune_settings(params)
+        click.echo(json.dumps([s1, s2, c1.stage, c1.lr, c2.stage, c2.lr, c1.t_sampling, c1.batch_size]))
+
+    cfg = tmp_path / "ft.json"
+    cfg.write_text(json.dumps({"batch_size": 8, "stage2": {"lr": 2e-6}}))
+    r = CliRunner().invoke(cmd, ["--stage1-steps", "5", "--t-sampling", "uniform", "--finetune-config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == [5, 0, "distill", 1e-5, "noise", 2e-6, "uniform", 8]
+    assert json.loads(CliRunner().invoke(cmd, []).output)[:2] == [0, 0]
+
+
 # ---------------------------------------------------------------------------------- workers
 
 
