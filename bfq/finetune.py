@@ -370,7 +370,6 @@ class _Stream:
     rank: int
     _it: object = None
     _next: int = 0  # index of the item _it yields next
-    _restarts: int = field(default=0)
 
     def get(self, k: int) -> dict:
         g = k * self.world + self.rank
@@ -414,6 +413,12 @@ def _partial_state(cpu: bool = False):
     from accelerate.state import PartialState
 
     return PartialState(cpu=_use_cpu(cpu))
+
+
+def is_main_process(cpu: bool = False) -> bool:
+    """True on the process that should write files (rank 0 under ``accelerate launch``; always True
+    in a single process)."""
+    return _partial_state(cpu).is_main_process
 
 
 def _make_accelerator(cfg: FinetuneConfig):
@@ -613,6 +618,7 @@ class _Trainer:
                         batch = self.stream.get(micro)
                     except _DataExhausted:
                         self.log_fn(f"the data ran out after {micro} micro-batches: stopping at step {step}")
+                        self.save_checkpoint(step)
                         return
                     with acc.accumulate(self.model):
                         loss, parts = self.loss(batch, micro * self.world + self.rank)
@@ -1035,7 +1041,7 @@ def finetune_model(
     run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=config,
                         stage2_config=stage2_config, work_dir=work_dir, progress=progress, log=log)  # fmt: skip
     seconds["finetune"] = time.perf_counter() - t0
-    if not _partial_state((config or FinetuneConfig()).cpu).is_main_process:
+    if not is_main_process((config or FinetuneConfig()).cpu):
         return FinetuneResult(None, plan, summary, seconds, [why])
     t0 = time.perf_counter()
     cfg1 = (config or FinetuneConfig()).to_dict()
