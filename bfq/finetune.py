@@ -60,8 +60,8 @@ T_SAMPLINGS = ("beta", "uniform")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 _STAGE_TAG = {"distill": 1, "noise": 2}
 # Fields that do not change the training trajectory: a resumed run may change them.
-_FREE_FIELDS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "tensorboard",
-                "progress", "gradient_checkpointing", "cpu"}  # fmt: skip
+_FREE_FIELDS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_clip", "eval_prompts",
+                "tensorboard", "progress", "gradient_checkpointing", "cpu"}  # fmt: skip
 
 
 @dataclass
@@ -91,6 +91,8 @@ class FinetuneConfig:
             for latents when a batch has none (prompts-only data).
         data: the data source for the command line and :func:`run_finetune_stages`
             (``tiny-sd-digits``, ``folder:PATH``, ``prompts:FILE``; None: the model's built-in data).
+        eval_clip, eval_prompts: a local CLIP model directory and a prompt file: the periodic
+            evaluation of models other than tiny-sd is then the CLIP score (:func:`clip_eval_fn`).
         tensorboard: also log to TensorBoard (``run_dir/tensorboard``) when it is installed.
         progress: show a progress bar with loss and throughput.
         cpu: run on the CPU even when an accelerator is present.
@@ -121,6 +123,8 @@ class FinetuneConfig:
     sample_steps: int = 20
     sample_cfg: float = 7.5
     data: str | None = None
+    eval_clip: str | None = None
+    eval_prompts: str | None = None
     tensorboard: bool = False
     progress: bool = True
     cpu: bool = False
@@ -818,10 +822,53 @@ def tinysd_eval_fn(*, n_per_digit: int = 20, steps: int = 20, cfg_scales=None, s
     return run
 
 
-def default_eval_fn(resolved_model) -> Callable | None:
-    """The periodic evaluation for a resolved model: the tiny-sd metric for tiny-sd, else None."""
+def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: float = 7.5, seed: int = 1024,
+                 batch_size: int = 8) -> Callable:  # fmt: skip
+    """``eval_fn`` for any Stable Diffusion pipeline: the mean CLIP image-text cosine (the paper's
+    CLIP score) of images generated for ``prompts`` (a list or a file with one prompt a line) with
+    seeded noise, DDIM ``steps`` steps and guidance ``cfg``. ``clip_model`` is a local directory
+    holding a transformers ``CLIPModel`` and its ``CLIPProcessor`` (no download)."""
+    from bfq.finetune_data import read_prompts
+
+    prompt_list = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+
+    @torch.no_grad()
+    def run(unet) -> dict:
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from transformers import CLIPModel, CLIPProcessor
+
+        device = next(unet.parameters()).device
+        pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), unet=unet, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)  # fmt: skip
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        model = CLIPModel.from_pretrained(str(clip_model), local_files_only=True).to(device).eval()
+        proc = CLIPProcessor.from_pretrained(str(clip_model), local_files_only=True)
+        scores = []
+        for i in range(0, len(prompt_list), batch_size):
+            chunk = prompt_list[i : i + batch_size]
+            gen = torch.Generator().manual_seed(seed + i)
+            images = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="pil").images
+            inputs = proc(text=chunk, images=images, return_tensors="pt", padding=True, truncation=True)
+            out = model(**{k: v.to(device) for k, v in inputs.items()})
+            a = F.normalize(out.image_embeds.double(), dim=-1)
+            b = F.normalize(out.text_embeds.double(), dim=-1)
+            scores.append((a * b).sum(-1).cpu())
+        return {"clip_score": float(torch.cat(scores).mean())}
+
+    return run
+
+
+def default_eval_fn(resolved_model, config: FinetuneConfig | None = None) -> Callable | None:
+    """The periodic evaluation for a resolved model: the tiny-sd metric for tiny-sd; the CLIP score
+    when ``config.eval_clip`` names a local CLIP model and ``config.eval_prompts`` a prompt file
+    (needs the model's pipeline directory); else None."""
     if getattr(resolved_model, "name", "") == "tiny-sd":
         return tinysd_eval_fn()
+    base = getattr(resolved_model, "base_dir", None)
+    if config is not None and config.eval_clip and config.eval_prompts and base is not None:
+        return clip_eval_fn(base, config.eval_clip, config.eval_prompts)
     return None
 
 
@@ -887,9 +934,9 @@ def run_finetune_stages(
         teacher = float_teacher(student_unet)
     scheduler = getattr(resolved_model, "scheduler", None)
     if eval_fn is None and (c1.eval_every or c2.eval_every):
-        eval_fn = default_eval_fn(resolved_model)
+        eval_fn = default_eval_fn(resolved_model, base)
         if eval_fn is None and log:
-            log("no evaluation metric for this model: eval_every is ignored")
+            log("no evaluation for this model (tiny-sd metric, or eval_clip + eval_prompts): eval_every is ignored")
     sources = {}
 
     def source_for(cfg: FinetuneConfig):

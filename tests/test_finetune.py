@@ -330,6 +330,26 @@ def test_data_sources_tiny_sd_folder_and_prompts(tmp_path):
         make_source(f"folder:{tmp_path}", model_name="x")
 
 
+def test_clip_eval_fn_with_a_local_clip_model(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from bfq.finetune import clip_eval_fn
+    from bfq.models import resolve_model
+    from bfq.tinysd import pipeline_dir
+
+    tok = CLIPTokenizer.from_pretrained(str(pipeline_dir() / "tokenizer"))
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(small, vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(small, image_size=16, patch_size=8), projection_dim=8)).save_pretrained(tmp_path)
+    image_proc = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(tmp_path)
+    fn = clip_eval_fn(pipeline_dir(), tmp_path, ["the number 3", "seven", "a handwritten digit one"], steps=2, cfg=3.0, batch_size=2)
+    score = fn(resolve_model("tiny-sd").unet)["clip_score"]
+    assert -1.0 <= score <= 1.0
+
+
 def test_cli_finetune_tiny_sd_then_rerun_resumes(tmp_path):
     from click.testing import CliRunner
 
