@@ -93,13 +93,24 @@ def test_destroyed_unet_scores_clearly_worse(fp32_result, fp32_unet):
     assert ternary["fd"] > 2 * fp32["fd"]
 
 
-def test_4bit_least_squares_loses_little(fp32_result, fp32_unet):
+def test_4bit_loses_little(fp32_result, fp32_unet):
+    """Min-max scales: least-squares ones clip conv_in/conv_out outliers and triple the FD."""
     from bfq.tinysd.sensitivity import fake_quantize_unet
 
-    q4 = evaluate(fake_quantize_unet(fp32_unet, bits=4, scales="lsq"), **REDUCED)
+    q4 = evaluate(fake_quantize_unet(fp32_unet, bits=4, scales="minmax"), **REDUCED)
     fp32 = fp32_result[0]
     assert q4["alignment"] >= fp32["alignment"] - 0.1
     assert q4["fd"] < 1.5 * fp32["fd"] + 5
+
+
+def test_fake_quantizer_io_bits_apply_to_conv_in_and_out_only(fp32_unet):
+    from bfq.tinysd.sensitivity import fake_quantize_unet
+
+    q = fake_quantize_unet(fp32_unet, bits=1, scales="minmax", io_bits=8)
+    assert torch.equal(q.conv_out.weight, fake_quantize_unet(fp32_unet, 8).conv_out.weight)
+    assert q.conv_in.weight.unique().numel() > 3
+    assert q.conv_out.weight[0].unique().numel() > 3
+    assert q.down_blocks[0].resnets[0].conv1.weight[0].unique().numel() <= 3
 
 
 def test_fake_quantizer_levels_and_least_squares_scales():
