@@ -54,11 +54,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def _pipeline(unet, base):
-    """The pipeline at ``base`` with ``unet`` swapped in and the evaluation's DDIM sampler."""
+    """The pipeline at ``base`` with ``unet`` swapped in and the evaluation's DDIM sampler.
+
+    Everything runs in float32: a UNet with half-precision weights is evaluated as a float32 copy.
+    """
+    import copy
+
+    import torch
     from diffusers import DDIMScheduler
 
     from bfq.tinysd import load_pipeline
 
+    tensors = unet.state_dict().values() if unet is not None else ()
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        unet = copy.deepcopy(unet).float()
     pipe = load_pipeline(unet=unet, directory=base)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.unet.eval()

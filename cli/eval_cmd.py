@@ -18,10 +18,12 @@ def _resolve(model: str):
     if model.endswith(".bfq"):
         if not path.is_file():
             raise click.BadParameter(f"no such file: {model}", param_hint="MODEL")
+        import torch
+
         import bfq
 
         try:
-            return bfq.load_unet(str(path)), None
+            return bfq.load_unet(str(path), dtype=torch.float32), None
         except ValueError as exc:  # BfqFormatError and other bad-input errors
             raise click.ClickException(f"cannot load {model}: {exc}") from exc
     if (path / "model_index.json").is_file():

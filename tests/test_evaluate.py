@@ -84,6 +84,15 @@ def test_evaluation_is_bit_reproducible_and_takes_any_unet(fp32_result, fp32_une
     assert again["sweep"] == first["sweep"]
 
 
+def test_half_precision_unet_is_scored_in_float32(fp32_result, fp32_unet):
+    import copy
+
+    half = copy.deepcopy(fp32_unet).half()
+    result = evaluate(half, **REDUCED)
+    assert next(half.parameters()).dtype == torch.float16  # the caller's model is left alone
+    assert result["alignment"] >= fp32_result[0]["alignment"] - 0.1
+
+
 def test_destroyed_unet_scores_clearly_worse(fp32_result, fp32_unet):
     from bfq.tinysd.sensitivity import fake_quantize_unet
 
@@ -138,6 +147,19 @@ def test_cli_eval_tiny_sd_json():
     assert data["model"] == "tiny-sd" and data["default_cfg"] == 3.0
     assert {"alignment", "fd"} <= set(data)
     assert [row["cfg"] for row in data["sweep"]] == [1.5, 3.0]
+
+
+def test_cli_eval_of_a_bfq_made_from_tiny_sd(tmp_path):
+    from click.testing import CliRunner
+
+    quantize = pytest.importorskip("bfq.quantize").quantize
+    path = tmp_path / "u4.bfq"
+    quantize("tiny-sd", path, recipe="uniform-4", steps=REDUCED["steps"], progress=False)
+    args = [str(path), "--json", "--n-per-digit", "3", "--steps", str(REDUCED["steps"]), "--cfg", "3.0"]
+    result = CliRunner().invoke(_eval_cmd(), args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == str(path) and data["alignment"] >= 0.7
 
 
 def test_cli_eval_rejects_unknown_models(tmp_path):
