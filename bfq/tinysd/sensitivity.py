@@ -2,8 +2,9 @@
 
 ``python -m bfq.tinysd.sensitivity [--n-per-digit 50] [--steps 20]`` prints one row per setting.
 
-This is a *reference check of the metric*, not the project's quantizer (that is
-``bfq.quantizer``): a plain per-output-channel symmetric quantizer with the balance integer,
+This is a *reference check of the metric*, deliberately independent of the project's quantizer
+(``bfq.quantizer``, whose output ``bfq eval FILE.bfq`` scores): a plain per-output-channel
+symmetric quantizer with the balance integer,
 ``q = clamp(round(w / s), -2^(n-1), 2^(n-1))`` (2^n + 1 levels; n = 1 is ternary), applied to the
 weight of every ``Conv2d`` and ``Linear`` of the UNet, with either
 
