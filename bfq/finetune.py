@@ -300,7 +300,8 @@ class _FeatureHooks:
 
 
 @torch.no_grad()
-def teacher_samples(teacher, ehs, uncond, scheduler_config, *, steps: int, cfg: float, generator, sample_shape) -> torch.Tensor:
+def teacher_samples(teacher, ehs, uncond, scheduler_config, *, steps: int, cfg: float, generator,
+                    sample_shape) -> torch.Tensor:  # fmt: skip
     """Clean latents ``x_0`` sampled by ``teacher`` (DDIM, eta 0, classifier-free guidance ``cfg``)
     for the text embeddings ``ehs`` ``[B, S, D]``; initial noise from ``generator`` (CPU)."""
     from diffusers import DDIMScheduler
@@ -472,7 +473,8 @@ class _Trainer:
             student.enable_gradient_checkpointing()
         params = [p for _, p in self.named]
         self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)  # fmt: skip
         self.start = self._resume()
         self.model, self.opt = acc.prepare(student, self.opt)
         if self._scaler_state is not None and acc.scaler is not None:
@@ -508,7 +510,8 @@ class _Trainer:
         if info["bits"] != _bits_of(self.student):
             raise ValueError(f"{ckpt}: the checkpoint's quantized layers differ from the student's (another recipe?)")
         if info["world_size"] != self.world:
-            warnings.warn(f"resuming a {info['world_size']}-process run on {self.world}: the data order will differ", stacklevel=3)
+            warnings.warn(f"resuming a {info['world_size']}-process run on {self.world}: the data order will differ",
+                          stacklevel=3)
         load_student(self.student, ckpt / "model.safetensors")
         self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
         if (ckpt / "scaler.pt").is_file():
@@ -679,7 +682,8 @@ class _Trainer:
             self.student.train(was_training)
             row = {"stage": self.cfg.stage, "step": step, "eval": result, "eval_seconds": round(time.perf_counter() - start, 1)}
             self._write_log(row)
-            self.log_fn(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float))))
+            numbers = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, (int, float)))
+            self.log_fn(f"eval at step {step}: {numbers}")
             if self.tb is not None:
                 for k, v in result.items():
                     if isinstance(v, (int, float)):
@@ -929,7 +933,8 @@ def run_finetune_stages(
         return student_unet
     base = config or FinetuneConfig()
     c1 = base.replace(stage="distill", steps=stage1_steps, progress=base.progress and progress)
-    c2 = (stage2_config or base).replace(stage="noise", steps=stage2_steps, progress=(stage2_config or base).progress and progress)
+    base2 = stage2_config or base
+    c2 = base2.replace(stage="noise", steps=stage2_steps, progress=base2.progress and progress)
     if teacher is None:
         teacher = float_teacher(student_unet)
     scheduler = getattr(resolved_model, "scheduler", None)
@@ -1020,7 +1025,8 @@ def export_finetuned(
     summary = recipes.summarize(plan, student, cache["mode"] if cache else "grid", n_tf)
     meta = dict(metadata or {})
     if cache and cache["mode"] == "scheduler":
-        meta.setdefault("scheduler", json.dumps({"class_name": type(scheduler).__name__, "config": dict(scheduler.config)}, default=str))
+        record = {"class_name": type(scheduler).__name__, "config": dict(scheduler.config)}
+        meta.setdefault("scheduler", json.dumps(record, default=str))
         meta.setdefault("num_inference_steps", str(steps))
     config = {k: v for k, v in dict(student.config).items() if k != "_name_or_path"}
     return export_unet(student, out, config=config, class_name=type(student).__name__, source=source, time_cache=cache,
@@ -1096,7 +1102,8 @@ def finetune_model(
               "stage2_config": stage2_config.to_dict() if stage2_config else None}  # fmt: skip
     metadata = {"init": init, "recipe_note": why, "finetune": json.dumps(record)}
     if resolved.scheduler is not None and time_cache == "scheduler":
-        metadata["scheduler"] = json.dumps({"class_name": type(resolved.scheduler).__name__, "config": dict(resolved.scheduler.config)}, default=str)
+        sched = resolved.scheduler
+        metadata["scheduler"] = json.dumps({"class_name": type(sched).__name__, "config": dict(sched.config)}, default=str)
         metadata["num_inference_steps"] = str(steps)
     config_dict = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
     path = export_unet(unet.cpu(), out, config=config_dict, class_name=type(unet).__name__, source=resolved.source,

@@ -103,7 +103,8 @@ class TensorBatches(IndexedBatches):
         seed: seeds the example order and the posterior samples.
     """
 
-    def __init__(self, encoder_hidden_states, uncond_hidden_states, latents=None, latents_std=None, *, batch_size: int = 16, seed: int = 0):
+    def __init__(self, encoder_hidden_states, uncond_hidden_states, latents=None, latents_std=None, *,
+                 batch_size: int = 16, seed: int = 0):  # fmt: skip
         super().__init__()
         self.ehs = torch.as_tensor(encoder_hidden_states)
         self.uncond = torch.as_tensor(uncond_hidden_states).reshape(self.ehs.shape[1:])
@@ -297,7 +298,8 @@ class FolderBatches(IndexedBatches):
         return {"encoder_hidden_states": ehs, "uncond_hidden_states": self.uncond, "latents": z}
 
 
-def image_caption_folder(folder, pipeline_dir, *, batch_size: int = 16, seed: int = 0, resolution: int | None = None, device="cpu") -> FolderBatches:
+def image_caption_folder(folder, pipeline_dir, *, batch_size: int = 16, seed: int = 0, resolution: int | None = None,
+                         device="cpu") -> FolderBatches:  # fmt: skip
     """Batches from a folder of images with ``.txt`` captions (``cat.png`` + ``cat.txt``).
 
     Args:
@@ -333,7 +335,8 @@ def prompt_batches(prompts, pipeline_dir, *, batch_size: int = 16, seed: int = 0
     return TensorBatches(table[:-1], table[-1], batch_size=batch_size, seed=seed)
 
 
-def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, batch_size: int = 16, seed: int = 0, device="cpu") -> IndexedBatches:
+def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, batch_size: int = 16, seed: int = 0,
+                device="cpu") -> IndexedBatches:  # fmt: skip
     """A batch source from a ``--data`` string.
 
     Args:
