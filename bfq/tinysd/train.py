@@ -18,8 +18,12 @@ smoke test.
 Why lr 3e-3 and 1800 steps: the text conditioning appears late and suddenly. In sweeps of this
 script on a GPU (``--device cuda``; 300 images per scale), 1500 steps at lr 1e-3 left alignment
 near chance (0.13-0.2), lr 2e-3 reached 0.95-1.0 and lr 3e-3 0.98-1.0; with 1000 steps lr 2e-3 gave
-0.5 and lr 3e-3 0.8. 1800 steps at 3e-3 leaves a margin. Cost on one CPU thread: about 0.2 s per
-VAE step and 0.55-0.6 s per UNet step on a quiet 2-core machine, i.e. about 18 minutes in all.
+0.5 and lr 3e-3 0.8. 1800 steps at 3e-3 leaves a margin.
+
+Cost on one CPU thread of the project's 2-core machine: 0.2-0.45 s per VAE step and 0.65 s per
+UNet forward/backward when the machine is idle (about 22 minutes in all), 1.1 s per UNet step
+with light load from other jobs and 1.5 s under heavy load; ``TRAINING.json`` has the measured
+wall time of the bundled run.
 """
 
 from __future__ import annotations
