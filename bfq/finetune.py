@@ -28,8 +28,8 @@ exactly as if it had not stopped.
 
 Python entry points: :func:`finetune` (any ``UNet2DConditionModel``, any iterable of conditioning
 batches), :func:`run_finetune_stages` (both stages for a resolved model, what ``bfq quantize
---stage1-steps/--stage2-steps`` calls), :func:`export_finetuned` and :func:`finetune_model` (the
-whole ``bfq finetune`` pipeline).
+--stage1-steps/--stage2-steps`` calls), :func:`export_finetuned` (a trained student to ``.bfq``); the whole
+``bfq quantize``/``bfq finetune`` pipeline is :func:`bfq.quantize.quantize`.
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bfq.finetune_data import _seed
-from bfq.nn import QUANT_MODULES, QuantConv2d, QuantLinear, iter_quantized
+from bfq.nn import QUANT_MODULES, QuantLinear, iter_quantized
 
 STAGES = ("distill", "noise")
 T_SAMPLINGS = ("beta", "uniform")
@@ -1031,83 +1030,3 @@ def export_finetuned(
     config = {k: v for k, v in dict(student.config).items() if k != "_name_or_path"}
     return export_unet(student, out, config=config, class_name=type(student).__name__, source=source, time_cache=cache,
                        recipe={**summary, "notes": ""}, metadata=meta, dense_dtype=dense_dtype, progress=progress)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ whole pipeline
-
-
-@dataclass
-class FinetuneResult:
-    path: Path | None
-    recipe: object
-    summary: dict
-    seconds: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-def finetune_model(
-    model: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    bits: float | None = None,
-    recipe: str | None = None,
-    init: str = "alternating",
-    levels: str | None = None,
-    time_cache: str = "scheduler",
-    steps: int = 50,
-    time_proj_bits: int | None = None,
-    scale_dtype: str = "f16",
-    dense_dtype: str = "f32",
-    stage1_steps: int = 1000,
-    stage2_steps: int = 0,
-    config: FinetuneConfig | None = None,
-    stage2_config: FinetuneConfig | None = None,
-    work_dir: str | os.PathLike | None = None,
-    revision: str | None = None,
-    allow_pickle: bool = False,
-    progress: bool = True,
-    allocator: str = "optimal",
-    sensitivity: str | os.PathLike | None = None,
-    log: Callable[[str], None] | None = None,
-) -> FinetuneResult:
-    """``bfq finetune``: resolve ``model``, pick the recipe, initialize the scales, run the stages,
-    export ``out`` (on the main process only under ``accelerate launch``; other ranks return
-    ``path=None``). Arguments as in :func:`bfq.quantize.quantize` and :func:`run_finetune_stages`."""
-    from bfq import models, recipe as recipes
-    from bfq.export import export_unet
-    from bfq.nn import quantize_unet
-    from bfq.quantize import compute_time_cache, pick_recipe
-
-    seconds = {}
-    t0 = time.perf_counter()
-    resolved = models.resolve_model(model, revision=revision, allow_pickle=allow_pickle)
-    unet = resolved.unet
-    cache = compute_time_cache(resolved, time_cache, steps)
-    n_tf = sum(t.size for t in cache["tables"].values())
-    plan, why = pick_recipe(unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels,
-                            time_proj_bits=time_proj_bits, n_time_features=n_tf, resolved=resolved,
-                            allocator=allocator, sensitivity=sensitivity, work_dir=work_dir, progress=progress)  # fmt: skip
-    summary = recipes.summarize(plan, unet, time_cache, n_tf)
-    quantize_unet(unet, plan.bits, levels=plan.levels, init=init, scale_dtype=scale_dtype, progress=progress)
-    seconds["initialize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=config,
-                        stage2_config=stage2_config, work_dir=work_dir, progress=progress, log=log)  # fmt: skip
-    seconds["finetune"] = time.perf_counter() - t0
-    if not is_main_process((config or FinetuneConfig()).cpu):
-        return FinetuneResult(None, plan, summary, seconds, [why])
-    t0 = time.perf_counter()
-    cfg1 = (config or FinetuneConfig()).to_dict()
-    record = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "config": cfg1,
-              "stage2_config": stage2_config.to_dict() if stage2_config else None}  # fmt: skip
-    metadata = {"init": init, "recipe_note": why, "finetune": json.dumps(record)}
-    if resolved.scheduler is not None and time_cache == "scheduler":
-        sched = resolved.scheduler
-        metadata["scheduler"] = json.dumps({"class_name": type(sched).__name__, "config": dict(sched.config)}, default=str)
-        metadata["num_inference_steps"] = str(steps)
-    config_dict = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
-    path = export_unet(unet.cpu(), out, config=config_dict, class_name=type(unet).__name__, source=resolved.source,
-                       time_cache=cache, recipe={**summary, "notes": plan.notes or ""}, metadata=metadata,
-                       dense_dtype=dense_dtype, progress=progress)  # fmt: skip
-    seconds["export"] = time.perf_counter() - t0
-    return FinetuneResult(Path(path), plan, summary, seconds, [why])

@@ -1,5 +1,6 @@
-"""The whole pipeline behind `bfq quantize`: resolve a model, pick a recipe, cache the time
-features, initialize the quantized layers, export a .bfq.
+"""The whole pipeline behind `bfq quantize` and `bfq finetune`: resolve a model, pick a recipe,
+cache the time features, initialize the quantized layers, optionally fine-tune them (Stage I and
+Stage II, bfq.finetune), export a .bfq.
 
 Each stage lives in its own module; this one only wires them and records what was done.
 """
@@ -11,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ DEFAULT_STEPS = 50  # the paper's PNDM-50 sampler
 
 @dataclass
 class QuantizeResult:
-    path: Path
+    path: Path | None  # None on the other ranks of a multi-process fine-tuning run
     recipe: recipes.Recipe
     summary: dict
     seconds: dict = field(default_factory=dict)
@@ -153,11 +155,20 @@ def quantize(
     progress: bool = True,
     allocator: str = "optimal",
     sensitivity: str | os.PathLike | None = None,
+    stage1_steps: int = 0,
+    stage2_steps: int = 0,
+    finetune_config=None,
+    finetune_stage2_config=None,
+    log: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
     """Quantize `model` (see bfq.models.resolve_model) and write `out`.
 
-    `work_dir`, when given, keeps the initialized scales so that a rerun with the same settings
-    skips the initialization.
+    `work_dir`, when given, keeps the initialized scales, the sensitivity analysis and the
+    fine-tuning checkpoints, so that a rerun with the same settings resumes where it stopped.
+    `stage1_steps`/`stage2_steps` > 0 fine-tune the initialized model before the export
+    (bfq.finetune.run_finetune_stages with `finetune_config`/`finetune_stage2_config`, both
+    bfq.finetune.FinetuneConfig). Under `accelerate launch` only the main process exports; the
+    others return a result whose `path` is None.
     """
     seconds = {}
     t0 = time.perf_counter()
@@ -182,8 +193,23 @@ def quantize(
     resumed = _init_layers(unet, plan, init=init, scale_dtype=scale_dtype, work_dir=Path(work_dir) if work_dir else None, settings=settings, progress=progress)
     seconds["initialize"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     metadata = {"init": init, "recipe_note": why}
+    if stage1_steps or stage2_steps:
+        from bfq.finetune import FinetuneConfig, is_main_process, run_finetune_stages
+
+        t0 = time.perf_counter()
+        run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=finetune_config,
+                            stage2_config=finetune_stage2_config, work_dir=work_dir, progress=progress, log=log)  # fmt: skip
+        seconds["finetune"] = time.perf_counter() - t0
+        if not is_main_process((finetune_config or FinetuneConfig()).cpu):
+            return QuantizeResult(None, plan, summary, seconds, [why])
+        unet.cpu()
+        stage1 = finetune_config or FinetuneConfig()
+        stage2 = finetune_stage2_config or stage1
+        metadata["finetune"] = json.dumps({"stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
+                                           "config": stage1.to_dict(), "stage2_config": stage2.to_dict()})  # fmt: skip
+
+    t0 = time.perf_counter()
     if resolved.scheduler is not None and time_cache == "scheduler":
         metadata["scheduler"] = json.dumps({"class_name": type(resolved.scheduler).__name__, "config": dict(resolved.scheduler.config)}, default=str)
         metadata["num_inference_steps"] = str(steps)

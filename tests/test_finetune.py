@@ -376,11 +376,36 @@ def test_cli_finetune_tiny_sd_then_rerun_resumes(tmp_path):
     assert bad.exit_code == 2
 
 
+def test_cli_quantize_with_stage_steps_trains_before_the_export(tmp_path):
+    from click.testing import CliRunner
+
+    import bfq
+    from bfq.container import open_bfq
+    from bfq_cli.main import main
+
+    base = ["quantize", "tiny-sd", "--recipe", "uniform-2", "--quiet", "--steps", "5"]
+    plain, tuned = tmp_path / "plain.bfq", tmp_path / "tuned.bfq"
+    assert CliRunner().invoke(main, base + ["-o", str(plain)]).exit_code == 0
+    train = ["--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "4", "--lr", "1e-3", "--log-every", "1"]
+    result = CliRunner().invoke(main, base + train + ["--work-dir", str(tmp_path / "w"), "-o", str(tuned)])
+    assert result.exit_code == 0, result.output
+    assert "finetune" in result.output and "log " in result.output
+    logs = sorted((tmp_path / "w" / "finetune").glob("stage*/log.jsonl"))
+    assert [len(p.read_text().splitlines()) for p in logs] == [2, 1]
+    with open_bfq(tuned) as f:
+        record = json.loads(f.header.metadata["finetune"])
+    assert (record["stage1_steps"], record["stage2_steps"], record["config"]["lr"]) == (2, 1, 1e-3)
+    a, b = bfq.load_unet(plain, dtype=torch.float32), bfq.load_unet(tuned, dtype=torch.float32)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    changed = [k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])]
+    assert any("attn" in k for k in changed) and any("resnets" in k for k in changed)
+
+
 def test_finetune_options_decorator_for_other_commands(tmp_path):
     import click
     from click.testing import CliRunner
 
-    from bfq_cli.finetune_cmd import finetune_options, finetune_settings
+    from bfq_cli.options import finetune_options, finetune_settings
 
     @click.command()
     @finetune_options

@@ -1,0 +1,157 @@
+"""Options shared by `bfq quantize` and `bfq finetune`, and `run_quantize`, what both run."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+TIME_CACHE_HELP = (
+    "scheduler: store each ResNet's time features for exactly the sampler's timesteps (the paper's; "
+    "smallest, tied to --steps); grid: store the time embedding for all training timesteps and keep "
+    "the time projections as quantized layers (any sampler works)."
+)
+
+_QUANTIZE_OPTIONS = (
+    click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically)."),
+    click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (cached per model) and an allocator."),
+    click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="optimal", show_default=True, help="With --bits: the error-minimizing knapsack (best on tiny-sd), the paper's Alg. 1, or layer size alone."),
+    click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: reuse or run a proxy analysis)."),
+    click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits."),
+    click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization."),
+    click.option("--levels", type=click.Choice(["balanced", "plain"]), default=None, help="Level set (default: the recipe's, balanced 2^n+1)."),
+    click.option("--time-cache", type=click.Choice(["scheduler", "grid"]), default="scheduler", show_default=True, help=TIME_CACHE_HELP),
+    click.option("--steps", type=int, default=None, help="Sampler steps the scheduler cache is made for (default 50; tiny-sd: its evaluation's 20)."),
+    click.option("--time-proj-bits", type=click.IntRange(1, 8), default=None, help="Bits of the time projections in grid mode (default 4)."),
+    click.option("--scale-dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True),
+    click.option("--dense-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True, help="Precision of biases and norms."),
+    click.option("--work-dir", type=click.Path(file_okay=False), help="Keep intermediate results (scales, sensitivity analysis, fine-tuning checkpoints and log.jsonl) here; a rerun with the same settings resumes [bfq finetune: OUT with .work instead of .bfq]."),
+    click.option("--revision", help="Hub revision (branch, tag or commit) for Hub models."),
+    click.option("--allow-pickle", is_flag=True, help="Allow pickle-based checkpoints (.ckpt/.bin). Only for files you trust."),
+    click.option("--quiet", is_flag=True, help="No progress bars."),
+)
+
+# (option name, FinetuneConfig field, click kwargs). Defaults are None: an option that is not given
+# leaves the config file's value (or FinetuneConfig's default) alone.
+_CONFIG_OPTIONS = (
+    ("--data", "data", dict(help="Training data: tiny-sd-digits (tiny-sd's default), folder:PATH (images + .txt captions, "
+                                 "encoded by the model's VAE and text encoder) or prompts:FILE (one prompt a line; "
+                                 "latents are teacher samples).")),
+    ("--lr", "lr", dict(type=float, help="AdamW learning rate, constant [default: 1e-5].")),
+    ("--batch-size", "batch_size", dict(type=click.IntRange(1), help="Examples per micro-batch and process [default: 16].")),
+    ("--grad-accum", "grad_accum", dict(type=click.IntRange(1), help="Micro-batches per optimizer step [default: 1].")),
+    ("--t-sampling", "t_sampling", dict(type=click.Choice(["beta", "uniform"]),
+                                        help="Timestep sampling: Beta(3,1) over the training timesteps (paper) or uniform [default: beta].")),
+    ("--feat-weight", "feat_weight", dict(type=click.FloatRange(0), help="Stage I feature-distillation weight lambda; 0 turns it off [default: 0.01].")),
+    ("--uncond-prob", "uncond_prob", dict(type=click.FloatRange(0, 1), help="Probability of training on the empty prompt [default: 0.1].")),
+    ("--mixed-precision", "mixed_precision", dict(type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")),
+    ("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", dict(default=None, help="Recompute activations to save memory.")),
+    ("--checkpoint-every", "checkpoint_every", dict(type=click.IntRange(0), help="Save a resumable checkpoint every N steps [default: 0, only at the end].")),
+    ("--eval-every", "eval_every", dict(type=click.IntRange(0), help="Evaluate samples every N steps (tiny-sd metric, or CLIP score with --eval-clip) [default: 0, off].")),
+    ("--eval-clip", "eval_clip", dict(type=click.Path(exists=True, file_okay=False),
+                                      help="Local CLIP model directory: evaluate other models than tiny-sd by CLIP score (with --eval-prompts).")),
+    ("--eval-prompts", "eval_prompts", dict(type=click.Path(exists=True, dir_okay=False), help="Prompt file (one a line) for --eval-clip.")),
+    ("--log-every", "log_every", dict(type=click.IntRange(0), help="Steps between JSON log lines [default: 10].")),
+    ("--finetune-seed", "seed", dict(type=int, help="Seed of the training draws [default: 0].")),
+    ("--tensorboard", "tensorboard", dict(is_flag=True, default=None, help="Also log to TensorBoard (if installed).")),
+    ("--cpu", "cpu", dict(is_flag=True, default=None, help="Train on the CPU even if a GPU is present.")),
+)
+_STEP_OPTIONS = (
+    ("--stage1-steps", dict(type=click.IntRange(0), default=None, help="Stage I (distillation) optimizer steps [default: 0 for quantize, 1000 for finetune].")),
+    ("--stage2-steps", dict(type=click.IntRange(0), default=None, help="Stage II (noise-prediction) optimizer steps [default: 0].")),
+    ("--finetune-config", dict(type=click.Path(exists=True, dir_okay=False),
+                               help='JSON file of fine-tuning settings; "stage1"/"stage2" objects hold per-stage ones. Options override it.')),
+)
+
+
+def _param_name(option: str) -> str:
+    return option.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def finetune_options(f):
+    """Click decorator adding the fine-tuning options (``--stage1-steps``, ``--stage2-steps``,
+    ``--finetune-config``, ``--lr``, ...). The command receives them as keyword arguments; pass
+    them to :func:`finetune_settings`."""
+    for option, _, kwargs in reversed(_CONFIG_OPTIONS):
+        f = click.option(option, **kwargs)(f)
+    for option, kwargs in reversed(_STEP_OPTIONS):
+        f = click.option(option, **kwargs)(f)
+    return f
+
+
+def finetune_settings(params: dict, *, default_stage1_steps: int = 0, quiet: bool = False):
+    """``(stage1_steps, stage2_steps, stage1_config, stage2_config)`` from the options of
+    :func:`finetune_options` (a dict that may hold other keys too; they are ignored)."""
+    from bfq.finetune import FinetuneConfig, load_config
+
+    overrides = {field: params.get(_param_name(o)) for o, field, _ in _CONFIG_OPTIONS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if quiet:
+        overrides["progress"] = False
+    try:
+        if params.get("finetune_config"):
+            c1, c2 = load_config(params["finetune_config"], **overrides)
+        else:
+            c1 = FinetuneConfig.from_dict({**overrides, "stage": "distill"})
+            c2 = c1.replace(stage="noise")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--finetune-config / fine-tuning options") from None
+    s1 = params.get("stage1_steps")
+    s2 = params.get("stage2_steps")
+    return (default_stage1_steps if s1 is None else s1), (0 if s2 is None else s2), c1, c2
+
+
+def quantize_options(f):
+    """Click decorator adding every option of `bfq quantize` (fine-tuning ones included)."""
+    f = finetune_options(f)
+    for option in reversed(_QUANTIZE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0, default_work_dir: bool = False) -> None:
+    """Run bfq.quantize.quantize with the options of :func:`quantize_options` and print the summary."""
+    from bfq.inspect import format_summary, summarize
+    from bfq.quantize import quantize
+
+    if params["bits"] is None and params["recipe"] is None:
+        raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
+    s1, s2, c1, c2 = finetune_settings(params, default_stage1_steps=default_stage1_steps, quiet=params["quiet"])
+    work_dir = params["work_dir"]
+    if work_dir is None and default_work_dir:
+        work_dir = str(Path(params["out"]).with_suffix(".work"))
+    steps = params["steps"] if params["steps"] is not None else _default_steps(model)
+    try:
+        result = quantize(
+            model, params["out"], bits=params["bits"], recipe=params["recipe"], init=params["init"],
+            levels=params["levels"], time_cache=params["time_cache"], steps=steps,
+            time_proj_bits=params["time_proj_bits"], scale_dtype=params["scale_dtype"],
+            dense_dtype=params["dense_dtype"], work_dir=work_dir, revision=params["revision"],
+            allow_pickle=params["allow_pickle"], progress=not params["quiet"], allocator=params["allocator"],
+            sensitivity=params["sensitivity"], stage1_steps=s1, stage2_steps=s2, finetune_config=c1,
+            finetune_stage2_config=c2, log=functools.partial(click.echo, err=True),
+        )  # fmt: skip
+    except ValueError as exc:
+        if type(exc) is not ValueError:  # BfqFormatError, RecipeError, ModelError: the group reports them
+            raise
+        raise click.ClickException(str(exc)) from None
+    if result.path is None:  # a non-main rank under accelerate launch
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(format_summary(summarize(result.path), max_rows=0))
+    click.echo("time        " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    if s1 or s2:
+        click.echo(f"log         {Path(work_dir) / 'finetune'}" if work_dir else "log         (no --work-dir: none kept)")
+    click.echo(f"wrote       {result.path}")
+
+
+def _default_steps(model: str) -> int:
+    from bfq.quantize import DEFAULT_STEPS
+
+    if model == "tiny-sd":
+        from bfq.evaluate import DEFAULT_STEPS as TINY_STEPS
+
+        return TINY_STEPS
+    return DEFAULT_STEPS
