@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,6 +71,45 @@ def export_unet(
         if recipe:
             writer.set_recipe(_jsonable(recipe))
     return Path(path)
+
+
+def export_finetuned(
+    student: nn.Module,
+    out: str | os.PathLike,
+    *,
+    time_cache: str | None = "grid",
+    scheduler=None,
+    steps: int = 50,
+    source: dict | None = None,
+    recipe_name: str = "finetuned",
+    metadata: dict | None = None,
+    dense_dtype: str = "f32",
+    progress: bool = True,
+) -> Path:
+    """Write a fine-tuned student to ``out`` (.bfq) with a time cache from its float time layers.
+
+    ``bfq.load_unet(out)`` then reproduces the student's fake-quantized outputs (up to the fp16
+    time cache). See :func:`bfq.timecache.build_cache` for ``time_cache``/``scheduler``/``steps``.
+    """
+    from bfq import recipe as recipes
+    from bfq.timecache import build_cache
+
+    quantized = dict(iter_quantized(student))
+    if not quantized:
+        raise ValueError("the student has no quantized layers")
+    cache = build_cache(student, time_cache, scheduler, steps)
+    n_tf = sum(np.asarray(t).size for t in cache["tables"].values()) if cache else 0
+    levels = next(iter(quantized.values())).levels
+    plan = recipes.Recipe(recipe_name, levels, {n: m.bits for n, m in quantized.items()})
+    summary = recipes.summarize(plan, student, cache["mode"] if cache else "grid", n_tf)
+    meta = dict(metadata or {})
+    if cache and cache["mode"] == "scheduler":
+        record = {"class_name": type(scheduler).__name__, "config": dict(scheduler.config)}
+        meta.setdefault("scheduler", json.dumps(record, default=str))
+        meta.setdefault("num_inference_steps", str(steps))
+    config = {k: v for k, v in dict(student.config).items() if k != "_name_or_path"}
+    return export_unet(student, out, config=config, class_name=type(student).__name__, source=source, time_cache=cache,
+                       recipe={**summary, "notes": ""}, metadata=meta, dense_dtype=dense_dtype, progress=progress)  # fmt: skip
 
 
 def _jsonable(obj):

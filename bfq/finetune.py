@@ -28,7 +28,7 @@ exactly as if it had not stopped.
 
 Python entry points: :func:`finetune` (any ``UNet2DConditionModel``, any iterable of conditioning
 batches), :func:`run_finetune_stages` (both stages for a resolved model, what ``bfq quantize
---stage1-steps/--stage2-steps`` calls), :func:`export_finetuned` (a trained student to ``.bfq``); the whole
+--stage1-steps/--stage2-steps`` calls), :func:`bfq.export.export_finetuned` (a trained student to ``.bfq``); the whole
 ``bfq quantize``/``bfq finetune`` pipeline is :func:`bfq.quantize.quantize`.
 """
 
@@ -91,7 +91,7 @@ class FinetuneConfig:
         data: the data source for the command line and :func:`run_finetune_stages`
             (``tiny-sd-digits``, ``folder:PATH``, ``prompts:FILE``; None: the model's built-in data).
         eval_clip, eval_prompts: a local CLIP model directory and a prompt file: the periodic
-            evaluation of models other than tiny-sd is then the CLIP score (:func:`clip_eval_fn`).
+            evaluation of models other than tiny-sd is then the CLIP score (:func:`bfq.finetune_eval.clip_eval_fn`).
         tensorboard: also log to TensorBoard (``run_dir/tensorboard``) when it is installed.
         progress: show a progress bar with loss and throughput.
         cpu: run on the CPU even when an accelerator is present.
@@ -782,7 +782,7 @@ def finetune(
             there resumes from it (same data order, optimizer state and random draws). None: no
             checkpoints, no log file.
         eval_fn: ``eval_fn(student) -> dict`` of metrics, called on the main process every
-            ``config.eval_every`` steps, at the start and at the end (e.g. :func:`tinysd_eval_fn`).
+            ``config.eval_every`` steps, at the start and at the end (e.g. :func:`bfq.finetune_eval.tinysd_eval_fn`).
         log: receives one line of text per notable event (resume, evaluation).
 
     Example:
@@ -801,78 +801,6 @@ def finetune(
     trainer = _Trainer(student, teacher, batches, cfg, uncond=uncond_hidden_states, scheduler=noise_scheduler,
                        run_dir=run_dir, eval_fn=eval_fn, log=log)  # fmt: skip
     return trainer.run()
-
-
-# -------------------------------------------------------------------------------- evaluation
-
-
-def tinysd_eval_fn(*, n_per_digit: int = 20, steps: int = 20, cfg_scales=None, seed: int = 0, base=None) -> Callable:
-    """``eval_fn`` for tiny-sd: :func:`bfq.evaluate.evaluate` (alignment and Fréchet distance) at
-    reduced settings; returns ``{"alignment", "fd"}`` at the default CFG plus ``alignment@cfg`` /
-    ``fd@cfg`` for every other scale of ``cfg_scales`` (default: the default scale only)."""
-    from bfq.evaluate import DEFAULT_CFG, evaluate
-
-    scales = tuple(cfg_scales) if cfg_scales else (DEFAULT_CFG,)
-
-    def run(unet) -> dict:
-        r = evaluate(unet, base=base, cfg_scales=scales, n_per_digit=n_per_digit, steps=steps, seed=seed)
-        out = {"alignment": r["alignment"], "fd": r["fd"]}
-        for row in r["sweep"]:
-            if row["cfg"] != r["default_cfg"]:
-                out[f"alignment@{row['cfg']:g}"], out[f"fd@{row['cfg']:g}"] = row["alignment"], row["fd"]
-        return out
-
-    return run
-
-
-def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: float = 7.5, seed: int = 1024,
-                 batch_size: int = 8) -> Callable:  # fmt: skip
-    """``eval_fn`` for any Stable Diffusion pipeline: the mean CLIP image-text cosine (the paper's
-    CLIP score) of images generated for ``prompts`` (a list or a file with one prompt a line) with
-    seeded noise, DDIM ``steps`` steps and guidance ``cfg``. ``clip_model`` is a local directory
-    holding a transformers ``CLIPModel`` and its ``CLIPProcessor`` (no download)."""
-    from bfq.finetune_data import read_prompts
-
-    prompt_list = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
-
-    @torch.no_grad()
-    def run(unet) -> dict:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-        from transformers import CLIPModel, CLIPProcessor
-
-        device = next(unet.parameters()).device
-        pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), unet=unet, safety_checker=None,
-                                                       requires_safety_checker=False, local_files_only=True)  # fmt: skip
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.to(device)
-        model = CLIPModel.from_pretrained(str(clip_model), local_files_only=True).to(device).eval()
-        proc = CLIPProcessor.from_pretrained(str(clip_model), local_files_only=True)
-        scores = []
-        for i in range(0, len(prompt_list), batch_size):
-            chunk = prompt_list[i : i + batch_size]
-            gen = torch.Generator().manual_seed(seed + i)
-            images = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="pil").images
-            inputs = proc(text=chunk, images=images, return_tensors="pt", padding=True, truncation=True)
-            out = model(**{k: v.to(device) for k, v in inputs.items()})
-            a = F.normalize(out.image_embeds.double(), dim=-1)
-            b = F.normalize(out.text_embeds.double(), dim=-1)
-            scores.append((a * b).sum(-1).cpu())
-        return {"clip_score": float(torch.cat(scores).mean())}
-
-    return run
-
-
-def default_eval_fn(resolved_model, config: FinetuneConfig | None = None) -> Callable | None:
-    """The periodic evaluation for a resolved model: the tiny-sd metric for tiny-sd; the CLIP score
-    when ``config.eval_clip`` names a local CLIP model and ``config.eval_prompts`` a prompt file
-    (needs the model's pipeline directory); else None."""
-    if getattr(resolved_model, "name", "") == "tiny-sd":
-        return tinysd_eval_fn()
-    base = getattr(resolved_model, "base_dir", None)
-    if config is not None and config.eval_clip and config.eval_prompts and base is not None:
-        return clip_eval_fn(base, config.eval_clip, config.eval_prompts)
-    return None
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -923,7 +851,7 @@ def run_finetune_stages(
         progress: progress bars (also needs ``config.progress``).
         teacher: the float UNet (default: :func:`float_teacher` of ``student_unet``).
         batches: conditioning batches for both stages (default: from ``config.data``).
-        eval_fn: periodic evaluation (default: :func:`default_eval_fn`; used when ``eval_every`` > 0).
+        eval_fn: periodic evaluation (default: :func:`bfq.finetune_eval.default_eval_fn`; used when ``eval_every`` > 0).
         log: receives progress notes.
     """
     if stage1_steps < 0 or stage2_steps < 0:
@@ -938,6 +866,8 @@ def run_finetune_stages(
         teacher = float_teacher(student_unet)
     scheduler = getattr(resolved_model, "scheduler", None)
     if eval_fn is None and (c1.eval_every or c2.eval_every):
+        from bfq.finetune_eval import default_eval_fn
+
         eval_fn = default_eval_fn(resolved_model, base)
         if eval_fn is None and log:
             log("no evaluation for this model (tiny-sd metric, or eval_clip + eval_prompts): eval_every is ignored")
@@ -964,69 +894,3 @@ def run_finetune_stages(
             finetune(student_unet, teacher, source_for(cfg), cfg, noise_scheduler=scheduler, run_dir=run_dir,
                      eval_fn=eval_fn, log=log)  # fmt: skip
     return student_unet
-
-
-# ------------------------------------------------------------------------------------- export
-
-
-def time_cache_for(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 50) -> dict | None:
-    """The ``time_cache`` argument of :func:`bfq.export.export_unet`, computed from ``unet``'s own
-    (frozen, float) time layers: ``scheduler`` mode for ``scheduler``'s ``steps`` timesteps, or
-    ``grid`` over its ``num_train_timesteps`` (1000 without a scheduler); None for no cache."""
-    from bfq import timecache
-
-    if mode is None or mode == "none":
-        return None
-    if mode == "scheduler":
-        if scheduler is None:
-            raise ValueError("the scheduler time cache needs the scheduler (its timesteps); use 'grid'")
-        quantized_proj = [n for n, _ in iter_quantized(unet) if n.endswith("time_emb_proj.weight")]
-        if quantized_proj:
-            raise ValueError(f"the scheduler time cache removes time_emb_proj, but {quantized_proj[0]} is quantized; use 'grid'")
-        ts = timecache.scheduler_timesteps(scheduler, steps)
-        tables = timecache.compute_scheduler_features(unet, ts)
-        return {"mode": mode, "timesteps": ts, "tables": {k: v.numpy() for k, v in tables.items()}}
-    if mode != "grid":
-        raise ValueError(f"time cache mode must be 'scheduler', 'grid' or None, got {mode!r}")
-    n_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else 1000
-    table = timecache.compute_grid_table(unet, n_train)
-    return {"mode": mode, "timesteps": list(range(n_train)), "tables": {"time_embedding": table.numpy()}}
-
-
-def export_finetuned(
-    student: nn.Module,
-    out: str | os.PathLike,
-    *,
-    time_cache: str | None = "grid",
-    scheduler=None,
-    steps: int = 50,
-    source: dict | None = None,
-    recipe_name: str = "finetuned",
-    metadata: dict | None = None,
-    dense_dtype: str = "f32",
-    progress: bool = True,
-) -> Path:
-    """Write a fine-tuned student to ``out`` (.bfq) with a time cache from its float time layers.
-
-    ``bfq.load_unet(out)`` then reproduces the student's fake-quantized outputs (up to the fp16
-    time cache). See :func:`time_cache_for` for ``time_cache``/``scheduler``/``steps``.
-    """
-    from bfq import recipe as recipes
-    from bfq.export import export_unet
-
-    quantized = dict(iter_quantized(student))
-    if not quantized:
-        raise ValueError("the student has no quantized layers")
-    cache = time_cache_for(student, time_cache, scheduler, steps)
-    n_tf = sum(np.asarray(t).size for t in cache["tables"].values()) if cache else 0
-    levels = next(iter(quantized.values())).levels
-    plan = recipes.Recipe(recipe_name, levels, {n: m.bits for n, m in quantized.items()})
-    summary = recipes.summarize(plan, student, cache["mode"] if cache else "grid", n_tf)
-    meta = dict(metadata or {})
-    if cache and cache["mode"] == "scheduler":
-        record = {"class_name": type(scheduler).__name__, "config": dict(scheduler.config)}
-        meta.setdefault("scheduler", json.dumps(record, default=str))
-        meta.setdefault("num_inference_steps", str(steps))
-    config = {k: v for k, v in dict(student.config).items() if k != "_name_or_path"}
-    return export_unet(student, out, config=config, class_name=type(student).__name__, source=source, time_cache=cache,
-                       recipe={**summary, "notes": ""}, metadata=meta, dense_dtype=dense_dtype, progress=progress)  # fmt: skip

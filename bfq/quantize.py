@@ -95,19 +95,12 @@ def _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time
 
 def compute_time_cache(resolved: models.ResolvedModel, mode: str, steps: int) -> dict:
     """{"mode", "timesteps", "tables"} for export, from the float model's time layers."""
-    unet, scheduler = resolved.unet, resolved.scheduler
-    if mode == "scheduler":
-        if scheduler is None:
-            raise RecipeError(
-                f"{resolved.name}: no scheduler comes with this model, so the 'scheduler' time cache cannot "
-                "know which timesteps to store; use --time-cache grid"
-            )
-        steps_list = timecache.scheduler_timesteps(scheduler, steps)
-        tables = timecache.compute_scheduler_features(unet, steps_list)
-        return {"mode": mode, "timesteps": steps_list, "tables": {k: v.numpy() for k, v in tables.items()}}
-    n_train = scheduler.config.num_train_timesteps if scheduler is not None else 1000
-    table = timecache.compute_grid_table(unet, n_train)
-    return {"mode": mode, "timesteps": list(range(n_train)), "tables": {"time_embedding": table.numpy()}}
+    if mode == "scheduler" and resolved.scheduler is None:
+        raise RecipeError(
+            f"{resolved.name}: no scheduler comes with this model, so the 'scheduler' time cache cannot "
+            "know which timesteps to store; use --time-cache grid"
+        )
+    return timecache.build_cache(resolved.unet, mode, resolved.scheduler, steps)
 
 
 def _settings_key(settings: dict) -> str:

@@ -308,6 +308,30 @@ def _install_state(unet: nn.Module, state: _TimeState) -> None:
     unet.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
 
 
+def build_cache(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 50) -> dict | None:
+    """The ``time_cache`` argument of :func:`bfq.export.export_unet`, computed from ``unet``'s own
+    (frozen, float) time layers: ``scheduler`` mode for ``scheduler``'s ``steps`` timesteps, or
+    ``grid`` over its ``num_train_timesteps`` (1000 without a scheduler); None for no cache."""
+    if mode is None or mode == "none":
+        return None
+    if mode == "scheduler":
+        if scheduler is None:
+            raise ValueError("the scheduler time cache needs the scheduler (its timesteps); use 'grid'")
+        from bfq.nn import iter_quantized
+
+        quantized_proj = [n for n, _ in iter_quantized(unet) if n.endswith("time_emb_proj.weight")]
+        if quantized_proj:
+            raise ValueError(f"the scheduler time cache removes time_emb_proj, but {quantized_proj[0]} is quantized; use 'grid'")
+        ts = scheduler_timesteps(scheduler, steps)
+        tables = compute_scheduler_features(unet, ts)
+        return {"mode": mode, "timesteps": ts, "tables": {k: v.numpy() for k, v in tables.items()}}
+    if mode != "grid":
+        raise ValueError(f"time cache mode must be 'scheduler', 'grid' or None, got {mode!r}")
+    n_train = int(scheduler.config.num_train_timesteps) if scheduler is not None else 1000
+    table = compute_grid_table(unet, n_train)
+    return {"mode": mode, "timesteps": list(range(n_train)), "tables": {"time_embedding": table.numpy()}}
+
+
 def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
     """Delete ``time_embedding`` and every ``time_emb_proj``; serve ``features`` instead. In place.
 

@@ -26,13 +26,13 @@ import torch
 
 from bfq.finetune import (
     FinetuneConfig,
-    export_finetuned,
     finetune,
     float_teacher,
     load_config,
     sample_timesteps,
     trainable_parameters,
 )
+from bfq.export import export_finetuned
 from bfq.finetune_data import TensorBatches
 from bfq.nn import iter_quantized, quantize_unet
 from bfq.quantizer import code_range
@@ -333,7 +333,7 @@ def test_data_sources_tiny_sd_folder_and_prompts(tmp_path):
 def test_clip_eval_fn_with_a_local_clip_model(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from bfq.finetune import clip_eval_fn
+    from bfq.finetune_eval import clip_eval_fn
     from bfq.models import resolve_model
     from bfq.tinysd import pipeline_dir
 
