@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bfq._json import read_json_file
 from bfq.errors import RecipeError
 from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
 
@@ -81,15 +82,6 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def load_sensitivity(source) -> dict:
     """Read (a path) or take (a dict) a sensitivity object and check its structure.
 
@@ -104,14 +96,7 @@ def load_sensitivity(source) -> dict:
         obj, where = dict(source), "sensitivity"
     else:
         where = os.fspath(source)
-        try:
-            text = Path(source).read_text()
-        except OSError as e:
-            raise SensitivityError(f"cannot read sensitivity file {where}: {e}") from None
-        try:
-            obj = json.loads(text, object_pairs_hook=_no_duplicates)
-        except ValueError as e:
-            raise SensitivityError(f"{where}: invalid JSON ({e})") from None
+        obj = read_json_file(source, SensitivityError, "sensitivity file")
     if not isinstance(obj, dict):
         raise SensitivityError(f"{where}: expected a JSON object")
     if obj.get("format") != SENSITIVITY_FORMAT:
@@ -774,13 +759,7 @@ def plot_allocation(alloc: Allocation | Mapping, path, *, title: str | None = No
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------ bfq quantize --bits
@@ -887,3 +866,16 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "p
     why = (f"{method} allocation for {budget:g} bits from the sensitivity analysis {origin} "
            f"({sens['settings'].get('mode', '?')} mode): {alloc.avg_bits:.4f} bits by the paper's accounting")  # fmt: skip
     return recipe, why
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure atomically (PNG at 110 dpi by the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

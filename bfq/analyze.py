@@ -838,7 +838,7 @@ def format_timestep_table(table: Mapping) -> str:
 
 def plot_timestep_errors(table: Mapping, path, *, title: str | None = None) -> Path:
     """Log-scale plot of ``eps_mse`` and ``latent_err`` against t (the paper's Fig. 4). Needs matplotlib."""
-    from bfq.allocate import require_matplotlib
+    from bfq.allocate import require_matplotlib, save_figure
 
     matplotlib = require_matplotlib()
 
@@ -860,10 +860,4 @@ def plot_timestep_errors(table: Mapping, path, *, title: str | None = None) -> P
     for a in (ax, ax2):
         a.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

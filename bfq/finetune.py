@@ -789,7 +789,7 @@ def finetune(
         >>> teacher = float_teacher(student)                       # before any training
         >>> batches = [{"encoder_hidden_states": c, "uncond_hidden_states": u, "latents": x0}]
         >>> finetune(student, teacher, batches, FinetuneConfig(steps=100, lr=1e-5), run_dir="run")
-        >>> export_finetuned(student, "out.bfq", time_cache="grid")
+        >>> bfq.export.export_finetuned(student, "out.bfq", time_cache="grid")
     """
     cfg = (config or FinetuneConfig()).validate()
     from bfq.timecache import time_cache_mode

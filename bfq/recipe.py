@@ -30,6 +30,7 @@ from pathlib import Path
 
 from torch import nn
 
+from bfq._json import read_json_file
 from bfq.errors import RecipeError
 from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
 
@@ -89,24 +90,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {path}: {e}") from None
-        try:
-            obj = json.loads(text, object_pairs_hook=_no_duplicates)
-        except ValueError as e:
-            raise RecipeError(f"recipe {path}: invalid JSON ({e})") from None
-        return cls.from_json(obj)
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
+        return cls.from_json(read_json_file(path, RecipeError, "recipe"))
 
 
 def _summarize(names, limit: int = 5) -> str:
