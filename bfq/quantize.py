@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -123,7 +123,7 @@ def _init_layers(unet, plan: recipes.Recipe, *, init: str, scale_dtype: str, wor
     quantize_unet(unet, plan.bits, levels=plan.levels, init=init, scale_dtype=scale_dtype, progress=progress)
     if scales_path is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = scales_path.with_suffix(".tmp")
+        tmp = scales_path.with_name(f".{scales_path.name}.{os.getpid()}.tmp")  # ranks of a multi-process run race here
         save_file({name: m.scale.detach().contiguous() for name, m in iter_quantized(unet)}, str(tmp))
         os.replace(tmp, scales_path)
     return False
