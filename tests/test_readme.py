@@ -30,3 +30,17 @@ def test_readme_commands_exist():
     for command in sorted(commands):
         result = runner.invoke(main, [command, "--help"])
         assert result.exit_code == 0, f"bfq {command} --help failed: {result.output}"
+
+
+def test_pyproject_lists_every_package():
+    """A wheel (`pip install .`, not -e) holds only the packages pyproject lists."""
+    import tomllib
+
+    tool = tomllib.loads(ROOT.joinpath("pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for name, folder in tool["package-dir"].items():
+        found = {
+            ".".join([name, *p.parent.relative_to(ROOT / folder).parts])
+            for p in (ROOT / folder).rglob("__init__.py")
+        }
+        assert found <= listed, f"pyproject.toml [tool.setuptools] packages misses {sorted(found - listed)}"
