@@ -1,4 +1,4 @@
-"""`bfq finetune`: `bfq quantize` with Stage I on by default and a default work directory."""
+"""`bfq finetune`: `bfq quantize` with Stage I on by default."""
 
 from __future__ import annotations
 
@@ -26,4 +26,4 @@ def finetune_cmd(model, **params):
       accelerate launch --num_processes 8 -m bfq_cli.main finetune ./sd-pipeline --bits 1.99 \\
           --data folder:./images --stage1-steps 20000 -o sd.bfq
     """
-    run_quantize(model, params, default_stage1_steps=1000, default_work_dir=True)
+    run_quantize(model, params, default_stage1_steps=1000)

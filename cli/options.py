@@ -26,7 +26,7 @@ _QUANTIZE_OPTIONS = (
     click.option("--time-proj-bits", type=click.IntRange(1, 8), default=None, help="Bits of the time projections in grid mode (default 4)."),
     click.option("--scale-dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True),
     click.option("--dense-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True, help="Precision of biases and norms."),
-    click.option("--work-dir", type=click.Path(file_okay=False), help="Keep intermediate results (scales, sensitivity analysis, fine-tuning checkpoints and log.jsonl) here; a rerun with the same settings resumes [bfq finetune: OUT with .work instead of .bfq]."),
+    click.option("--work-dir", type=click.Path(file_okay=False), help="Keep intermediate results (scales, sensitivity analysis, fine-tuning checkpoints and log.jsonl) here; a rerun with the same settings resumes [default when fine-tuning: OUT with .work instead of .bfq]."),
     click.option("--revision", help="Hub revision (branch, tag or commit) for Hub models."),
     click.option("--allow-pickle", is_flag=True, help="Allow pickle-based checkpoints (.ckpt/.bin). Only for files you trust."),
     click.option("--quiet", is_flag=True, help="No progress bars."),
@@ -110,7 +110,7 @@ def quantize_options(f):
     return f
 
 
-def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0, default_work_dir: bool = False) -> None:
+def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> None:
     """Run bfq.quantize.quantize with the options of :func:`quantize_options` and print the summary."""
     from bfq.inspect import format_summary, summarize
     from bfq.quantize import quantize
@@ -119,7 +119,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0, def
         raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
     s1, s2, c1, c2 = finetune_settings(params, default_stage1_steps=default_stage1_steps, quiet=params["quiet"])
     work_dir = params["work_dir"]
-    if work_dir is None and default_work_dir:
+    if work_dir is None and (s1 or s2):  # training resumes from checkpoints kept there
         work_dir = str(Path(params["out"]).with_suffix(".work"))
     steps = params["steps"] if params["steps"] is not None else _default_steps(model)
     try:
@@ -143,7 +143,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0, def
     click.echo(format_summary(summarize(result.path), max_rows=0))
     click.echo("time        " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
     if s1 or s2:
-        click.echo(f"log         {Path(work_dir) / 'finetune'}" if work_dir else "log         (no --work-dir: none kept)")
+        click.echo(f"log         {Path(work_dir) / 'finetune'}")
     click.echo(f"wrote       {result.path}")
 
 
