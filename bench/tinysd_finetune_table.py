@@ -15,7 +15,7 @@ computed once, and the last row reuses the Stage I run of the row before it (so 
 Stage II's alone). A rerun with the same --work-dir reuses finished stages.
 
     OMP_NUM_THREADS=1 python bench/tinysd_finetune_table.py [--stage1-steps 400] [--stage2-steps 400]
-        [--lr 1e-5] [--batch-size 32] [--n-per-digit 50] [--work-dir DIR] [--out table.json]
+        [--lr 1e-5] [--batch-size 32] [--n-per-digit 50] [--seeds 0,1,2] [--work-dir DIR] [--out table.json]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main():
     parser.add_argument("--stage2-lr", type=float, help="Stage II learning rate (default: --lr)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-per-digit", type=int, default=50, help="images per digit for the metric (CFG %g)" % DEFAULT_CFG)
+    parser.add_argument("--seeds", default="0", help="comma-separated evaluation seeds (prompts and initial noise); the table gives the mean")
     parser.add_argument("--only", help="comma-separated row numbers (1 = init only) to run; fp32 always runs")
     parser.add_argument("--work-dir", help="keep the analysis, scales and checkpoints here (default: a temporary one)")
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -66,8 +67,8 @@ def main():
     metric = dict(n_per_digit=args.n_per_digit, steps=DEFAULT_STEPS, cfg_scales=(DEFAULT_CFG,))
     base = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, progress=False)
     stage2 = base.replace(lr=args.stage2_lr or args.lr)
-    fp32 = evaluate(None, **metric)
-    results = [{"row": "fp32", "avg_bits": 32.0, "alignment": fp32["alignment"], "fd": fp32["fd"]}]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results = [{"row": "fp32", "avg_bits": 32.0, **_scores(evaluate, None, metric, seeds)}]
     _print(results[-1])
     wanted = {int(i) for i in args.only.split(",")} if args.only else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,20 +80,28 @@ def main():
             done = quantize("tiny-sd", path, bits=args.bits, steps=DEFAULT_STEPS, work_dir=work_dir, progress=False,
                             stage1_steps=s1, stage2_steps=s2, finetune_config=base.replace(**settings),
                             finetune_stage2_config=stage2)  # fmt: skip
-            r = evaluate(bfq.load_unet(path, dtype=torch.float32), **metric)
+            scores = _scores(evaluate, bfq.load_unet(path, dtype=torch.float32), metric, seeds)
             results.append({"row": name, "avg_bits": summarize(path)["avg_bits"], "stage1_steps": s1, "stage2_steps": s2,
-                            "finetune_s": done.seconds.get("finetune", 0.0), "alignment": r["alignment"], "fd": r["fd"]})  # fmt: skip
+                            "finetune_s": done.seconds.get("finetune", 0.0), **scores})  # fmt: skip
             _print(results[-1])
-    print(f"\nmetric: tiny-sd, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}; "
+    print(f"\nmetric: tiny-sd, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}, mean over seeds {seeds}; "
           f"batch {args.batch_size}, lr {args.lr:g} (Stage II {stage2.lr:g}), {torch.get_num_threads()} torch thread")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def _scores(evaluate, unet, metric: dict, seeds: list[int]) -> dict:
+    """Mean alignment and FD over the evaluation seeds, and the FD of each."""
+    runs = [evaluate(unet, seed=seed, **metric) for seed in seeds]
+    return {"alignment": sum(r["alignment"] for r in runs) / len(runs), "fd": sum(r["fd"] for r in runs) / len(runs),
+            "fd_per_seed": [r["fd"] for r in runs]}  # fmt: skip
+
+
 def _print(row: dict) -> None:
     steps = f"{row.get('stage1_steps', 0):>4} + {row.get('stage2_steps', 0):<4}" if "stage1_steps" in row else " " * 11
     cpu = f"{row['finetune_s']:7.0f} s" if row.get("finetune_s") else " " * 9
-    print(f"{row['row']:<34} bits {row['avg_bits']:6.3f}  steps {steps} {cpu}  alignment {row['alignment']:.3f}  FD {row['fd']:6.2f}", flush=True)
+    print(f"{row['row']:<34} bits {row['avg_bits']:6.3f}  steps {steps} {cpu}  alignment {row['alignment']:.3f}  FD {row['fd']:6.2f}  "
+          f"(per seed {', '.join(f'{x:.2f}' for x in row['fd_per_seed'])})", flush=True)
 
 
 if __name__ == "__main__":
