@@ -56,6 +56,7 @@ def main():
     parser.add_argument("--stage2-steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--stage2-lr", type=float, help="Stage II learning rate (default: --lr)")
+    parser.add_argument("--stage2-grad-accum", type=int, default=1, help="Stage II micro-batches per step")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-per-digit", type=int, default=50, help="images per digit for the metric (CFG %g)" % DEFAULT_CFG)
     parser.add_argument("--seeds", default="0", help="comma-separated evaluation seeds (prompts and initial noise); the table gives the mean")
@@ -66,7 +67,7 @@ def main():
     torch.set_num_threads(1)
     metric = dict(n_per_digit=args.n_per_digit, steps=DEFAULT_STEPS, cfg_scales=(DEFAULT_CFG,))
     base = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, progress=False)
-    stage2 = base.replace(lr=args.stage2_lr or args.lr)
+    stage2 = base.replace(lr=args.stage2_lr or args.lr, grad_accum=args.stage2_grad_accum)
     seeds = [int(x) for x in args.seeds.split(",")]
     results = [{"row": "fp32", "avg_bits": 32.0, **_scores(evaluate, None, metric, seeds)}]
     _print(results[-1])
@@ -85,7 +86,7 @@ def main():
                             "finetune_s": done.seconds.get("finetune", 0.0), **scores})  # fmt: skip
             _print(results[-1])
     print(f"\nmetric: tiny-sd, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}, mean over seeds {seeds}; "
-          f"batch {args.batch_size}, lr {args.lr:g} (Stage II {stage2.lr:g}), {torch.get_num_threads()} torch thread")  # fmt: skip
+          f"batch {args.batch_size}, lr {args.lr:g} (Stage II {stage2.lr:g}, {stage2.grad_accum} micro-batches a step), {torch.get_num_threads()} torch thread")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -21,7 +21,7 @@ def quantize_cmd(model, **params):
     \b
     Examples:
       bfq quantize tiny-sd --bits 1.99 -o tiny.bfq
-      bfq quantize tiny-sd --bits 1.99 --stage1-steps 400 --stage2-steps 400 --batch-size 32 -o tiny-ft.bfq
+      bfq quantize tiny-sd --bits 1.99 --stage1-steps 400 --lr 1e-4 --batch-size 32 -o tiny-ft.bfq
       bfq quantize sd15-random --recipe bitsfusion-sd15 -o sd15.bfq
       bfq quantize ./my-unet --recipe uniform-2 --time-cache grid -o my.bfq
     """
