@@ -179,8 +179,7 @@ def test_stage2_prompts_only_and_cpu_bf16_checkpointing():
 
 
 def test_plain_iterables_and_grad_accumulation_match_indexed_source():
-    """A list of batches read in order gives the same result as the indexed source; two
-    micro-batches of 4 accumulate to the same kind of step (smoke)."""
+    """A list of batches read in order gives the same result as the indexed source."""
     results = []
     for kind in ("indexed", "list"):
         student, teacher, source = make_setup()
@@ -188,8 +187,29 @@ def test_plain_iterables_and_grad_accumulation_match_indexed_source():
         finetune(student, teacher, batches, fast_config(steps=3))
         results.append(state(student))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients(monkeypatch):
+    """One step over 2 accumulated micro-batches sees the mean of the gradients two plain steps
+    see on the same micro-batches (the weights do not move in between: lr 1e-12)."""
+    seen = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    frozen = dict(lr=1e-12, weight_decay=0.0, max_grad_norm=None)
     student, teacher, source = make_setup()
-    finetune(student, teacher, source, fast_config(steps=2, grad_accum=2))
+    finetune(student, teacher, source, fast_config(steps=2, **frozen))
+    plain, seen[:] = list(seen), []
+    student, teacher, source = make_setup()
+    finetune(student, teacher, source, fast_config(steps=1, grad_accum=2, **frozen))
+    assert len(plain) == 2 and len(seen) == 1 and len(seen[0]) == len(plain[0]) > 10
+    for a, b, accumulated in zip(*plain, seen[0]):
+        torch.testing.assert_close(accumulated, (a + b) / 2, rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(plain[0][0], plain[1][0])  # the two micro-batches differ
 
 
 # ------------------------------------------------------------------------- resume after kill
