@@ -82,7 +82,7 @@ class FinetuneConfig:
         mixed_precision: "no", "bf16" or "fp16" (accelerate autocast; master weights stay fp32).
         gradient_checkpointing: recompute activations in the backward pass (saves memory).
         seed: seeds every random draw (with the stage and the micro-batch index).
-        checkpoint_every: save a checkpoint every N steps into the run directory (0: only the end).
+        checkpoint_every: save a checkpoint every N steps into the run directory (0: only at the end; there is always one at the end).
         keep_checkpoints: how many checkpoints to keep.
         log_every: steps between log lines (JSON lines in ``run_dir/log.jsonl``).
         eval_every: steps between evaluations by ``eval_fn`` (0: off); also at start and end.
@@ -115,7 +115,7 @@ class FinetuneConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
     eval_every: int = 0

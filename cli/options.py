@@ -47,7 +47,7 @@ _CONFIG_OPTIONS = (
     ("--uncond-prob", "uncond_prob", dict(type=click.FloatRange(0, 1), help="Probability of training on the empty prompt [default: 0.1].")),
     ("--mixed-precision", "mixed_precision", dict(type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")),
     ("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", dict(default=None, help="Recompute activations to save memory.")),
-    ("--checkpoint-every", "checkpoint_every", dict(type=click.IntRange(0), help="Save a resumable checkpoint every N steps [default: 0, only at the end].")),
+    ("--checkpoint-every", "checkpoint_every", dict(type=click.IntRange(0), help="Save a resumable checkpoint every N steps (and at the end; 0: only at the end) [default: 500].")),
     ("--eval-every", "eval_every", dict(type=click.IntRange(0), help="Evaluate samples every N steps (tiny-sd metric, or CLIP score with --eval-clip) [default: 0, off].")),
     ("--eval-clip", "eval_clip", dict(type=click.Path(exists=True, file_okay=False),
                                       help="Local CLIP model directory: evaluate other models than tiny-sd by CLIP score (with --eval-prompts).")),
