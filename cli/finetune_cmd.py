@@ -21,8 +21,8 @@ def finetune_cmd(model, **params):
     \b
     Examples:
       bfq finetune tiny-sd --bits 1.99 --stage1-steps 400 --lr 1e-4 --batch-size 32 -o tiny-ft.bfq
-      bfq finetune ./sd-pipeline --bits 1.99 --data folder:./images --batch-size 8 \\
-          --mixed-precision bf16 --gradient-checkpointing --checkpoint-every 500 -o sd.bfq
+      bfq finetune ./sd-pipeline --bits 1.99 --data folder:./images --batch-size 8 --grad-accum 16 \\
+          --mixed-precision bf16 --gradient-checkpointing -o sd.bfq
       accelerate launch --num_processes 8 -m bfq_cli.main finetune ./sd-pipeline --bits 1.99 \\
           --data folder:./images --stage1-steps 20000 -o sd.bfq
     """
