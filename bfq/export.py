@@ -104,12 +104,17 @@ def export_finetuned(
     summary = recipes.summarize(plan, student, cache["mode"] if cache else "grid", n_tf)
     meta = dict(metadata or {})
     if cache and cache["mode"] == "scheduler":
-        record = {"class_name": type(scheduler).__name__, "config": dict(scheduler.config)}
-        meta.setdefault("scheduler", json.dumps(record, default=str))
-        meta.setdefault("num_inference_steps", str(steps))
+        meta = {**sampler_metadata(scheduler, steps), **meta}
     config = {k: v for k, v in dict(student.config).items() if k != "_name_or_path"}
     return export_unet(student, out, config=config, class_name=type(student).__name__, source=source, time_cache=cache,
                        recipe={**summary, "notes": ""}, metadata=meta, dense_dtype=dense_dtype, progress=progress)  # fmt: skip
+
+
+def sampler_metadata(scheduler, steps: int) -> dict[str, str]:
+    """The ``scheduler`` and ``num_inference_steps`` metadata of a file with a scheduler-mode time
+    cache (FORMAT.md §2): the sampler the cached timesteps belong to."""
+    record = {"class_name": type(scheduler).__name__, "config": dict(scheduler.config)}
+    return {"scheduler": json.dumps(record, default=str), "num_inference_steps": str(steps)}
 
 
 def _jsonable(obj):

@@ -19,7 +19,7 @@ import torch
 
 from bfq import models, recipe as recipes, timecache
 from bfq.errors import RecipeError
-from bfq.export import export_unet
+from bfq.export import export_unet, sampler_metadata
 from bfq.nn import iter_quantized, quantize_unet
 
 DEFAULT_STEPS = 50  # the paper's PNDM-50 sampler
@@ -204,8 +204,7 @@ def quantize(
 
     t0 = time.perf_counter()
     if resolved.scheduler is not None and time_cache == "scheduler":
-        metadata["scheduler"] = json.dumps({"class_name": type(resolved.scheduler).__name__, "config": dict(resolved.scheduler.config)}, default=str)
-        metadata["num_inference_steps"] = str(steps)
+        metadata.update(sampler_metadata(resolved.scheduler, steps))
     path = export_unet(
         unet,
         out,
