@@ -27,6 +27,7 @@ before:
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -44,7 +45,7 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class IndexedBatches:
+class IndexedBatches(abc.ABC):
     """Base of the sources: ``batch(i)`` is deterministic; iteration yields ``batch(0), batch(1), ...``
     without end. Subclasses set ``n`` (examples), ``batch_size`` and ``seed`` and implement ``_make``."""
 
@@ -80,8 +81,9 @@ class IndexedBatches:
     def batch(self, i: int) -> dict:
         return self._make(i, self.indices(i))
 
-    def _make(self, i: int, idx: torch.Tensor) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make(self, i: int, idx: torch.Tensor) -> dict:
+        """Batch ``i`` made of the examples ``idx``."""
 
     def __iter__(self) -> Iterator[dict]:
         i = 0
