@@ -186,10 +186,9 @@ def load_config(path: str | os.PathLike, **overrides) -> tuple[FinetuneConfig, F
 
         {"lr": 1e-5, "batch_size": 64, "stage1": {"feat_weight": 0.01}, "stage2": {"lr": 5e-6}}
     """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the finetune config {path}: {exc}") from None
+    from bfq._json import read_json_file
+
+    raw = read_json_file(path, ValueError, "finetune config")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a finetune config is a JSON object")
     per_stage = [raw.pop("stage1", {}) or {}, raw.pop("stage2", {}) or {}]

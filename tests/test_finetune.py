@@ -113,6 +113,11 @@ def test_config_file_stages_and_validation(tmp_path):
         FinetuneConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(ValueError, match="t_sampling"):
         FinetuneConfig(t_sampling="gauss").validate()
+    path.write_text('{"lr": 1e-5, "lr": 1e-3}')
+    with pytest.raises(ValueError, match="duplicate key 'lr'"):
+        load_config(path)
+    with pytest.raises(ValueError, match="cannot read finetune config"):
+        load_config(tmp_path / "missing.json")
 
 
 def test_time_layers_frozen_and_unchanged():
