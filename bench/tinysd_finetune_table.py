@@ -45,7 +45,7 @@ def main():
     import torch
 
     import bfq
-    from bfq.evaluate import DEFAULT_CFG, DEFAULT_STEPS, evaluate
+    from bfq.evaluate import DEFAULT_CFG, DEFAULT_STEPS
     from bfq.finetune import FinetuneConfig
     from bfq.inspect import summarize
     from bfq.quantize import quantize
@@ -69,7 +69,7 @@ def main():
     base = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, progress=False)
     stage2 = base.replace(lr=args.stage2_lr or args.lr, grad_accum=args.stage2_grad_accum)
     seeds = [int(x) for x in args.seeds.split(",")]
-    results = [{"row": "fp32", "avg_bits": 32.0, **_scores(evaluate, None, metric, seeds)}]
+    results = [{"row": "fp32", "avg_bits": 32.0, **_scores(None, metric, seeds)}]
     _print(results[-1])
     wanted = {int(i) for i in args.only.split(",")} if args.only else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +81,7 @@ def main():
             done = quantize("tiny-sd", path, bits=args.bits, steps=DEFAULT_STEPS, work_dir=work_dir, progress=False,
                             stage1_steps=s1, stage2_steps=s2, finetune_config=base.replace(**settings),
                             finetune_stage2_config=stage2)  # fmt: skip
-            scores = _scores(evaluate, bfq.load_unet(path, dtype=torch.float32), metric, seeds)
+            scores = _scores(bfq.load_unet(path, dtype=torch.float32), metric, seeds)
             results.append({"row": name, "avg_bits": summarize(path)["avg_bits"], "stage1_steps": s1, "stage2_steps": s2,
                             "finetune_s": done.seconds.get("finetune", 0.0), **scores})  # fmt: skip
             _print(results[-1])
@@ -91,8 +91,10 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
-def _scores(evaluate, unet, metric: dict, seeds: list[int]) -> dict:
+def _scores(unet, metric: dict, seeds: list[int]) -> dict:
     """Mean alignment and FD over the evaluation seeds, and the FD of each."""
+    from bfq.evaluate import evaluate
+
     runs = [evaluate(unet, seed=seed, **metric) for seed in seeds]
     return {"alignment": sum(r["alignment"] for r in runs) / len(runs), "fd": sum(r["fd"] for r in runs) / len(runs),
             "fd_per_seed": [r["fd"] for r in runs]}  # fmt: skip

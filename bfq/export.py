@@ -29,8 +29,8 @@ def export_unet(
     unet: nn.Module,
     path: str | os.PathLike,
     *,
-    config: dict,
-    class_name: str = "UNet2DConditionModel",
+    config: dict | None = None,
+    class_name: str | None = None,
     source: dict | None = None,
     time_cache: dict | None = None,
     recipe: dict | None = None,
@@ -42,7 +42,9 @@ def export_unet(
 
     Args:
         unet: a UNet whose quantized layers are bfq.nn modules.
-        config: the original model's config dict (what `from_config` needs to rebuild it).
+        config: the original model's config dict (what `from_config` needs to rebuild it);
+            default: ``unet.config`` without ``_name_or_path``. ``class_name`` defaults to the
+            UNet's class name.
         time_cache: {"mode": "scheduler"|"grid", "timesteps": [...], "tables": {name: array [T, D]}},
             as computed by bfq.timecache; the parameters it replaces are left out of the file.
         recipe: the recipe summary for the header (avg_bits, n_weights_total, n_params_total, ...).
@@ -53,7 +55,9 @@ def export_unet(
     mode = time_cache["mode"] if time_cache else None
     quantized = dict(iter_quantized(unet))
     skip = set(quantized) | {name[: -len("weight")] + "scale" for name in quantized}
-    model = {"class_name": class_name, "config": _jsonable(config)}
+    if config is None:
+        config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
+    model = {"class_name": class_name or type(unet).__name__, "config": _jsonable(config)}
     if source:
         model["source"] = source
     state = unet.state_dict()
@@ -105,9 +109,8 @@ def export_finetuned(
     meta = dict(metadata or {})
     if cache and cache["mode"] == "scheduler":
         meta = {**sampler_metadata(scheduler, steps), **meta}
-    config = {k: v for k, v in dict(student.config).items() if k != "_name_or_path"}
-    return export_unet(student, out, config=config, class_name=type(student).__name__, source=source, time_cache=cache,
-                       recipe={**summary, "notes": ""}, metadata=meta, dense_dtype=dense_dtype, progress=progress)  # fmt: skip
+    return export_unet(student, out, source=source, time_cache=cache, recipe={**summary, "notes": ""}, metadata=meta,
+                       dense_dtype=dense_dtype, progress=progress)  # fmt: skip
 
 
 def sampler_metadata(scheduler, steps: int) -> dict[str, str]:

@@ -129,6 +129,21 @@ def _init_layers(unet, plan: recipes.Recipe, *, init: str, scale_dtype: str, wor
     return False
 
 
+def _finetune(resolved, unet, stage1_steps, stage2_steps, config, stage2_config, **kwargs) -> str | None:
+    """Stage I and Stage II in place (bfq.finetune); the "finetune" metadata record, or None on the
+    ranks of a multi-process run that do not export."""
+    from bfq.finetune import FinetuneConfig, is_main_process, run_finetune_stages
+
+    config = config or FinetuneConfig()
+    run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=config,
+                        stage2_config=stage2_config, **kwargs)  # fmt: skip
+    if not is_main_process(config.cpu):
+        return None
+    unet.cpu()
+    return json.dumps({"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "config": config.to_dict(),
+                       "stage2_config": (stage2_config or config).to_dict()})  # fmt: skip
+
+
 def quantize(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -178,7 +193,6 @@ def quantize(
         progress=progress,
     )  # fmt: skip
     summary = recipes.summarize(plan, unet, time_cache, n_tf)
-    config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
     seconds["time_cache"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -188,19 +202,13 @@ def quantize(
 
     metadata = {"init": init, "recipe_note": why}
     if stage1_steps or stage2_steps:
-        from bfq.finetune import FinetuneConfig, is_main_process, run_finetune_stages
-
         t0 = time.perf_counter()
-        run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=finetune_config,
-                            stage2_config=finetune_stage2_config, work_dir=work_dir, progress=progress, log=log)  # fmt: skip
+        record = _finetune(resolved, unet, stage1_steps, stage2_steps, finetune_config, finetune_stage2_config,
+                           work_dir=work_dir, progress=progress, log=log)  # fmt: skip
         seconds["finetune"] = time.perf_counter() - t0
-        if not is_main_process((finetune_config or FinetuneConfig()).cpu):
+        if record is None:  # another rank of a multi-process run: the main one exports
             return QuantizeResult(None, plan, summary, seconds, [why])
-        unet.cpu()
-        stage1 = finetune_config or FinetuneConfig()
-        stage2 = finetune_stage2_config or stage1
-        metadata["finetune"] = json.dumps({"stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
-                                           "config": stage1.to_dict(), "stage2_config": stage2.to_dict()})  # fmt: skip
+        metadata["finetune"] = record
 
     t0 = time.perf_counter()
     if resolved.scheduler is not None and time_cache == "scheduler":
@@ -208,8 +216,6 @@ def quantize(
     path = export_unet(
         unet,
         out,
-        config=config,
-        class_name=type(unet).__name__,
         source=resolved.source,
         time_cache=cache,
         recipe={**summary, "notes": plan.notes or ""},
