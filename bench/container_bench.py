@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bfq import pack  # noqa: E402
-from bfq.container import BfqWriter, open_bfq  # noqa: E402
-from bfq.format import choose_packing, level_offset, num_levels  # noqa: E402
+from bfq.format import BfqWriter, open_bfq  # noqa: E402
+from bfq.format.constants import choose_packing, level_offset, num_levels  # noqa: E402
 
 
 def median_time(fn, runs: int) -> float:
@@ -45,8 +45,8 @@ def median_time(fn, runs: int) -> float:
 
 def sd15_plan() -> list[tuple[str, tuple[int, ...], int]]:
     """(name, shape, bits) for every quantized layer of SD-v1.5 under bitsfusion-sd15."""
-    from bfq.models import build_meta_unet, sd15_config
-    from bfq.recipe import bitsfusion_sd15
+    from bfq.pipeline.models import build_meta_unet, sd15_config
+    from bfq.quant.recipe import bitsfusion_sd15
 
     unet = build_meta_unet(sd15_config())
     recipe = bitsfusion_sd15(unet)

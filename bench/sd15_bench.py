@@ -33,20 +33,20 @@ def done(**kw):
 
 STEPS = {
     "export": """
-from bfq.quantize import quantize
+from bfq.pipeline.quantize import quantize
 t = time.perf_counter()
 r = quantize('sd15-random', sys.argv[1] + '/sd15.bfq', recipe='bitsfusion-sd15', progress=False)
 done(seconds=time.perf_counter() - t, stages=r.seconds, avg_bits=r.summary['avg_bits'])
 """,
     "save_fp16": """
-from bfq.models import build_sd15_random
+from bfq.pipeline.models import build_sd15_random
 unet = build_sd15_random(0, dtype=torch.float16)
 t = time.perf_counter()
 unet.save_pretrained(sys.argv[1] + '/fp16')
 done(seconds=time.perf_counter() - t)
 """,
     "load_bfq": """
-import bfq, bfq.load, bfq.timecache
+import bfq, bfq.runtime.load, bfq.quant.timecache
 from diffusers import UNet2DConditionModel  # imports are not load time, for either side
 t = time.perf_counter()
 unet = bfq.load_unet(sys.argv[1] + '/sd15.bfq', dtype=torch.float16)

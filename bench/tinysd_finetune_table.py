@@ -1,6 +1,6 @@
 """Issue 6's table on tiny-sd at 1.99 bits: init only, the paper's Stage I ablation steps, Stage II.
 
-Rows (every quantized row goes the whole user path: `bfq.quantize.quantize` with
+Rows (every quantized row goes the whole user path: `bfq.pipeline.quantize.quantize` with
 `stage1_steps`/`stage2_steps` -> .bfq on disk -> `bfq.load_unet` -> the tiny-sd metric):
 
   fp32                      the bundled tiny-sd UNet
@@ -45,10 +45,10 @@ def main():
     import torch
 
     import bfq
-    from bfq.evaluate import DEFAULT_CFG, DEFAULT_STEPS
-    from bfq.finetune import FinetuneConfig
-    from bfq.inspect import summarize
-    from bfq.quantize import quantize
+    from bfq.format.inspect import summarize
+    from bfq.pipeline.finetune import FinetuneConfig
+    from bfq.pipeline.quantize import quantize
+    from bfq.tinysd.evaluate import DEFAULT_CFG, DEFAULT_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=float, default=1.99)
@@ -93,7 +93,7 @@ def main():
 
 def _scores(unet, metric: dict, seeds: list[int]) -> dict:
     """Mean alignment and FD over the evaluation seeds, and the FD of each."""
-    from bfq.evaluate import evaluate
+    from bfq.tinysd.evaluate import evaluate
 
     runs = [evaluate(unet, seed=seed, **metric) for seed in seeds]
     return {"alignment": sum(r["alignment"] for r in runs) / len(runs), "fd": sum(r["fd"] for r in runs) / len(runs),

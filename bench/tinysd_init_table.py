@@ -2,7 +2,7 @@
 min-max and alternating (least-squares) scale initialization, plain vs balanced levels for 2 bits.
 
 Every quantized row goes the whole user path: `bfq quantize` (library call) -> .bfq on disk ->
-`bfq.load_unet` -> the tiny-sd metric (`bfq.evaluate.evaluate`).
+`bfq.load_unet` -> the tiny-sd metric (`bfq.tinysd.evaluate.evaluate`).
 
     OMP_NUM_THREADS=1 python bench/tinysd_init_table.py [--n-per-digit 20] [--out table.json]
 """
@@ -33,9 +33,9 @@ def main():
     import torch
 
     import bfq
-    from bfq.evaluate import DEFAULT_STEPS, evaluate, format_report
-    from bfq.inspect import summarize
-    from bfq.quantize import quantize
+    from bfq.format.inspect import summarize
+    from bfq.pipeline.quantize import quantize
+    from bfq.tinysd.evaluate import DEFAULT_STEPS, evaluate, format_report
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-per-digit", type=int, default=20)

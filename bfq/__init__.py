@@ -9,12 +9,12 @@ from bfq.errors import BfqFormatError, RecipeError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_unet": "bfq.load",
+    "load_unet": "bfq.runtime.load",
 }
 
 
 def __getattr__(name):
-    """Lazy access to `load_unet` and to submodules (`bfq.tinysd`, `bfq.inspect`, ...)."""
+    """Lazy access to `load_unet` and to submodules (`bfq.tinysd`, `bfq.format.inspect`, ...)."""
     import importlib
 
     if name in _LAZY:

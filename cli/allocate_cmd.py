@@ -37,7 +37,9 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
       bfq allocate sens.json --bits 1.99 --method optimal --compare
       bfq quantize tiny-sd --recipe recipe.json -o tiny.bfq
     """
-    from bfq.allocate import allocate, check_model, load_sensitivity, plot_allocation, require_matplotlib
+    from bfq.pipeline.allocate import allocate
+    from bfq.pipeline.plots import plot_allocation, require_matplotlib
+    from bfq.pipeline.sensitivity import check_model, load_sensitivity
 
     if plot is not None:
         try:
@@ -46,8 +48,8 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
             raise click.ClickException(str(e)) from None
     sens = load_sensitivity(sensitivity)
     if model is not None:
-        from bfq.analyze import model_fingerprint
-        from bfq.models import resolve_model
+        from bfq.pipeline.analyze import model_fingerprint
+        from bfq.pipeline.models import resolve_model
 
         resolved = resolve_model(model)
         check_model(sens, model_fingerprint(resolved.unet, resolved.source), where=f"sensitivity file {sensitivity}")
@@ -65,7 +67,7 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
     alloc = run(method)
     others = []
     if compare:
-        from bfq.allocate import SensitivityError
+        from bfq.pipeline.sensitivity import SensitivityError
 
         for m in ("paper", "optimal", "size-only"):
             if m != method:

@@ -66,7 +66,7 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
     if out is None and timestep_plot is None and timestep_table is None:
         raise click.UsageError("give -o SENS.json, --timestep-plot PNG or --timestep-table JSON")
     if timestep_plot is not None:
-        from bfq.allocate import require_matplotlib
+        from bfq.pipeline.plots import require_matplotlib
 
         try:
             require_matplotlib()
@@ -74,8 +74,8 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
             raise click.ClickException(str(e)) from None
     import torch
 
-    from bfq.analyze import analyze, format_sensitivity, format_timestep_table
-    from bfq.models import resolve_model
+    from bfq.pipeline.analyze import analyze, format_sensitivity, format_timestep_table
+    from bfq.pipeline.models import resolve_model
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -93,9 +93,9 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
     if timestep_plot is not None or timestep_table is not None:
         import copy
 
-        from bfq.analyze import plot_timestep_errors, timestep_errors
-        from bfq.nn import quantize_unet
-        from bfq.recipe import resolve_recipe
+        from bfq.pipeline.analyze import plot_timestep_errors, timestep_errors
+        from bfq.quant.nn import quantize_unet
+        from bfq.quant.recipe import resolve_recipe
 
         recipe = resolve_recipe(timestep_recipe, resolved.unet, time_cache, None, levels)
         q_unet = quantize_unet(copy.deepcopy(resolved.unet), recipe.bits, levels=recipe.levels, progress=not quiet)

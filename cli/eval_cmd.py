@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
-from bfq.evaluate import CFG_SCALES, DEFAULT_CFG, DEFAULT_N_PER_DIGIT, DEFAULT_STEPS
+from bfq.tinysd.evaluate import (
+    CFG_SCALES,
+    DEFAULT_CFG,
+    DEFAULT_N_PER_DIGIT,
+    DEFAULT_STEPS,
+)
 
 
 def _resolve(model: str):
@@ -54,7 +59,7 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
     Generates 10 x N-PER-DIGIT images from fixed prompts and seeds at each CFG scale, labels
     them with the bundled digit classifier and compares their features with the real digits.
     """
-    from bfq.evaluate import evaluate, format_report
+    from bfq.tinysd.evaluate import evaluate, format_report
 
     unet, base = _resolve(model)
     result = evaluate(

@@ -23,7 +23,7 @@ def generate_cmd(model, prompts, base, out, num_images, steps, guidance, seed, d
     Example:
       bfq generate tiny.bfq --prompt "a handwritten digit seven" --cfg 3 -n 4 -o sevens.png
     """
-    from bfq.generate import generate
+    from bfq.runtime.generate import generate
 
     path = generate(model, list(prompts), base=base, out=out, num_images=num_images, steps=steps,
                     guidance=guidance, seed=seed, device=device, revision=revision)  # fmt: skip

@@ -6,7 +6,6 @@ exit with status 2; set BFQ_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ USER_ERRORS = (BfqFormatError, RecipeError, FileNotFoundError, IsADirectoryError
 
 def _user_errors():
     """USER_ERRORS plus the model resolver's, imported only once a command has run."""
-    models = sys.modules.get("bfq.models")
+    models = sys.modules.get("bfq.pipeline.models")
     return USER_ERRORS + ((models.ModelError,) if models else ())
 
 
@@ -65,7 +64,7 @@ def inspect_cmd(file, as_json, show_all, revision):
     16 bits per cached time feature, over every linear/conv weight of the original UNet);
     bits_on_disk is what the file actually spends on codes, scales and time features.
     """
-    from bfq.inspect import format_summary, summarize
+    from bfq.format.inspect import format_summary, summarize
 
     summary = summarize(_local_file(file, revision))
     if as_json:
@@ -82,7 +81,7 @@ def verify_cmd(file):
     Exits 0 and prints 'ok' when the file is sound; otherwise prints one line naming the
     problem and exits 2.
     """
-    from bfq.container import open_bfq
+    from bfq.format import open_bfq
 
     with open_bfq(_local_file(file)) as bfq:
         bfq.verify_all()
@@ -94,9 +93,9 @@ def _local_file(path: str, revision: str | None = None) -> str:
     """`path` itself when it exists; a Hub repo id ("user/name[/file.bfq]") is downloaded (cached)."""
     if os.path.exists(path):
         return path
-    from bfq import hub
+    from bfq.download import resolve
 
-    return hub.resolve(path, revision=revision)
+    return resolve(path, revision=revision)
 
 
 def _register_optional_commands():

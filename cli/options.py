@@ -83,7 +83,7 @@ def finetune_options(f):
 def finetune_settings(params: dict, *, default_stage1_steps: int = 0, quiet: bool = False):
     """``(stage1_steps, stage2_steps, stage1_config, stage2_config)`` from the options of
     :func:`finetune_options` (a dict that may hold other keys too; they are ignored)."""
-    from bfq.finetune import FinetuneConfig, load_config
+    from bfq.pipeline.finetune import FinetuneConfig, load_config
 
     overrides = {field: params.get(_param_name(o)) for o, field, _ in _CONFIG_OPTIONS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -111,9 +111,9 @@ def quantize_options(f):
 
 
 def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> None:
-    """Run bfq.quantize.quantize with the options of :func:`quantize_options` and print the summary."""
-    from bfq.inspect import format_summary, summarize
-    from bfq.quantize import quantize
+    """Run bfq.pipeline.quantize.quantize with the options of :func:`quantize_options` and print the summary."""
+    from bfq.format.inspect import format_summary, summarize
+    from bfq.pipeline.quantize import quantize
 
     if params["bits"] is None and params["recipe"] is None:
         raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
@@ -148,10 +148,10 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
 
 
 def _default_steps(model: str) -> int:
-    from bfq.quantize import DEFAULT_STEPS
+    from bfq.quant.timecache import DEFAULT_STEPS
 
     if model == "tiny-sd":
-        from bfq.evaluate import DEFAULT_STEPS as TINY_STEPS
+        from bfq.tinysd.evaluate import DEFAULT_STEPS as TINY_STEPS
 
         return TINY_STEPS
     return DEFAULT_STEPS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from bfq_cli.options import quantize_options, run_quantize
 
 

@@ -1,4 +1,4 @@
-"""bfq.allocate: the paper's Alg. 1 with a bisected threshold, the optimal (knapsack) allocator and
+"""bfq.pipeline.allocate: the paper's Alg. 1 with a bisected threshold, the optimal (knapsack) allocator and
 the size-only baseline, on synthetic sensitivity files checked against brute force; bad inputs; CLI."""
 
 from __future__ import annotations
@@ -16,17 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bfq.allocate import (
-    SensitivityError,
-    allocate,
-    allocate_optimal,
-    allocate_paper,
-    allocate_size_only,
-    check_model,
-    load_sensitivity,
-    unet_order,
-)
-from bfq.format import bits_per_level_ideal
+from bfq.format.constants import bits_per_level_ideal
+from bfq.pipeline.allocate import allocate, allocate_optimal, allocate_paper, allocate_size_only
+from bfq.pipeline.plots import unet_order
+from bfq.pipeline.sensitivity import SensitivityError, check_model, load_sensitivity
 
 ROOT = Path(__file__).resolve().parent.parent
 SENS_SCHEMA = json.loads((ROOT / "spec" / "sensitivity.schema.json").read_text())
@@ -85,7 +78,7 @@ def test_synthetic_files_match_the_schema():
 
 
 def test_accounting_is_bfq_recipe_average_bits_exactly():
-    from bfq.recipe import average_bits
+    from bfq.quant.recipe import average_bits
 
     for seed in range(5):
         sens = synthetic(seed, levels="plain" if seed % 2 else "balanced")
@@ -294,7 +287,7 @@ def test_unet_order_puts_mid_between_down_and_up():
 
 
 def test_import_is_torch_free():
-    code = "import sys, bfq.allocate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, bfq.pipeline.allocate; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -303,8 +296,9 @@ def test_import_is_torch_free():
 
 def test_cli_allocate_writes_recipe_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from bfq.recipe import Recipe
     from bfq_cli.main import main
+
+    from bfq.quant.recipe import Recipe
 
     sens = synthetic(5, n_layers=12)
     path = tmp_path / "sens.json"

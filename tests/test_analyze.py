@@ -1,4 +1,4 @@
-"""bfq.analyze: per-layer sensitivity (proxy and image modes), resume, determinism, the time-step
+"""bfq.pipeline.analyze: per-layer sensitivity (proxy and image modes), resume, determinism, the time-step
 error analysis, CLI, and the path `bfq quantize --bits` takes (recipe_for_budget), end to end against
 `bfq inspect`."""
 
@@ -15,8 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bfq import analyze as an
-from bfq.allocate import SensitivityError, load_sensitivity, recipe_for_budget
+from bfq.pipeline import analyze as an
+from bfq.pipeline.analyze.measure import _Context
+from bfq.pipeline.quantize import recipe_for_budget
+from bfq.pipeline.sensitivity import SensitivityError, load_sensitivity
 from tests.helpers import tiny_unet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +74,7 @@ def test_full_analysis_structure(unet, full):
     jsonschema.validate(json.loads(path.read_text()), SCHEMA)
     assert load_sensitivity(path) == json.loads(path.read_text())
     assert sens["complete"] and sens["format"] == "bfq-sensitivity" and sens["version"] == 1
-    from bfq.recipe import linear_conv_weights, quantizable_layers
+    from bfq.quant.recipe import linear_conv_weights, quantizable_layers
 
     assert list(sens["layers"]) == list(quantizable_layers(unet))
     assert sens["layers"]["conv_in.weight"] == {"n_weights": unet.conv_in.weight.numel(), "fixed_bits": 8}
@@ -98,11 +100,11 @@ def test_model_is_restored(unet, full):
 
 def test_entry_equals_error_of_the_exported_fake_quantized_model(unet, full):
     """An entry's mse is the error of the UNet with that one layer as `bfq quantize` builds it."""
-    from bfq.nn import quantize_unet
+    from bfq.quant.nn import quantize_unet
 
     name = "down_blocks.1.resnets.0.conv1.weight"
     settings = full[1]["settings"]
-    ctx = an._Context(unet, settings, None, torch.device("cpu"), 64)
+    ctx = _Context(unet, settings, None, torch.device("cpu"), 64)
     ctx.build_proxy()
     q = quantize_unet(copy.deepcopy(unet), {name: 1}, progress=False)
     ctx.unet = q
@@ -113,7 +115,7 @@ def test_entry_equals_error_of_the_exported_fake_quantized_model(unet, full):
 def test_resume_after_kill_is_deterministic(unet, full, tmp_path, monkeypatch):
     path = tmp_path / "s.json"
     calls = {"n": 0}
-    original = an._Context.proxy_metrics
+    original = _Context.proxy_metrics
 
     def dies_after_five(self, out):
         calls["n"] += 1
@@ -121,12 +123,12 @@ def test_resume_after_kill_is_deterministic(unet, full, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return original(self, out)
 
-    monkeypatch.setattr(an._Context, "proxy_metrics", dies_after_five)
+    monkeypatch.setattr(_Context, "proxy_metrics", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         an.analyze(unet, out=path, **FAST)
     partial = load_sensitivity(path)  # the file on disk is whole and valid
     assert sum(len(e) for e in _errors(partial).values()) == 5 and not partial["complete"]
-    monkeypatch.setattr(an._Context, "proxy_metrics", original)
+    monkeypatch.setattr(_Context, "proxy_metrics", original)
     resumed = an.analyze(unet, out=path, max_entries=7, **FAST)  # the run picks up where it died
     assert resumed["timing"]["entries"] == 12 and not resumed["complete"]
     got = _errors(resumed)
@@ -139,7 +141,7 @@ def test_resume_after_kill_is_deterministic(unet, full, tmp_path, monkeypatch):
 def test_finished_file_is_returned_without_running(unet, full, tmp_path, monkeypatch):
     path = tmp_path / "s.json"
     path.write_text(full[0].read_text())
-    monkeypatch.setattr(an._Context, "build_proxy", lambda self: (_ for _ in ()).throw(AssertionError("reran")))
+    monkeypatch.setattr(_Context, "build_proxy", lambda self: (_ for _ in ()).throw(AssertionError("reran")))
     assert _errors(an.analyze(unet, out=path, **FAST)) == _errors(full[1])
 
 
@@ -187,7 +189,7 @@ def test_finetune_runs_and_is_recorded(unet):
 
 
 def test_image_mode_and_text_conditioning(small_pipeline):
-    from bfq.models import resolve_model
+    from bfq.pipeline.models import resolve_model
 
     r = resolve_model(str(small_pipeline))
     kw = dict(base_dir=r.base_dir, scheduler=r.scheduler, bits=(1,), n_prompts=3, steps=2, progress=False, max_entries=2)
@@ -208,8 +210,8 @@ def test_image_mode_and_text_conditioning(small_pipeline):
 
 
 def test_timestep_errors_table_and_plot(unet, tmp_path):
-    from bfq.nn import quantize_unet
-    from bfq.recipe import resolve_recipe
+    from bfq.quant.nn import quantize_unet
+    from bfq.quant.recipe import resolve_recipe
 
     q = quantize_unet(copy.deepcopy(unet), resolve_recipe("uniform-2", unet).bits, progress=False)
     table = an.timestep_errors(unet, q, n_timesteps=6, n_prompts=2, steps=3)
@@ -229,29 +231,30 @@ PIPE_OPTS = dict(bits=(1, 2), n_prompts=2, steps=3, n_timesteps=2)
 @pytest.fixture(scope="module")
 def pipe_cache(small_pipeline, tmp_path_factory):
     """recipe_for_budget on the small pipeline: runs (and caches) its analysis once for the module."""
-    from bfq.models import resolve_model
+    from bfq.pipeline.models import resolve_model
 
     cache = tmp_path_factory.mktemp("cache")
     r = resolve_model(str(small_pipeline))
     recipe, why = recipe_for_budget(r.unet, 4.0, resolved=r, n_time_features=1234, cache_dir=cache,
                                     analysis_options=PIPE_OPTS, progress=False)  # fmt: skip
     (path,) = cache.glob("sensitivity-*.json")
-    from bfq.allocate import analysis_cache_path
+    from bfq.pipeline.analyze import analysis_cache_path
 
     assert analysis_cache_path(r.unet, resolved=r, cache_dir=cache, analysis_options=PIPE_OPTS) == path
     return r, cache, path, recipe, why
 
 
 def _inspect_avg(path):
-    from bfq.inspect import summarize
+    from bfq.format.inspect import summarize
 
     return summarize(path)["avg_bits"]
 
 
 def test_cli_analyze_allocate_quantize_inspect_agree(small_pipeline, pipe_cache, tmp_path):
     """The acceptance chain: the average bits `bfq allocate` prints is what `bfq inspect` reports."""
-    from bfq.quantize import quantize
     from bfq_cli.main import main
+
+    from bfq.pipeline.quantize import quantize
 
     runner = CliRunner()
     sens = tmp_path / "sens.json"
@@ -278,14 +281,14 @@ def test_cli_analyze_allocate_quantize_inspect_agree(small_pipeline, pipe_cache,
 
 
 def test_recipe_for_budget_caches_and_checks(pipe_cache, tmp_path, monkeypatch):
-    from bfq.recipe import summarize
+    from bfq.quant.recipe import summarize
 
     r, cache, cached, recipe, why = pipe_cache
     kw = dict(resolved=r, n_time_features=1234, cache_dir=cache, analysis_options=PIPE_OPTS, progress=False)
     assert summarize(recipe, r.unet, "scheduler", 1234)["avg_bits"] <= 4.0
     assert "paper allocation for 4 bits" in why and "proxy mode" in why and str(cached) in why
     # a second call reuses the cache (running the model would fail now)
-    monkeypatch.setattr(an._Context, "build_proxy", lambda self: (_ for _ in ()).throw(AssertionError("reran")))
+    monkeypatch.setattr(_Context, "build_proxy", lambda self: (_ for _ in ()).throw(AssertionError("reran")))
     again, _ = recipe_for_budget(r.unet, 4.0, **kw)
     assert again.bits == recipe.bits
     opt, why = recipe_for_budget(r.unet, 4.0, method="optimal", **kw)

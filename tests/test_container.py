@@ -1,7 +1,6 @@
 """Writer/reader round trips, atomic writes, the lean import and the inspect/verify commands."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,11 +9,11 @@ import time
 
 import numpy as np
 import pytest
+from bfq_cli.main import main
 from click.testing import CliRunner
 
 from bfq import BfqFormatError
-from bfq.container import BfqWriter, open_bfq
-from bfq_cli.main import main
+from bfq.format import BfqWriter, open_bfq
 
 MODEL = {"class_name": "UNet2DConditionModel", "config": {"sample_size": 8}, "source": {"kind": "builtin", "name": "test"}}
 
@@ -98,7 +97,7 @@ def test_killed_write_leaves_previous_file_intact(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, time, numpy as np
-        from bfq.container import BfqWriter
+        from bfq.format import BfqWriter
         w = BfqWriter({str(path)!r}, model={MODEL!r})
         for i in range(10_000):
             w.add_tensor(f"t{{i}}", np.zeros(4096, np.float32))
@@ -117,7 +116,7 @@ def test_killed_write_leaves_previous_file_intact(tmp_path):
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, bfq, bfq.container, bfq.inspect, bfq.pack; assert not {'torch', 'diffusers'} & set(sys.modules), sorted(m for m in sys.modules if m in ('torch','diffusers'))"
+    code = "import sys, bfq, bfq.format, bfq.format.inspect, bfq.format.pack; assert not {'torch', 'diffusers'} & set(sys.modules), sorted(m for m in sys.modules if m in ('torch','diffusers'))"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -183,7 +182,7 @@ def test_decode_layers_in_threads_equals_decode_layer(tmp_path):
 def test_inspect_file_without_layers():
     from pathlib import Path
 
-    from bfq.inspect import format_summary, summarize
+    from bfq.format.inspect import format_summary, summarize
 
     summary = summarize(Path(__file__).resolve().parents[1] / "spec/vectors/dense.bfq")
     assert summary["n_layers"] == 0 and summary["avg_bits"] is None

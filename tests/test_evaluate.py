@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bfq.evaluate import evaluate, format_report, frechet_distance  # noqa: E402
+from bfq.tinysd.evaluate import evaluate, format_report, frechet_distance  # noqa: E402
 
 REDUCED = dict(n_per_digit=3, steps=8, cfg_scales=(3.0,), default_cfg=3.0)
 
@@ -152,7 +152,7 @@ def test_cli_eval_tiny_sd_json():
 def test_cli_eval_of_a_bfq_made_from_tiny_sd(tmp_path):
     from click.testing import CliRunner
 
-    quantize = pytest.importorskip("bfq.quantize").quantize
+    quantize = pytest.importorskip("bfq.pipeline.quantize").quantize
     path = tmp_path / "u4.bfq"
     quantize("tiny-sd", path, recipe="uniform-4", steps=REDUCED["steps"], progress=False)
     args = [str(path), "--json", "--n-per-digit", "3", "--steps", str(REDUCED["steps"]), "--cfg", "3.0"]

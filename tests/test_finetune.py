@@ -1,4 +1,4 @@
-"""Two-stage fine-tuning (bfq.finetune): loss, resume after a kill, two processes, export.
+"""Two-stage fine-tuning (bfq.pipeline.finetune): loss, resume after a kill, two processes, export.
 
 This file is also the worker the multi-process tests start:
 ``python tests/test_finetune.py train RUN_DIR STEPS SLEEP`` and
@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from bfq.finetune import (
+from bfq.pipeline.export import export_finetuned
+from bfq.pipeline.finetune import (
     FinetuneConfig,
     finetune,
     float_teacher,
@@ -32,11 +33,10 @@ from bfq.finetune import (
     sample_timesteps,
     trainable_parameters,
 )
-from bfq.export import export_finetuned
-from bfq.finetune_data import TensorBatches
-from bfq.nn import iter_quantized, quantize_unet
-from bfq.quantizer import code_range
-from bfq.recipe import uniform_recipe
+from bfq.pipeline.finetune.data import TensorBatches
+from bfq.quant.nn import iter_quantized, quantize_unet
+from bfq.quant.quantizer import code_range
+from bfq.quant.recipe import uniform_recipe
 from tests.helpers import tiny_unet
 
 N_EXAMPLES, SEQ, DIM = 64, 5, 16
@@ -301,8 +301,9 @@ def test_two_processes_through_accelerate_launch(tmp_path):
 
 @pytest.mark.parametrize("mode", ["grid", "scheduler"])
 def test_export_after_finetune_reproduces_the_fake_quantized_model(tmp_path, mode):
-    import bfq
     from diffusers import DDIMScheduler
+
+    import bfq
 
     student, teacher, source = make_setup(mode)
     finetune(student, teacher, source, fast_config(steps=4))
@@ -326,7 +327,7 @@ def test_export_after_finetune_reproduces_the_fake_quantized_model(tmp_path, mod
 def test_data_sources_tiny_sd_folder_and_prompts(tmp_path):
     from PIL import Image
 
-    from bfq.finetune_data import make_source, tinysd_digits
+    from bfq.pipeline.finetune.data import make_source, tinysd_digits
     from bfq.tinysd import pipeline_dir
 
     digits = tinysd_digits(batch_size=6, seed=3)
@@ -356,10 +357,16 @@ def test_data_sources_tiny_sd_folder_and_prompts(tmp_path):
 
 
 def test_clip_eval_fn_with_a_local_clip_model(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
-    from bfq.finetune_eval import clip_eval_fn
-    from bfq.models import resolve_model
+    from bfq.pipeline.finetune.evaluation import clip_eval_fn
+    from bfq.pipeline.models import resolve_model
     from bfq.tinysd import pipeline_dir
 
     tok = CLIPTokenizer.from_pretrained(str(pipeline_dir() / "tokenizer"))
@@ -376,10 +383,10 @@ def test_clip_eval_fn_with_a_local_clip_model(tmp_path):
 
 
 def test_cli_finetune_tiny_sd_then_rerun_resumes(tmp_path):
+    from bfq_cli.main import main
     from click.testing import CliRunner
 
     import bfq
-    from bfq_cli.main import main
 
     out = tmp_path / "ft.bfq"
     args = ["finetune", "tiny-sd", "--recipe", "uniform-2", "--stage1-steps", "2", "--stage2-steps", "1",
@@ -402,11 +409,11 @@ def test_cli_finetune_tiny_sd_then_rerun_resumes(tmp_path):
 
 
 def test_cli_quantize_with_stage_steps_trains_before_the_export(tmp_path):
+    from bfq_cli.main import main
     from click.testing import CliRunner
 
     import bfq
-    from bfq.container import open_bfq
-    from bfq_cli.main import main
+    from bfq.format import open_bfq
 
     base = ["quantize", "tiny-sd", "--recipe", "uniform-2", "--quiet", "--steps", "5"]
     plain, tuned = tmp_path / "plain.bfq", tmp_path / "tuned.bfq"
@@ -428,9 +435,8 @@ def test_cli_quantize_with_stage_steps_trains_before_the_export(tmp_path):
 
 def test_finetune_options_decorator_for_other_commands(tmp_path):
     import click
-    from click.testing import CliRunner
-
     from bfq_cli.options import finetune_options, finetune_settings
+    from click.testing import CliRunner
 
     @click.command()
     @finetune_options

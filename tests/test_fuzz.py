@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bfq import BfqFormatError
-from bfq.container import BfqWriter, open_bfq
-from bfq.format import num_levels
+from bfq.format import BfqWriter, open_bfq
+from bfq.format.constants import num_levels
 
 VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
 GOLDEN = sorted(p.name for p in VECTORS.glob("*.bfq"))

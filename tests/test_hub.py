@@ -20,12 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from bfq_cli.main import main
 from click.testing import CliRunner
 
 import bfq
+from bfq import download as bfq_download
 from bfq import hub as bfq_hub
 from bfq.hub import HubDownloadError, HubError
-from bfq_cli.main import main
 from tests.helpers import tiny_unet
 from tests.hub_server import FakeHub, free_port, point_client_at
 
@@ -43,7 +44,7 @@ def models(tmp_path_factory):
     """v1: a tiny UNet quantized from the fake Hub, so that model.source is a Hub repo (whose card
     has a license); v2: another valid .bfq with no source (a spec golden file, cheaper than a second
     quantization)."""
-    from bfq.quantize import quantize
+    from bfq.pipeline.quantize import quantize
 
     root = tmp_path_factory.mktemp("hub-models")
     unet_dir = root / "unet"
@@ -116,7 +117,7 @@ def test_model_card_metadata_recipe_and_snippet(hub, models):
     assert {"bfq", "quantization"} <= set(front["tags"])
     assert front["base_model"] == BASE_REPO and front["base_model_relation"] == "quantized"
     assert front["license"] == "creativeml-openrail-m"  # carried from the base repo's card
-    summary = bfq.inspect.summarize(models.v1)
+    summary = bfq.format.inspect.summarize(models.v1)
     assert f"**{summary['avg_bits']:.4f}**" in card
     for block in ("down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1", "conv_in/out"):
         assert re.search(rf"^\| {re.escape(block)} \| \d+ \| [\d,]+ \| .*-bit ×\d+ \| \d+\.\d\d \|$", card, re.M), block
@@ -416,9 +417,9 @@ def test_token_never_in_output_logs_or_files(hub, models, tmp_path, monkeypatch,
 
 
 def test_error_text_is_scrubbed_of_the_token():
-    assert TOKEN not in bfq_hub._scrub(f"server said: bad header 'Bearer {TOKEN}'\nsecond line", TOKEN)
+    assert TOKEN not in bfq_download._scrub(f"server said: bad header 'Bearer {TOKEN}'\nsecond line", TOKEN)
     other = "hf_" + "AbCdEfGh12" * 3 + "xyzw"  # the shape of a real token (hf_ + 34 letters and digits)
-    assert bfq_hub._scrub(f"token={TOKEN} and {other}, repo hf_user/x", None) == "token=hf_*** and hf_***, repo hf_user/x"
+    assert bfq_download._scrub(f"token={TOKEN} and {other}, repo hf_user/x", None) == "token=hf_*** and hf_***, repo hf_user/x"
 
 
 def test_repo_id_parsing():
@@ -458,7 +459,7 @@ def test_preview_is_generated_uploaded_and_shown(hub, models, monkeypatch):
         Image.new("RGB", (8 * kwargs["num_images"], 8 * len(prompts)), (200, 30, 30)).save(out)
         return Path(out)
 
-    monkeypatch.setattr("bfq.generate.generate", fake_generate)
+    monkeypatch.setattr("bfq.runtime.generate.generate", fake_generate)
     result = bfq_hub.push(models.v1, REPO, preview=True, preview_prompts=["a red square"], preview_steps=3)
     assert [u["path"] for u in result["uploaded"]] == [models.v1.name, "README.md", "preview.png"]
     assert calls[0][0] == str(models.v1) and calls[0][1] == ["a red square"] and calls[0][2]["steps"] == 3
@@ -473,7 +474,7 @@ def test_preview_failure_uploads_nothing(hub, models, monkeypatch):
     def broken_generate(*args, **kwargs):
         raise OSError("no VAE here\nsecond line")
 
-    monkeypatch.setattr("bfq.generate.generate", broken_generate)
+    monkeypatch.setattr("bfq.runtime.generate.generate", broken_generate)
     result = _cli("push", str(models.v1), "--repo", REPO, "--preview")
     line = _one_error_line(result)
     assert "preview: generating images with v1.bfq failed (OSError: no VAE here); nothing was uploaded" in line

@@ -1,4 +1,4 @@
-"""bfq.models: built-in configs, fast random SD-v1.5 build, and model resolution (offline)."""
+"""bfq.pipeline.models: built-in configs, fast random SD-v1.5 build, and model resolution (offline)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import tiny_unet, tiny_unet_config
 from safetensors.torch import save_file
 from torch import nn
 
-from bfq.models import (
+from bfq.pipeline.models import (
     SD15_N_LINEAR_CONV_WEIGHTS,
     SD15_N_PARAMS,
     ModelError,

@@ -1,4 +1,4 @@
-"""bfq.nn: fake-quantized modules, LSQ gradients, export and UNet swapping."""
+"""bfq.quant.nn: fake-quantized modules, LSQ gradients, export and UNet swapping."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ from helpers import tiny_inputs, tiny_unet
 from torch import nn
 
 from bfq.errors import RecipeError
-from bfq.nn import QuantConv2d, QuantLinear, iter_quantized, quantize_unet
-from bfq.quantizer import code_range, dequantize, init_scales, quantize_codes, round_scales
+from bfq.quant.nn import QuantConv2d, QuantLinear, iter_quantized, quantize_unet
+from bfq.quant.quantizer import (
+    code_range,
+    dequantize,
+    init_scales,
+    quantize_codes,
+    round_scales,
+)
 
 torch.set_num_threads(1)
 
@@ -199,8 +205,8 @@ def test_sd15_scale_init_under_five_minutes():
     """Paper: 10 alternating rounds take ~5 min. Reproduce: pytest -m slow tests/test_nn.py -s"""
     import time
 
-    from bfq.models import build_sd15_random
-    from bfq.recipe import resolve_recipe
+    from bfq.pipeline.models import build_sd15_random
+    from bfq.quant.recipe import resolve_recipe
 
     unet = build_sd15_random()
     recipe = resolve_recipe("bitsfusion-sd15", unet)

@@ -1,15 +1,15 @@
-"""bfq.pack (the numba kernels behind it) against the pure-Python reference in tests/reference.py."""
+"""bfq.format.pack (the numba kernels behind it) against the pure-Python reference in tests/reference.py."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
-from bfq import _kernels, pack
-from bfq.format import LEVEL_SETS, choose_packing, fits_fast_path, num_levels
+from bfq.format import _kernels, pack
+from bfq.format.constants import LEVEL_SETS, choose_packing, fits_fast_path, num_levels
 
 ALL = [(bits, levels) for levels in LEVEL_SETS for bits in range(1, 9)]
 CHUNK = _kernels.CHUNK_WORDS

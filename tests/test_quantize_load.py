@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from bfq_cli.main import main
 from click.testing import CliRunner
 
 import bfq
 from bfq import BfqFormatError, RecipeError
-from bfq.container import open_bfq
-from bfq.nn import iter_quantized
-from bfq.quantize import quantize
-from bfq_cli.main import main
+from bfq.format import open_bfq
+from bfq.pipeline.quantize import quantize
+from bfq.quant.nn import iter_quantized
 from tests.helpers import tiny_inputs, tiny_unet
 
 
@@ -45,11 +45,11 @@ def test_grid_round_trip_matches_fake_quantized_model(unet_dir, tmp_path):
     out = tmp_path / "g.bfq"
     result = quantize(str(unet_dir), out, recipe="uniform-2", time_cache="grid", progress=False)
     assert result.path == out
-    from bfq.models import resolve_model
+    from bfq.pipeline.models import resolve_model
 
     # the fake-quantized model, built the same way, is the reference
     ref = resolve_model(str(unet_dir)).unet
-    bfq.nn.quantize_unet(ref, result.recipe.bits, progress=False)
+    bfq.quant.nn.quantize_unet(ref, result.recipe.bits, progress=False)
     loaded = bfq.load_unet(out, dtype=torch.float32)
     fake = {name: m.fake_weight() for name, m in iter_quantized(ref)}
     state = loaded.state_dict()
@@ -89,10 +89,10 @@ def _resnets(unet):
 def test_fp16_and_bf16_load_equal_cast_of_fake_weights(unet_dir, tmp_path):
     out = tmp_path / "h.bfq"
     result = quantize(str(unet_dir), out, recipe="uniform-1", time_cache="grid", init="minmax", progress=False)
-    from bfq.models import resolve_model
+    from bfq.pipeline.models import resolve_model
 
     ref = resolve_model(str(unet_dir)).unet
-    bfq.nn.quantize_unet(ref, result.recipe.bits, init="minmax", progress=False)
+    bfq.quant.nn.quantize_unet(ref, result.recipe.bits, init="minmax", progress=False)
     for dtype in (torch.float16, torch.bfloat16):
         state = bfq.load_unet(out, dtype=dtype).state_dict()
         for name, m in iter_quantized(ref):
@@ -112,7 +112,7 @@ def test_bits_budget_allocates_from_an_analysis(unet_dir, tmp_path):
     result = quantize(str(unet_dir), tmp_path / "b.bfq", bits=12.5, time_cache="grid", work_dir=work, progress=False)
     assert result.summary["avg_bits"] <= 12.5
     assert len(set(result.recipe.bits.values())) > 1  # a mixed-precision allocation, not a uniform recipe
-    summary = bfq.inspect.summarize(result.path)
+    summary = bfq.format.inspect.summarize(result.path)
     assert summary["avg_bits"] == pytest.approx(result.summary["avg_bits"], abs=1e-12)
     assert any((work / "analysis").iterdir())  # the analysis is cached for the next budget
     again = quantize(str(unet_dir), tmp_path / "c.bfq", bits=12.0, time_cache="grid", work_dir=work, allocator="optimal", progress=False)
@@ -151,7 +151,7 @@ def test_load_rejects_mismatched_config(unet_dir, tmp_path):
     out = tmp_path / "m.bfq"
     quantize(str(unet_dir), out, recipe="uniform-2", time_cache="grid", progress=False)
     # rewrite the header with a config that builds a differently shaped model
-    from bfq.container import BfqWriter
+    from bfq.format import BfqWriter
 
     with open_bfq(out) as f:
         cfg = dict(f.header.model["config"])

@@ -1,4 +1,4 @@
-"""bfq.quantizer: codes, dequantization, stored scales and scale initialisation."""
+"""bfq.quant.quantizer: codes, dequantization, stored scales and scale initialisation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bfq.format import num_levels
-from bfq.quantizer import (
+from bfq.format.constants import num_levels
+from bfq.quant.quantizer import (
     code_dtype,
     code_range,
     dequantize,
@@ -259,7 +259,7 @@ def test_shape_checks():
 @given(w=weight_st, bits=st.integers(1, 8), levels=st.sampled_from(LEVELS))
 def test_torch_path_agrees_with_numba_path(w, bits, levels):
     """Accelerator tensors take the torch path; CPU tensors the fused numba kernel."""
-    import bfq.quantizer as qz
+    import bfq.quant.quantizer as qz
 
     fast = init_scales(w, bits, levels)
     old = qz._USE_NUMBA

@@ -3,9 +3,8 @@
 import re
 from pathlib import Path
 
-from click.testing import CliRunner
-
 from bfq_cli.main import main
+from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 

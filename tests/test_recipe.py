@@ -1,4 +1,4 @@
-"""bfq.recipe: recipe format, built-ins (the paper's App. H table), validation and accounting."""
+"""bfq.quant.recipe: recipe format, built-ins (the paper's App. H table), validation and accounting."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from helpers import tiny_unet
 
 from bfq.errors import RecipeError
-from bfq.models import SD15_N_LINEAR_CONV_WEIGHTS, build_meta_unet, sd15_config
-from bfq.recipe import (
+from bfq.pipeline.models import SD15_N_LINEAR_CONV_WEIGHTS, build_meta_unet, sd15_config
+from bfq.quant.recipe import (
     BUILTIN_RECIPES,
     Recipe,
     average_bits,
@@ -24,7 +24,7 @@ from bfq.recipe import (
     summarize,
     validate,
 )
-from bfq.timecache import n_time_features, time_layer_names
+from bfq.quant.timecache import n_time_features, time_layer_names
 
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "spec" / "recipe.schema.json").read_text())
 

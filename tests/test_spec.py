@@ -17,8 +17,13 @@ import numpy as np
 import pytest
 
 from bfq import BfqFormatError
-from bfq.container import BfqWriter, open_bfq
-from bfq.format import LEVEL_SETS, choose_packing, is_legal_packing, num_levels
+from bfq.format import BfqWriter, open_bfq
+from bfq.format.constants import (
+    LEVEL_SETS,
+    choose_packing,
+    is_legal_packing,
+    num_levels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "spec"

@@ -1,4 +1,4 @@
-"""bfq.timecache: scheduler and grid time-feature caches on tiny diffusers UNets."""
+"""bfq.quant.timecache: scheduler and grid time-feature caches on tiny diffusers UNets."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from helpers import tiny_inputs, tiny_unet
 from torch import nn
 
-from bfq.nn import quantize_unet
-from bfq.timecache import (
+from bfq.quant.nn import quantize_unet
+from bfq.quant.timecache import (
     compute_grid_table,
     compute_scheduler_features,
     install_grid_cache,

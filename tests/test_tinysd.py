@@ -29,7 +29,7 @@ def test_import_bfq_tinysd_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, bfq.tinysd, bfq.evaluate; print('torch' in sys.modules)"
+    code = "import sys, bfq.tinysd, bfq.tinysd.evaluate; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,6 +1,6 @@
 """numba kernels for the radix-fraction-v1 code stream (FORMAT.md, "Code streams").
 
-No validation happens here: callers go through bfq.pack, which checks every argument first.
+No validation happens here: callers go through bfq.format.pack, which checks every argument first.
 
 A word packs g base-L digits d_0..d_{g-1} as the k-bit fixed-point fraction
     v = ceil(2^k * sum_i d_i * L^-(i+1)),
@@ -17,7 +17,7 @@ import numpy as np
 from numba import prange
 
 # numba's default "omp" layer, once started, made every later torch CPU forward in the process
-# 5-10x slower here (measured in bfq.analyze); "workqueue" does not. Users can still choose.
+# 5-10x slower here (measured in bfq.pipeline.analyze); "workqueue" does not. Users can still choose.
 if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "workqueue"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from bfq.container import BfqFile, open_bfq
-from bfq.format import bits_per_level_ideal
+from bfq.format.constants import bits_per_level_ideal
+from bfq.format.reader import BfqFile, open_bfq
 
 
 def summarize(source: str | os.PathLike | BfqFile) -> dict:

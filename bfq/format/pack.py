@@ -1,6 +1,6 @@
 """Pack and unpack integer codes as radix-fraction-v1 code streams (FORMAT.md, "Code streams").
 
-Public wrappers check their arguments and call the numba kernels in bfq._kernels.
+Public wrappers check their arguments and call the numba kernels in bfq.format._kernels.
 Codes are the signed levels q; the stream stores digits d = q + 2^(n-1).
 """
 
@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from bfq import _kernels
-from bfq.format import choose_packing, fits_fast_path, is_legal_packing, level_offset, num_levels
+from bfq.format import _kernels
+from bfq.format.constants import (
+    choose_packing,
+    fits_fast_path,
+    is_legal_packing,
+    level_offset,
+    num_levels,
+)
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 

@@ -1,6 +1,6 @@
 """Bit allocation to an exact budget from a sensitivity analysis (BITSFUSION.md §3.3, §5.1).
 
-Input: a ``bfq-sensitivity`` object (:mod:`bfq.analyze`, ``spec/sensitivity.schema.json``) that lists
+Input: a ``bfq-sensitivity`` object (:mod:`bfq.pipeline.analyze`, ``spec/sensitivity.schema.json``) that lists
 every quantizable layer of a model with its weight count, the measured error of quantizing that
 layer alone to each candidate bit-width (1, 2, 3 by default), the layers with fixed bits
 (``conv_in``/``conv_out`` at 8) and the accounting constants (N_w, N_tf, level set).
@@ -10,7 +10,7 @@ reports its average bits by the paper's accounting (§5.1)::
 
     avg_bits = (Σ_i log2(L_i) · N_i + 16 · N_tf) / N_w
 
-computed exactly as :func:`bfq.recipe.average_bits` and ``bfq inspect`` compute it (same terms,
+computed exactly as :func:`bfq.quant.recipe.average_bits` and ``bfq inspect`` compute it (same terms,
 same order, same N_w = every Linear/Conv weight of the original UNet, same N_tf), so the number an
 allocator prints is the number ``bfq inspect`` prints for the file exported with its recipe.
 
@@ -31,159 +31,38 @@ Three allocators:
   ``M_{i,b}`` replaced by ``4^-b`` (the error a Gaussian-like layer would have) and no refinement, so
   small layers get more bits and large ones fewer.
 
-This module does not import torch (``bfq allocate`` starts fast); :func:`recipe_for_budget`, the
-entry point for ``bfq quantize --bits``, imports :mod:`bfq.analyze` (torch) when it is called.
+The allocation problem and the three allocators that share it are one cohesive thing, hence
+the module's length. It does not import torch (``bfq allocate`` starts fast). Reading sensitivity files is
+:mod:`bfq.pipeline.sensitivity`; ``bfq quantize --bits`` runs analysis and allocation through
+:func:`bfq.pipeline.quantize.recipe_for_budget`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bfq._json import read_json_file
-from bfq.errors import RecipeError
-from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
+from bfq._io import write_text_atomic
+from bfq.format.constants import MAX_BITS, MIN_BITS, bits_per_level_ideal
+from bfq.pipeline.sensitivity import (
+    SensitivityError,
+    _is_int,
+    _is_number,
+    _summarize,
+    load_sensitivity,
+)
 
-SENSITIVITY_FORMAT = "bfq-sensitivity"
-SENSITIVITY_VERSION = 1
-RECIPE_FORMAT = "bfq-recipe"  # = bfq.recipe.RECIPE_FORMAT (not imported: that module imports torch)
+RECIPE_FORMAT = "bfq-recipe"  # = bfq.quant.recipe.RECIPE_FORMAT (not imported: that module imports torch)
 RECIPE_VERSION = 1
 DEFAULT_ETA = 0.3
 DEFAULT_PERCENTILES = (90.0, 95.0, 98.0)
 METHODS = ("paper", "optimal", "size-only")
 ALIGN_METRICS = ("align_drop", "guidance_err")  # in order of preference for the paper's refinement
-
-
-class SensitivityError(RecipeError):
-    """A sensitivity file is malformed, incomplete, from another model, or cannot meet a budget."""
-
-
-# ---------------------------------------------------------------------------------- reading
-
-
-def _summarize(names, limit: int = 5) -> str:
-    names = list(names)
-    head = ", ".join(str(n) for n in names[:limit])
-    return f"{len(names)}: {head}" + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def load_sensitivity(source) -> dict:
-    """Read (a path) or take (a dict) a sensitivity object and check its structure.
-
-    Checks the format, version, accounting constants, layer entries and that every error value is
-    a finite number. It does *not* require the analysis to be complete (allocators check the
-    entries they need and name what is missing).
-
-    Raises:
-        SensitivityError: naming the field or layer that is wrong.
-    """
-    if isinstance(source, Mapping):
-        obj, where = dict(source), "sensitivity"
-    else:
-        where = os.fspath(source)
-        obj = read_json_file(source, SensitivityError, "sensitivity file")
-    if not isinstance(obj, dict):
-        raise SensitivityError(f"{where}: expected a JSON object")
-    if obj.get("format") != SENSITIVITY_FORMAT:
-        raise SensitivityError(f"{where}: format must be {SENSITIVITY_FORMAT!r}, got {obj.get('format')!r}")
-    if obj.get("version") != SENSITIVITY_VERSION or not _is_int(obj.get("version")):
-        raise SensitivityError(f"{where}: version must be {SENSITIVITY_VERSION}, got {obj.get('version')!r}")
-    model = obj.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
-        raise SensitivityError(f"{where}: model.fingerprint missing")
-    settings = obj.get("settings")
-    if not isinstance(settings, dict):
-        raise SensitivityError(f"{where}: settings missing")
-    bits = settings.get("bits")
-    if not (isinstance(bits, list) and bits and all(_is_int(b) and MIN_BITS <= b <= MAX_BITS for b in bits)
-            and len(set(bits)) == len(bits)):  # fmt: skip
-        raise SensitivityError(f"{where}: settings.bits must be distinct integers in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    acc = obj.get("accounting")
-    if not isinstance(acc, dict):
-        raise SensitivityError(f"{where}: accounting missing")
-    if acc.get("levels") not in LEVEL_SETS:
-        raise SensitivityError(f"{where}: accounting.levels must be one of {list(LEVEL_SETS)}, got {acc.get('levels')!r}")
-    if not (_is_int(acc.get("n_weights_total")) and acc["n_weights_total"] > 0):
-        raise SensitivityError(f"{where}: accounting.n_weights_total must be a positive integer")
-    if not (_is_int(acc.get("n_time_features")) and acc["n_time_features"] >= 0):
-        raise SensitivityError(f"{where}: accounting.n_time_features must be a non-negative integer")
-    layers = obj.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise SensitivityError(f"{where}: layers must be a non-empty object")
-    bad_count, bad_fixed, bad_err = [], [], []
-    keys = {str(b) for b in bits}
-    for name, entry in layers.items():
-        if not isinstance(entry, dict) or not (_is_int(entry.get("n_weights")) and entry["n_weights"] > 0):
-            bad_count.append(name)
-            continue
-        if "fixed_bits" in entry:
-            fb = entry["fixed_bits"]
-            if not (_is_int(fb) and MIN_BITS <= fb <= MAX_BITS) or "errors" in entry:
-                bad_fixed.append(name)
-            continue
-        errors = entry.get("errors", {})
-        if not isinstance(errors, dict) or not set(errors) <= keys:
-            bad_err.append(name)
-            continue
-        for metrics in errors.values():
-            if not isinstance(metrics, dict) or not all(
-                _is_number(v) and math.isfinite(v) for v in metrics.values()
-            ):
-                bad_err.append(name)
-                break
-    if bad_count:
-        raise SensitivityError(f"{where}: layers without a positive integer n_weights ({_summarize(bad_count)})")
-    if bad_fixed:
-        raise SensitivityError(f"{where}: layers with a bad fixed_bits entry ({_summarize(bad_fixed)})")
-    if bad_err:
-        raise SensitivityError(
-            f"{where}: layers with non-finite (NaN/inf) or malformed errors, or errors for bit-widths not in "
-            f"settings.bits {bits} ({_summarize(bad_err)})"
-        )
-    n_sum = sum(e["n_weights"] for e in layers.values())
-    if n_sum > acc["n_weights_total"]:
-        raise SensitivityError(
-            f"{where}: the layers hold {n_sum} weights, more than accounting.n_weights_total {acc['n_weights_total']}"
-        )
-    return obj
-
-
-def check_model(sens: Mapping, fingerprint: Mapping, *, where: str = "sensitivity file") -> None:
-    """Raise :class:`SensitivityError` unless ``sens`` was made for the model ``fingerprint`` describes
-    (``bfq.analyze.model_fingerprint``): same layer names and shapes, same weights."""
-    mine = sens.get("model", {})
-    if mine.get("fingerprint") == fingerprint.get("fingerprint"):
-        return
-    if mine.get("layers_sha256") != fingerprint.get("layers_sha256"):
-        theirs = set(sens.get("layers", {}))
-        ours = set(fingerprint.get("layer_names", []))
-        detail = ""
-        if ours:
-            missing, unknown = sorted(ours - theirs), sorted(theirs - ours)
-            parts = ([f"missing layers {_summarize(missing)}"] if missing else []) + (
-                [f"unknown layers {_summarize(unknown)}"] if unknown else []
-            )
-            detail = "; " + "; ".join(parts) if parts else "; same layer names, different shapes"
-        raise SensitivityError(f"{where} is from another model (its layers differ from this model's{detail})")
-    raise SensitivityError(
-        f"{where} is from another model: same layer names and shapes but different weights "
-        f"(fingerprint {mine.get('fingerprint', '?')[:16]} vs {fingerprint.get('fingerprint', '?')[:16]})"
-    )
 
 
 # ------------------------------------------------------------------------------- the problem
@@ -227,7 +106,7 @@ class _Problem:
         return all(metric in self.sens["layers"][n].get("errors", {}).get(str(bits), {}) for n in self.names)
 
     def avg_bits(self, bits: Mapping[str, int]) -> float:
-        """The paper's average bits, term by term as :func:`bfq.recipe.average_bits` and ``bfq inspect``."""
+        """The paper's average bits, term by term as :func:`bfq.quant.recipe.average_bits` and ``bfq inspect``."""
         total = sum(bits_per_level_ideal(b, self.levels) * self.counts[n] for n, b in bits.items())
         return (total + 16.0 * self.n_tf) / self.n_w
 
@@ -324,14 +203,14 @@ class Allocation:
                 "bits": dict(self.bits), "notes": self.notes}  # fmt: skip
 
     def to_recipe(self):
-        """A :class:`bfq.recipe.Recipe` (imports torch)."""
-        from bfq.recipe import Recipe
+        """A :class:`bfq.quant.recipe.Recipe` (imports torch)."""
+        from bfq.quant.recipe import Recipe
 
         return Recipe.from_json(self.recipe_json())
 
     def save(self, path) -> Path:
-        """Write the recipe JSON atomically (same layout as :meth:`bfq.recipe.Recipe.save`)."""
-        return _atomic_write_text(Path(path), json.dumps(self.recipe_json(), indent=1) + "\n")
+        """Write the recipe JSON atomically (same layout as :meth:`bfq.quant.recipe.Recipe.save`)."""
+        return write_text_atomic(path, json.dumps(self.recipe_json(), indent=1) + "\n")
 
     def summary(self) -> dict:
         by_bits: dict[int, int] = {}
@@ -345,21 +224,6 @@ class Allocation:
             "n_time_features": self.n_time_features, "n_weights_total": self.n_weights_total,
             "predicted_error": self.predicted_error, "details": self.details,
         }  # fmt: skip
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _predicted_error(prob: _Problem, plan: Mapping[str, int], metric: str) -> float | None:
@@ -649,233 +513,3 @@ def allocate(sens, budget: float, method: str = "paper", **kwargs) -> Allocation
     if method == "size-only":
         return allocate_size_only(sens, budget, **kwargs)
     raise SensitivityError(f"unknown allocation method {method!r}; one of {', '.join(METHODS)}")
-
-
-# ------------------------------------------------------------------------------------ plots
-
-
-def _block_of(name: str) -> str:
-    parts = name.split(".")
-    if parts[0] in ("down_blocks", "up_blocks"):
-        return f"{parts[0][:-7]}{parts[1]}"  # down0, up2
-    if parts[0] == "mid_block":
-        return "mid"
-    return parts[0].replace(".weight", "")
-
-
-def layer_kind(name: str) -> str:
-    """A coarse layer type for plots: resnet conv, shortcut, sampler, self-attn, cross-attn q/out,
-    cross-attn k/v, ff, proj, time proj, first/last."""
-    if name in ("conv_in.weight", "conv_out.weight"):
-        return "first/last"
-    if "time_emb_proj" in name:
-        return "time proj"
-    if "conv_shortcut" in name:
-        return "shortcut"
-    if "samplers" in name:
-        return "sampler"
-    if ".attn1." in name:
-        return "self-attn"
-    if ".attn2." in name:
-        return "cross-attn k/v" if (".to_k." in name or ".to_v." in name) else "cross-attn q/out"
-    if ".ff." in name:
-        return "ff"
-    if "proj_in" in name or "proj_out" in name:
-        return "proj"
-    return "resnet conv"
-
-
-KIND_COLORS = {
-    "resnet conv": "#4c72b0", "shortcut": "#dd8452", "sampler": "#8c8c8c", "self-attn": "#55a868",
-    "cross-attn q/out": "#c44e52", "cross-attn k/v": "#8172b3", "ff": "#937860", "proj": "#da8bc3",
-    "time proj": "#ccb974", "first/last": "#222222",
-}  # fmt: skip
-
-
-def unet_order(names) -> list[str]:
-    """``names`` reordered along the UNet's data flow: conv_in, down blocks, mid block, up blocks,
-    conv_out (diffusers registers ``mid_block`` after ``up_blocks``); stable within a block."""
-
-    def key(item):
-        i, n = item
-        b = n.split(".")[0]
-        rank = {"conv_in": 0, "time_embedding": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3}.get(b, 4)
-        sub = int(n.split(".")[1]) if b in ("down_blocks", "up_blocks") else 0
-        return (rank, sub, i)
-
-    return [n for _, n in sorted(enumerate(names), key=key)]
-
-
-def require_matplotlib():
-    """Import matplotlib with the Agg backend, or raise ImportError saying how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'bfq[plot]' (or pip install matplotlib)") from None
-    return matplotlib
-
-
-def plot_allocation(alloc: Allocation | Mapping, path, *, title: str | None = None) -> Path:
-    """Bits per layer across the UNet (down, mid, up), coloured by layer type, with log10 layer
-    sizes underneath: the paper's App. H table as a picture. ``alloc`` may be an :class:`Allocation`
-    or ``{"bits": {...}, "n_weights": {...}}``. Needs matplotlib."""
-    matplotlib = require_matplotlib()
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bits = alloc.bits if isinstance(alloc, Allocation) else alloc["bits"]
-    counts = alloc.n_weights if isinstance(alloc, Allocation) else alloc["n_weights"]
-    names = unet_order(list(bits))
-    x = np.arange(len(names))
-    kinds = [layer_kind(n) for n in names]
-    fig_w = min(max(8.0, 0.09 * len(names) + 3), 40.0)
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(fig_w, 5.2), sharex=True, height_ratios=(3, 1))
-    ax.bar(x, [bits[n] for n in names], width=0.85, color=[KIND_COLORS[k] for k in kinds])
-    ax2.bar(x, [math.log10(counts[n]) for n in names], width=0.85, color=[KIND_COLORS[k] for k in kinds])
-    blocks = [_block_of(n) for n in names]
-    start = 0
-    for i in range(1, len(names) + 1):
-        if i == len(names) or blocks[i] != blocks[start]:
-            if blocks[start] not in ("conv_in", "conv_out"):
-                shade = 0.06 if blocks[start].startswith(("down", "up")) and int(blocks[start][-1]) % 2 else 0.0
-                shade = 0.12 if blocks[start] == "mid" else shade
-                for a in (ax, ax2):
-                    a.axvspan(start - 0.5, i - 0.5, color="k", alpha=shade, lw=0)
-                ax.text((start + i - 1) / 2, 8.35, blocks[start], ha="center", va="bottom", fontsize=8)
-            start = i
-    ax.set_ylim(0, 9)
-    ax.set_yticks(range(0, 9))
-    ax.set_ylabel("bits")
-    ax2.set_ylabel("log10 N")
-    ax2.set_xlim(-0.7, len(names) - 0.3)
-    ax2.set_xticks([])
-    ax2.set_xlabel("layers in UNet order (down → mid → up)")
-    used = [k for k in KIND_COLORS if k in set(kinds)]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS[k]) for k in used]
-    fig.legend(handles, used, ncol=len(used), fontsize=7, loc="lower center", frameon=False, handlelength=1.0)
-    if title is None and isinstance(alloc, Allocation):
-        title = f"{alloc.name}: {alloc.avg_bits:.4f} average bits ({alloc.method} allocation)"
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save_figure(fig, path)
-
-
-# ------------------------------------------------------------------------ bfq quantize --bits
-
-
-def default_cache_dir() -> Path:
-    """``$BFQ_CACHE_DIR/sensitivity``, else ``$XDG_CACHE_HOME/bfq/sensitivity``, else ``~/.cache/bfq/sensitivity``."""
-    if os.environ.get("BFQ_CACHE_DIR"):
-        return Path(os.environ["BFQ_CACHE_DIR"]) / "sensitivity"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "bfq" / "sensitivity"
-
-
-def _settings_key(settings: Mapping) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def analysis_cache_path(unet, *, resolved=None, time_cache: str = "scheduler", levels: str | None = None,
-                        cache_dir=None, mode: str = "proxy", analysis_options: Mapping | None = None,
-                        fingerprint: Mapping | None = None) -> Path:  # fmt: skip
-    """Where :func:`recipe_for_budget` keeps (and looks for) the analysis of ``unet`` with these
-    settings: ``<cache_dir>/sensitivity-<fingerprint[:16]>-<settings hash>.json``. ``path.is_file()``
-    tells whether ``--bits`` will reuse an analysis or run one (imports torch)."""
-    from bfq import analyze as an
-
-    source = getattr(resolved, "source", None)
-    fp = fingerprint or an.model_fingerprint(unet, source=source)
-    settings = an.analysis_settings(unet, mode=mode, levels=levels or "balanced", time_cache=time_cache,
-                                    scheduler=getattr(resolved, "scheduler", None),
-                                    base_dir=getattr(resolved, "base_dir", None), source=source,
-                                    **dict(analysis_options or {}))  # fmt: skip
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cache / f"sensitivity-{fp['fingerprint'][:16]}-{_settings_key(settings)}.json"
-
-
-def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "paper", resolved=None,
-                      time_cache: str = "scheduler", n_time_features: int, levels: str | None = None,
-                      time_proj_bits: int | None = None, cache_dir=None, mode: str = "proxy",
-                      analysis_options: Mapping | None = None, progress: bool = True,
-                      allocator_options: Mapping | None = None):  # fmt: skip
-    """The recipe for ``bfq quantize MODEL --bits B``: analysis (reused or run), allocation, checks.
-
-    Args:
-        unet: the *float* UNet (before any quantization; its weights are restored after analysis).
-        budget: average bits by the paper's accounting.
-        sensitivity: a sensitivity file (path) or object to use; None runs the analysis, or reuses
-            the one cached in ``cache_dir`` for this model's fingerprint and these settings (a partial
-            one is resumed).
-        method: "paper" (Alg. 1), "optimal" or "size-only".
-        resolved: the :class:`bfq.models.ResolvedModel` (scheduler, pipeline directory and source give
-            the analysis its sampler and text conditioning); None analyses the bare UNet (seeded random
-            text embeddings, SD's scheduler).
-        time_cache, n_time_features, levels, time_proj_bits: as in ``bfq quantize`` (``n_time_features``
-            = N_tf of the cache that will be exported, so the accounting matches ``bfq inspect``).
-            In grid mode ``time_proj_bits`` fixes the time projections; without it they are allocated.
-        cache_dir: where analyses are cached (default :func:`default_cache_dir`); the lead passes the
-            ``--work-dir`` when there is one.
-        mode: analysis mode when one has to be run ("proxy" or "image").
-        analysis_options: extra keyword arguments for :func:`bfq.analyze.analyze`.
-        allocator_options: extra keyword arguments for the allocator (e.g. ``{"eta": 0.3}``).
-    Returns:
-        ``(recipe, why)``: a validated :class:`bfq.recipe.Recipe` and one sentence for the notes.
-    Raises:
-        RecipeError / SensitivityError: bad budget, sensitivity file from another model, missing
-        layers, NaN errors, incompatible settings.
-    """
-    from bfq import analyze as an
-    from bfq import recipe as recipes
-
-    if method not in METHODS:
-        raise SensitivityError(f"unknown allocation method {method!r}; one of {', '.join(METHODS)}")
-    if not _is_number(budget) or not math.isfinite(budget):
-        raise SensitivityError(f"the bit budget must be a finite number, got {budget!r}")
-    levels = levels or "balanced"
-    need = list(recipes.quantizable_layers(unet, time_cache))
-    source = getattr(resolved, "source", None)
-    fp = an.model_fingerprint(unet, source=source)
-    if sensitivity is not None:
-        sens = load_sensitivity(sensitivity)
-        where = "the sensitivity file" if isinstance(sensitivity, Mapping) else f"sensitivity file {os.fspath(sensitivity)}"
-        check_model(sens, fp, where=where)
-        origin = "given" if isinstance(sensitivity, Mapping) else os.fspath(sensitivity)
-    else:
-        opts = dict(analysis_options or {})
-        scheduler = getattr(resolved, "scheduler", None)
-        base_dir = getattr(resolved, "base_dir", None)
-        path = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels, cache_dir=cache_dir,
-                                   mode=mode, analysis_options=opts, fingerprint=fp)  # fmt: skip
-        sens = an.analyze(unet, out=path, mode=mode, levels=levels, time_cache=time_cache, scheduler=scheduler,
-                          base_dir=base_dir, source=source, n_time_features=n_time_features, progress=progress,
-                          **opts)  # fmt: skip
-        origin = str(path)
-    if sens["accounting"]["levels"] != levels:
-        raise SensitivityError(
-            f"the sensitivity analysis measured {sens['accounting']['levels']} levels, but {levels} levels were asked for"
-        )
-    fixed = {}
-    if time_cache == "grid" and time_proj_bits is not None:
-        fixed = {n: int(time_proj_bits) for n in need if n.endswith("time_emb_proj.weight")}
-    alloc = allocate(sens, budget, method, fixed=fixed, n_time_features=n_time_features, need_layers=need,
-                     **dict(allocator_options or {}))  # fmt: skip
-    recipe = alloc.to_recipe()
-    recipes.validate(recipe, unet, time_cache)
-    why = (f"{method} allocation for {budget:g} bits from the sensitivity analysis {origin} "
-           f"({sens['settings'].get('mode', '?')} mode): {alloc.avg_bits:.4f} bits by the paper's accounting")  # fmt: skip
-    return recipe, why
-
-
-def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write a matplotlib figure atomically (PNG at 110 dpi by the suffix) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bfq.container import BfqWriter
-from bfq.nn import iter_quantized
+from bfq.format import BfqWriter
+from bfq.quant.nn import iter_quantized
 
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16}
 
@@ -38,15 +38,15 @@ def export_unet(
     dense_dtype: str = "f32",
     progress: bool = True,
 ) -> Path:
-    """Write `unet` (its quantized layers from bfq.nn, everything else dense) to `path`, atomically.
+    """Write `unet` (its quantized layers from bfq.quant.nn, everything else dense) to `path`, atomically.
 
     Args:
-        unet: a UNet whose quantized layers are bfq.nn modules.
+        unet: a UNet whose quantized layers are bfq.quant.nn modules.
         config: the original model's config dict (what `from_config` needs to rebuild it);
             default: ``unet.config`` without ``_name_or_path``. ``class_name`` defaults to the
             UNet's class name.
         time_cache: {"mode": "scheduler"|"grid", "timesteps": [...], "tables": {name: array [T, D]}},
-            as computed by bfq.timecache; the parameters it replaces are left out of the file.
+            as computed by bfq.quant.timecache; the parameters it replaces are left out of the file.
         recipe: the recipe summary for the header (avg_bits, n_weights_total, n_params_total, ...).
         dense_dtype: "f32" (the paper's accounting) or "f16" for everything kept in floating point.
     """
@@ -93,10 +93,10 @@ def export_finetuned(
     """Write a fine-tuned student to ``out`` (.bfq) with a time cache from its float time layers.
 
     ``bfq.load_unet(out)`` then reproduces the student's fake-quantized outputs (up to the fp16
-    time cache). See :func:`bfq.timecache.build_cache` for ``time_cache``/``scheduler``/``steps``.
+    time cache). See :func:`bfq.quant.timecache.build_cache` for ``time_cache``/``scheduler``/``steps``.
     """
-    from bfq import recipe as recipes
-    from bfq.timecache import build_cache
+    from bfq.quant import recipe as recipes
+    from bfq.quant.timecache import build_cache
 
     quantized = dict(iter_quantized(student))
     if not quantized:

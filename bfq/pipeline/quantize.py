@@ -1,6 +1,6 @@
 """The whole pipeline behind `bfq quantize` and `bfq finetune`: resolve a model, pick a recipe,
 cache the time features, initialize the quantized layers, optionally fine-tune them (Stage I and
-Stage II, bfq.finetune), export a .bfq.
+Stage II, bfq.pipeline.finetune), export a .bfq.
 
 Each stage lives in its own module; this one only wires them and records what was done.
 """
@@ -9,20 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bfq import models, recipe as recipes, timecache
+from bfq._io import atomic_path
 from bfq.errors import RecipeError
-from bfq.export import export_unet, sampler_metadata
-from bfq.nn import iter_quantized, quantize_unet
-
-DEFAULT_STEPS = 50  # the paper's PNDM-50 sampler
+from bfq.pipeline import models
+from bfq.pipeline.allocate import METHODS, allocate
+from bfq.pipeline.analyze import analysis_cache_path, analyze
+from bfq.pipeline.export import export_unet, sampler_metadata
+from bfq.pipeline.sensitivity import (
+    SensitivityError,
+    _is_number,
+    check_model,
+    load_sensitivity,
+    model_fingerprint,
+)
+from bfq.quant import recipe as recipes
+from bfq.quant import timecache
+from bfq.quant.nn import iter_quantized, quantize_unet
+from bfq.quant.timecache import DEFAULT_STEPS
 
 
 @dataclass
@@ -51,7 +63,7 @@ def pick_recipe(
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
-    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.allocate; the
+    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate; the
     error-minimizing allocator by default, since it beat the paper's Alg. 1 on tiny-sd) from a
     sensitivity analysis: the given file, one cached for this model and these settings, or a new
     (resumable) proxy analysis. SD-v1.5-shaped models on a CPU-only machine with no analysis at
@@ -62,8 +74,6 @@ def pick_recipe(
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
-    from bfq.allocate import analysis_cache_path, recipe_for_budget
-
     cache_dir = Path(work_dir) / "analysis" if work_dir else None
     if sensitivity is None and not torch.cuda.is_available():
         shortcut = _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features)
@@ -75,6 +85,76 @@ def pick_recipe(
         n_time_features=n_time_features, levels=levels, time_proj_bits=time_proj_bits,
         cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
+
+
+def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "paper", resolved=None,
+                      time_cache: str = "scheduler", n_time_features: int, levels: str | None = None,
+                      time_proj_bits: int | None = None, cache_dir=None, mode: str = "proxy",
+                      analysis_options: Mapping | None = None, progress: bool = True,
+                      allocator_options: Mapping | None = None):  # fmt: skip
+    """The recipe for ``bfq quantize MODEL --bits B``: analysis (reused or run), allocation, checks.
+
+    Args:
+        unet: the *float* UNet (before any quantization; its weights are restored after analysis).
+        budget: average bits by the paper's accounting.
+        sensitivity: a sensitivity file (path) or object to use; None runs the analysis, or reuses
+            the one cached in ``cache_dir`` for this model's fingerprint and these settings (a partial
+            one is resumed).
+        method: "paper" (Alg. 1), "optimal" or "size-only".
+        resolved: the :class:`bfq.pipeline.models.ResolvedModel` (scheduler, pipeline directory and source give
+            the analysis its sampler and text conditioning); None analyses the bare UNet (seeded random
+            text embeddings, SD's scheduler).
+        time_cache, n_time_features, levels, time_proj_bits: as in ``bfq quantize`` (``n_time_features``
+            = N_tf of the cache that will be exported, so the accounting matches ``bfq inspect``).
+            In grid mode ``time_proj_bits`` fixes the time projections; without it they are allocated.
+        cache_dir: where analyses are cached (default :func:`default_cache_dir`); the lead passes the
+            ``--work-dir`` when there is one.
+        mode: analysis mode when one has to be run ("proxy" or "image").
+        analysis_options: extra keyword arguments for :func:`bfq.pipeline.analyze.analyze`.
+        allocator_options: extra keyword arguments for the allocator (e.g. ``{"eta": 0.3}``).
+    Returns:
+        ``(recipe, why)``: a validated :class:`bfq.quant.recipe.Recipe` and one sentence for the notes.
+    Raises:
+        RecipeError / SensitivityError: bad budget, sensitivity file from another model, missing
+        layers, NaN errors, incompatible settings.
+    """
+    if method not in METHODS:
+        raise SensitivityError(f"unknown allocation method {method!r}; one of {', '.join(METHODS)}")
+    if not _is_number(budget) or not math.isfinite(budget):
+        raise SensitivityError(f"the bit budget must be a finite number, got {budget!r}")
+    levels = levels or "balanced"
+    need = list(recipes.quantizable_layers(unet, time_cache))
+    source = getattr(resolved, "source", None)
+    fp = model_fingerprint(unet, source=source)
+    if sensitivity is not None:
+        sens = load_sensitivity(sensitivity)
+        where = "the sensitivity file" if isinstance(sensitivity, Mapping) else f"sensitivity file {os.fspath(sensitivity)}"
+        check_model(sens, fp, where=where)
+        origin = "given" if isinstance(sensitivity, Mapping) else os.fspath(sensitivity)
+    else:
+        opts = dict(analysis_options or {})
+        scheduler = getattr(resolved, "scheduler", None)
+        base_dir = getattr(resolved, "base_dir", None)
+        path = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels, cache_dir=cache_dir,
+                                   mode=mode, analysis_options=opts, fingerprint=fp)  # fmt: skip
+        sens = analyze(unet, out=path, mode=mode, levels=levels, time_cache=time_cache, scheduler=scheduler,
+                          base_dir=base_dir, source=source, n_time_features=n_time_features, progress=progress,
+                          **opts)  # fmt: skip
+        origin = str(path)
+    if sens["accounting"]["levels"] != levels:
+        raise SensitivityError(
+            f"the sensitivity analysis measured {sens['accounting']['levels']} levels, but {levels} levels were asked for"
+        )
+    fixed = {}
+    if time_cache == "grid" and time_proj_bits is not None:
+        fixed = {n: int(time_proj_bits) for n in need if n.endswith("time_emb_proj.weight")}
+    alloc = allocate(sens, budget, method, fixed=fixed, n_time_features=n_time_features, need_layers=need,
+                     **dict(allocator_options or {}))  # fmt: skip
+    recipe = alloc.to_recipe()
+    recipes.validate(recipe, unet, time_cache)
+    why = (f"{method} allocation for {budget:g} bits from the sensitivity analysis {origin} "
+           f"({sens['settings'].get('mode', '?')} mode): {alloc.avg_bits:.4f} bits by the paper's accounting")  # fmt: skip
+    return recipe, why
 
 
 def _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features):
@@ -122,17 +202,19 @@ def _init_layers(unet, plan: recipes.Recipe, *, init: str, scale_dtype: str, wor
         return True
     quantize_unet(unet, plan.bits, levels=plan.levels, init=init, scale_dtype=scale_dtype, progress=progress)
     if scales_path is not None:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = scales_path.with_name(f".{scales_path.name}.{os.getpid()}.tmp")  # ranks of a multi-process run race here
-        save_file({name: m.scale.detach().contiguous() for name, m in iter_quantized(unet)}, str(tmp))
-        os.replace(tmp, scales_path)
+        with atomic_path(scales_path) as tmp:
+            save_file({name: m.scale.detach().contiguous() for name, m in iter_quantized(unet)}, str(tmp))
     return False
 
 
 def _finetune(resolved, unet, stage1_steps, stage2_steps, config, stage2_config, **kwargs) -> str | None:
-    """Stage I and Stage II in place (bfq.finetune); the "finetune" metadata record, or None on the
+    """Stage I and Stage II in place (bfq.pipeline.finetune); the "finetune" metadata record, or None on the
     ranks of a multi-process run that do not export."""
-    from bfq.finetune import FinetuneConfig, is_main_process, run_finetune_stages
+    from bfq.pipeline.finetune import (
+        FinetuneConfig,
+        is_main_process,
+        run_finetune_stages,
+    )
 
     config = config or FinetuneConfig()
     run_finetune_stages(resolved, unet, stage1_steps=stage1_steps, stage2_steps=stage2_steps, config=config,
@@ -169,13 +251,13 @@ def quantize(
     finetune_stage2_config=None,
     log: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
-    """Quantize `model` (see bfq.models.resolve_model) and write `out`.
+    """Quantize `model` (see bfq.pipeline.models.resolve_model) and write `out`.
 
     `work_dir`, when given, keeps the initialized scales, the sensitivity analysis and the
     fine-tuning checkpoints, so that a rerun with the same settings resumes where it stopped.
     `stage1_steps`/`stage2_steps` > 0 fine-tune the initialized model before the export
-    (bfq.finetune.run_finetune_stages with `finetune_config`/`finetune_stage2_config`, both
-    bfq.finetune.FinetuneConfig). Under `accelerate launch` only the main process exports; the
+    (bfq.pipeline.finetune.run_finetune_stages with `finetune_config`/`finetune_stage2_config`, both
+    bfq.pipeline.finetune.FinetuneConfig). Under `accelerate launch` only the main process exports; the
     others return a result whose `path` is None.
     """
     seconds = {}

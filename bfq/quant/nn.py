@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bfq.errors import RecipeError
-from bfq.quantizer import check_bits, code_range, init_scales, quantize_codes, round_scales, scale_storage_dtype
+from bfq.quant.quantizer import (
+    check_bits,
+    code_range,
+    init_scales,
+    quantize_codes,
+    round_scales,
+    scale_storage_dtype,
+)
 
 INITS = ("alternating", "minmax", None)
 
@@ -208,7 +215,7 @@ def quantize_unet(
         init: "alternating" (paper), "minmax", or None (scales 1.0, to be overwritten by a checkpoint).
         scale_dtype: "f16" or "f32", the precision the scales are stored (and computed) in.
         progress: show a tqdm bar (weights processed).
-        iters, grad_scale: see :func:`bfq.quantizer.init_scales` and :class:`QuantLinear`.
+        iters, grad_scale: see :func:`bfq.quant.quantizer.init_scales` and :class:`QuantLinear`.
 
     Raises:
         RecipeError: a name is not a Linear/Conv2d weight of ``unet`` (or is already quantized).

@@ -25,9 +25,8 @@ import numba
 import numpy as np
 import torch
 
-import bfq._kernels  # noqa: F401  (sets numba's threading layer before any parallel kernel runs)
-
-from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, SCALE_DTYPES
+import bfq.format._kernels  # noqa: F401  (sets numba's threading layer before any parallel kernel runs)
+from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, SCALE_DTYPES
 
 # Smallest positive values a stored scale may take: the smallest fp16 subnormal (2^-24, exact in
 # fp16 and fp32) and the smallest fp32 normal. A scale is never 0, so w / s is always finite.

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from torch import nn
 
-from bfq._json import read_json_file
+from bfq._io import read_json_file
 from bfq.errors import RecipeError
-from bfq.format import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
+from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
 
 RECIPE_FORMAT = "bfq-recipe"
 RECIPE_VERSION = 1

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 MODES = ("scheduler", "grid")
+DEFAULT_STEPS = 50  # sampler steps a scheduler cache is made for by default: the paper's PNDM-50
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -309,7 +310,7 @@ def _install_state(unet: nn.Module, state: _TimeState) -> None:
 
 
 def build_cache(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 50) -> dict | None:
-    """The ``time_cache`` argument of :func:`bfq.export.export_unet`, computed from ``unet``'s own
+    """The ``time_cache`` argument of :func:`bfq.pipeline.export.export_unet`, computed from ``unet``'s own
     (frozen, float) time layers: ``scheduler`` mode for ``scheduler``'s ``steps`` timesteps, or
     ``grid`` over its ``num_train_timesteps`` (1000 without a scheduler); None for no cache."""
     if mode is None or mode == "none":
@@ -317,7 +318,7 @@ def build_cache(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 
     if mode == "scheduler":
         if scheduler is None:
             raise ValueError("the scheduler time cache needs the scheduler (its timesteps); use 'grid'")
-        from bfq.nn import iter_quantized
+        from bfq.quant.nn import iter_quantized
 
         quantized_proj = [n for n, _ in iter_quantized(unet) if n.endswith("time_emb_proj.weight")]
         if quantized_proj:

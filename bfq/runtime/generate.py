@@ -45,12 +45,12 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
     from diffusers import StableDiffusionPipeline
 
     import bfq
-    from bfq import hub
-    from bfq.container import open_bfq
+    from bfq.download import download_bfq
+    from bfq.format import open_bfq
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    path = model if os.path.exists(model) else hub.download_bfq(model, revision=revision)
+    path = model if os.path.exists(model) else download_bfq(model, revision=revision)
     with open_bfq(path) as f:
         source, metadata = f.header.model.get("source"), f.header.metadata
     unet = bfq.load_unet(path, device=device, dtype=dtype)

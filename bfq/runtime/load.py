@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bfq.container import BfqFile, open_bfq
 from bfq.errors import BfqFormatError
+from bfq.format import BfqFile, open_bfq
 
 _DECODE_AS = {torch.float32: ("float32", torch.float32), torch.float16: ("float16", torch.int16), torch.bfloat16: ("bfloat16", torch.int16)}
 
@@ -55,9 +55,9 @@ def load_unet(
 def _resolve(source, revision) -> str:
     if os.path.exists(source):
         return os.fspath(source)
-    from bfq import hub
+    from bfq.download import download_bfq
 
-    return hub.download_bfq(str(source), revision=revision)
+    return download_bfq(str(source), revision=revision)
 
 
 def _empty_model(bfq: BfqFile) -> nn.Module:
@@ -80,7 +80,7 @@ def _install_time_cache(model: nn.Module, bfq: BfqFile, dtype: torch.dtype) -> N
     cache = bfq.header.time_cache
     if cache is None:
         return
-    from bfq import timecache
+    from bfq.quant import timecache
 
     tables = {name: torch.from_numpy(np.array(bfq.read_time_table(name))) for name in cache.tables}
     try:

@@ -2,7 +2,7 @@
 
 It is the default model of ``bfq quantize tiny-sd`` and ``bfq eval tiny-sd``: no download needed.
 See :mod:`bfq.tinysd.build` for the architecture, :mod:`bfq.tinysd.train` for how the bundled
-weights were made, and :mod:`bfq.evaluate` for the quality metric.
+weights were made, and :mod:`bfq.tinysd.evaluate` for the quality metric.
 
 Importing this package does not import torch.
 """

@@ -98,7 +98,6 @@ class Classifier:
 
 def load_classifier(directory: str | Path | None = None) -> Classifier:
     """Load the bundled digit classifier (or the one in ``directory``)."""
-    import torch
     from safetensors.torch import load_file
 
     from bfq.tinysd import classifier_dir

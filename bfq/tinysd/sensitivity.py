@@ -3,7 +3,7 @@
 ``python -m bfq.tinysd.sensitivity [--n-per-digit 50] [--steps 20]`` prints one row per setting.
 
 This is a *reference check of the metric*, deliberately independent of the project's quantizer
-(``bfq.quantizer``, whose output ``bfq eval FILE.bfq`` scores): a plain per-output-channel
+(``bfq.quant.quantizer``, whose output ``bfq eval FILE.bfq`` scores): a plain per-output-channel
 symmetric quantizer with the balance integer,
 ``q = clamp(round(w / s), -2^(n-1), 2^(n-1))`` (2^n + 1 levels; n = 1 is ternary), applied to the
 weight of every ``Conv2d`` and ``Linear`` of the UNet, with either
@@ -76,8 +76,8 @@ def sensitivity_table(n_per_digit: int = 50, steps: int = 20, settings=SETTINGS,
     """Evaluate each setting; returns rows ``{"setting", "alignment", "fd", "sweep"}``."""
     from diffusers import UNet2DConditionModel
 
-    from bfq.evaluate import evaluate
     from bfq.tinysd import pipeline_dir
+    from bfq.tinysd.evaluate import evaluate
 
     base = UNet2DConditionModel.from_pretrained(str(pipeline_dir() / "unet"), local_files_only=True)
     rows = []

@@ -37,7 +37,13 @@ import random
 import time
 from pathlib import Path
 
-from bfq.tinysd.build import MAX_LENGTH, build_models, load_tokenizer, save_pipeline, write_tokenizer
+from bfq.tinysd.build import (
+    MAX_LENGTH,
+    build_models,
+    load_tokenizer,
+    save_pipeline,
+    write_tokenizer,
+)
 from bfq.tinysd.data import caption, real_gray_images
 
 DEFAULTS = dict(

@@ -44,8 +44,6 @@ settings (they change only rounding).
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import math
 import os
@@ -57,517 +55,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from bfq.allocate import (
+from bfq._io import write_text_atomic
+from bfq.pipeline.analyze.measure import _Context, _fake_weight, _finetuned_weight, _module
+from bfq.pipeline.analyze.settings import (
+    DEFAULT_BITS,
+    FIXED_LAYERS,
+    _default_cache_steps,
+    _n_time_features,
+    analysis_settings,
+    prefer_workqueue_threads,
+)
+from bfq.pipeline.sensitivity import (
     SENSITIVITY_FORMAT,
     SENSITIVITY_VERSION,
     SensitivityError,
-    _atomic_write_text,
+    cache_path,
     load_sensitivity,
+    model_fingerprint,
 )
-from bfq.recipe import FIRST_LAST_BITS, linear_conv_weights, quantizable_layers
-
-MODES = ("proxy", "image")
-DEFAULT_BITS = (1, 2, 3)
-FIXED_LAYERS = ("conv_in.weight", "conv_out.weight")
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    set_alpha_to_one=False, steps_offset=1, clip_sample=False)  # fmt: skip
-RANDOM_SEQ_LEN = 16  # token count of the random embeddings of a bare UNet
-# Fixed prompts for models with a text encoder that are not tiny-sd (PartiPrompts-like, written here).
-DEFAULT_PROMPTS = (
-    "a teddy bear on a skateboard in times square",
-    "a red sports car parked on a cobblestone street",
-    "an oil painting of a lighthouse in a storm",
-    "a bowl of ramen with a soft-boiled egg, studio photo",
-    "a portrait of an old man with a white beard",
-    "a cat wearing sunglasses sitting on a beach chair",
-    "a watercolor of cherry blossoms along a river",
-    "a futuristic city skyline at night with flying cars",
-    "a wooden cabin in a snowy forest at dawn",
-    "a close-up photo of a hummingbird drinking nectar",
-    "a plate of sushi on a black slate board",
-    "an astronaut riding a horse on the moon",
-    "a stained glass window depicting a peacock",
-    "a golden retriever puppy playing in autumn leaves",
-    "a steam locomotive crossing a stone bridge",
-    "a minimalist poster of a mountain and the sun",
-)
-
-
-# ------------------------------------------------------------------------------ fingerprints
-
-
-def prefer_workqueue_threads() -> str | None:
-    """Make numba's parallel kernels (the quantizer's scale initialisation) use the ``workqueue``
-    threading layer when numba has not started one yet and ``NUMBA_THREADING_LAYER`` is unset.
-
-    Measured here: once numba's default ``omp`` layer has run a kernel, every later torch CPU forward
-    in the process is 5-10x slower (CPU time, not just wall time), even with one thread each; the
-    ``workqueue`` layer has no such effect. The analysis alternates the two thousands of times.
-    Returns the layer numba uses (or will use), None if numba is missing.
-    """
-    try:
-        import numba
-        from numba.np.ufunc import parallel
-    except ImportError:  # pragma: no cover
-        return None
-    if getattr(parallel, "_is_initialized", False):
-        return numba.threading_layer()
-    if not os.environ.get("NUMBA_THREADING_LAYER"):
-        numba.config.THREADING_LAYER = "workqueue"
-    return numba.config.THREADING_LAYER
-
-
-
-def model_fingerprint(unet: nn.Module, source: Mapping | None = None) -> dict:
-    """Identity of a float UNet for sensitivity files.
-
-    ``layers_sha256``: sha256 over the sorted ``(name, shape)`` of every Linear/Conv2d weight;
-    ``weights_sha256``: sha256 over their float32 bytes in that order (two models with the same
-    architecture but different weights differ); ``fingerprint``: sha256 of both. ``source`` (from
-    :func:`bfq.models.resolve_model`) is recorded for people but is not part of the identity, so the
-    same weights loaded from another path match.
-    """
-    weights = {name: m.weight for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    if not weights:
-        raise SensitivityError("the model has no Linear/Conv2d layers")
-    names = sorted(weights)
-    shapes = json.dumps([[f"{n}.weight", list(weights[n].shape)] for n in names]).encode()
-    layers_sha = hashlib.sha256(shapes).hexdigest()
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for n in names:
-            w = weights[n]
-            if w.device.type == "meta":
-                raise SensitivityError("cannot fingerprint a meta-device model (no weights)")
-            h.update(memoryview(w.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
-    weights_sha = h.hexdigest()
-    return {
-        "fingerprint": hashlib.sha256(f"{layers_sha}:{weights_sha}".encode()).hexdigest(),
-        "layers_sha256": layers_sha,
-        "weights_sha256": weights_sha,
-        "class_name": type(unet).__name__,
-        "source": dict(source) if source else None,
-        "n_layers": len(names),
-        "layer_names": [f"{n}.weight" for n in names],
-    }
-
-
-def _is_tinysd(base_dir, source) -> bool:
-    if source and source.get("kind") == "builtin" and source.get("name") == "tiny-sd":
-        return True
-    if base_dir is None:
-        return False
-    try:
-        from bfq.tinysd import pipeline_dir
-
-        return Path(base_dir).resolve() == Path(pipeline_dir()).resolve()
-    except Exception:  # pragma: no cover
-        return False
-
-
-def _has_text_encoder(base_dir) -> bool:
-    return base_dir is not None and (Path(base_dir) / "text_encoder").is_dir() and (Path(base_dir) / "tokenizer").is_dir()
-
-
-def _has_vae(base_dir) -> bool:
-    return base_dir is not None and (Path(base_dir) / "vae").is_dir()
-
-
-def _prompts(base_dir, source, n_prompts: int, seed: int, prompts=None) -> tuple[list[str], list[int] | None]:
-    """``(texts, digits or None)``: explicit prompts, tiny-sd digit prompts (balanced), or DEFAULT_PROMPTS."""
-    if prompts is not None:
-        texts = [str(p) for p in prompts]
-        if not texts:
-            raise SensitivityError("prompts must not be empty")
-        return texts, None
-    if _is_tinysd(base_dir, source):
-        from bfq.tinysd.data import eval_prompts
-
-        per_digit = -(-n_prompts // 10)
-        allp = eval_prompts(per_digit, seed)  # digit-major
-        ordered = [allp[d * per_digit + j] for j in range(per_digit) for d in range(10)][:n_prompts]
-        return [p.text for p in ordered], [p.digit for p in ordered]
-    return [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n_prompts)], None
-
-
-def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[int] = DEFAULT_BITS,
-                      levels: str = "balanced", time_cache: str = "scheduler", scheduler=None, base_dir=None,
-                      source: Mapping | None = None, seed: int = 0, n_prompts: int | None = None,
-                      steps: int = 20, guidance: float | None = None, n_timesteps: int = 4,
-                      finetune_steps: int = 0, finetune_lr: float = 1e-4, finetune_batch: int = 16,
-                      prompts: Sequence[str] | None = None, clip: str | os.PathLike | None = None,
-                      init_iters: int = 10, scale_dtype: str = "f16", **_ignored) -> dict:  # fmt: skip
-    """The normalized settings that determine an analysis's numbers (and its cache key).
-
-    Raises :class:`SensitivityError` for impossible combinations (e.g. image mode without a VAE).
-    """
-    from bfq.quantizer import check_bits
-    from bfq.recipe import TIME_CACHE_MODES
-
-    if mode not in MODES:
-        raise SensitivityError(f"mode must be one of {MODES}, got {mode!r}")
-    bits = sorted(int(b) for b in bits)
-    if not bits or len(set(bits)) != len(bits):
-        raise SensitivityError(f"bits must be distinct bit-widths, got {bits}")
-    for b in bits:
-        try:
-            check_bits(b, levels)
-        except ValueError as e:
-            raise SensitivityError(f"bits: {e}") from None
-    if time_cache not in TIME_CACHE_MODES:
-        raise SensitivityError(f"time_cache must be one of {TIME_CACHE_MODES}, got {time_cache!r}")
-    for name, v, lo in (("steps", steps, 1), ("n_timesteps", n_timesteps, 1), ("finetune_steps", finetune_steps, 0),
-                        ("finetune_batch", finetune_batch, 1), ("init_iters", init_iters, 0)):  # fmt: skip
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise SensitivityError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if mode == "proxy" and n_timesteps > steps:
-        raise SensitivityError(f"n_timesteps ({n_timesteps}) cannot exceed the sampler steps ({steps})")
-    tiny = _is_tinysd(base_dir, source)
-    if n_prompts is None:
-        n_prompts = (10 if mode == "proxy" else 20) if tiny else 8
-    if not isinstance(n_prompts, int) or n_prompts < 1:
-        raise SensitivityError(f"n_prompts must be a positive integer, got {n_prompts!r}")
-    if guidance is None:
-        if tiny:
-            from bfq.evaluate import DEFAULT_CFG
-
-            guidance = DEFAULT_CFG
-        else:
-            guidance = 7.5
-    conditioning = "text_encoder" if _has_text_encoder(base_dir) else "random"
-    if mode == "image" and not (_has_vae(base_dir) and conditioning == "text_encoder"):
-        raise SensitivityError(
-            "image mode needs a diffusers pipeline directory with vae/, text_encoder/ and tokenizer/; this model has "
-            "none (a bare UNet, or a Hub download of the UNet only): use mode 'proxy'"
-        )
-    texts, digits = _prompts(base_dir, source, n_prompts, seed, prompts)
-    if conditioning == "random":
-        texts, digits = [], None
-    align, align_note = None, None
-    if mode == "image":
-        if tiny and digits is not None:
-            align = "digit-classifier"
-        elif clip is not None:
-            if not Path(clip).is_dir():
-                raise SensitivityError(f"--clip {clip}: not a directory with a local CLIP model")
-            align = f"clip:{Path(clip).resolve()}"
-        else:
-            align_note = "no local CLIP model given (clip=PATH): the align_drop column is omitted"
-    sched_cfg = dict(scheduler.config) if scheduler is not None else dict(SD_SCHEDULER)
-    sched_cfg = {k: sched_cfg[k] for k in sorted(sched_cfg) if k in (
-        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "set_alpha_to_one",
-        "steps_offset", "prediction_type", "timestep_spacing", "rescale_betas_zero_snr")}  # fmt: skip
-    if sched_cfg.get("trained_betas") is not None:
-        sched_cfg["trained_betas"] = [float(b) for b in sched_cfg["trained_betas"]]
-    out = {
-        "mode": mode, "bits": bits, "levels": levels, "init": "alternating", "init_iters": init_iters,
-        "scale_dtype": scale_dtype, "time_cache": time_cache, "seed": int(seed), "n_prompts": n_prompts,
-        "prompts": texts, "conditioning": conditioning, "sampler": "DDIM eta=0", "steps": steps,
-        "guidance": float(guidance), "scheduler": sched_cfg, "finetune_steps": finetune_steps,
-    }  # fmt: skip
-    if finetune_steps:
-        out.update(finetune_lr=float(finetune_lr), finetune_batch=finetune_batch, finetune_target="fp noise prediction")
-    if mode == "proxy":
-        out["n_timesteps"] = n_timesteps
-    else:
-        out["align"] = align
-        if align_note:
-            out["align_note"] = align_note
-    return out
-
-
-def _n_time_features(unet, time_cache: str, scheduler, cache_steps: int) -> int:
-    from bfq import timecache
-
-    if time_cache == "scheduler":
-        if scheduler is not None:
-            n = len(timecache.scheduler_timesteps(scheduler, cache_steps))
-        else:
-            n = cache_steps
-        return timecache.n_time_features(unet, "scheduler", n)
-    n_train = scheduler.config.num_train_timesteps if scheduler is not None else 1000
-    return timecache.n_time_features(unet, "grid", n_train)
-
-
-def _default_cache_steps(base_dir, source) -> int:
-    if _is_tinysd(base_dir, source):
-        from bfq.evaluate import DEFAULT_STEPS
-
-        return DEFAULT_STEPS
-    from bfq.quantize import DEFAULT_STEPS
-
-    return DEFAULT_STEPS
-
-
-# ------------------------------------------------------------------------------- sampling
-
-
-def _ddim(sched_cfg: Mapping, steps: int):
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config({**SD_SCHEDULER, **dict(sched_cfg)}, clip_sample=False)
-    sched.set_timesteps(steps)
-    return sched
-
-
-@torch.no_grad()
-def _predict(unet, x, t, emb, batch_size: int) -> torch.Tensor:
-    """``unet(x, t, emb).sample`` in chunks of ``batch_size`` (t: one per sample)."""
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        out.append(unet(x[i : i + batch_size], t[i : i + batch_size], encoder_hidden_states=emb[i : i + batch_size]).sample)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def _sample(unet, cond, uncond, sched_cfg, steps, guidance, x_T, batch_size, record=()):
-    """DDIM (eta 0) with CFG from ``x_T``; returns the final latents and ``[(step index, t, x_t)]``."""
-    sched = _ddim(sched_cfg, steps)
-    x = x_T * sched.init_noise_sigma
-    P = x.shape[0]
-    emb = torch.cat([uncond.expand(P, -1, -1), cond])
-    states = []
-    for i, t in enumerate(sched.timesteps):
-        if i in record:
-            states.append((i, int(t), x.clone()))
-        xin = sched.scale_model_input(torch.cat([x, x]), t)
-        tt = torch.full((2 * P,), int(t), device=x.device, dtype=torch.long)
-        eps = _predict(unet, xin, tt, emb, batch_size)
-        eu, ec = eps.chunk(2)
-        x = sched.step(eu + guidance * (ec - eu), t, x).prev_sample
-    return x, states
-
-
-class _Context:
-    """Conditioning, fixed sets and scorers for one analysis (built once per run)."""
-
-    def __init__(self, unet, settings: dict, base_dir, device, batch_size: int):
-        self.unet, self.s, self.base_dir, self.device, self.bs = unet, settings, base_dir, device, batch_size
-        cfg = unet.config
-        self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.dtype = next(unet.parameters()).dtype
-        cond, uncond = self._conditioning()
-        self.cond, self.uncond = cond.to(self.dtype), uncond.to(self.dtype)
-
-    def _conditioning(self):
-        s = self.s
-        dim = self.unet.config.cross_attention_dim
-        if s["conditioning"] == "random":
-            g = torch.Generator().manual_seed(s["seed"] + 7919)
-            cond = torch.randn(s["n_prompts"], RANDOM_SEQ_LEN, dim, generator=g)
-            uncond = torch.randn(1, RANDOM_SEQ_LEN, dim, generator=g)
-            return cond.to(self.device), uncond.to(self.device)
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        base = Path(self.base_dir)
-        tok = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-        enc = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True).to(self.device).eval()
-
-        def encode(texts):
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids  # fmt: skip
-            with torch.no_grad():
-                return enc(ids.to(self.device))[0].float()
-
-        cond = encode(list(s["prompts"]))
-        uncond = encode([""])
-        if cond.shape[-1] != dim:
-            raise SensitivityError(f"text encoder width {cond.shape[-1]} != the UNet's cross_attention_dim {dim}")
-        del enc
-        return cond, uncond
-
-    def initial_noise(self, offset: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.s["seed"] + offset)
-        return torch.randn(self.s["n_prompts"], *self.shape, generator=g).to(self.device, self.dtype)
-
-    # ---- proxy mode: fixed (x_t, t, embedding) set
-    def build_proxy(self):
-        s = self.s
-        record = sorted({int(round(v)) for v in np.linspace(0, s["steps"] - 1, s["n_timesteps"])})
-        _, states = _sample(self.unet, self.cond, self.uncond, s["scheduler"], s["steps"], s["guidance"],
-                            self.initial_noise(), self.bs, record)  # fmt: skip
-        x = torch.cat([st[2] for st in states])
-        t = torch.tensor([st[1] for st in states for _ in range(s["n_prompts"])], device=self.device)
-        cond = self.cond.repeat(len(states), 1, 1)
-        self.proxy_inputs = self._cfg_batch(x, t, cond)
-        self.proxy_timesteps = [st[1] for st in states]
-        self.ref = self.proxy_outputs()
-        return self.ref
-
-    def _cfg_batch(self, x, t, cond):
-        n = x.shape[0]
-        return (torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond.expand(n, -1, -1), cond]))
-
-    def proxy_outputs(self):
-        x, t, e = self.proxy_inputs
-        eps = _predict(self.unet, x, t, e, self.bs).double()
-        eu, ec = eps.chunk(2)
-        return {"guided": eu + self.s["guidance"] * (ec - eu), "direction": ec - eu}
-
-    def proxy_metrics(self, out) -> dict:
-        g_ref, d_ref = self.ref["guided"], self.ref["direction"]
-        mse = float(((out["guided"] - g_ref) ** 2).mean())
-        power = float((g_ref**2).mean())
-        derr = float(((out["direction"] - d_ref) ** 2).sum() / (d_ref**2).sum().clamp_min(1e-300))
-        return {"mse": mse, "snr_db": _db(power, mse), "guidance_err": derr}
-
-    # ---- image mode
-    def build_image(self):
-        from diffusers import AutoencoderKL
-
-        self.vae = AutoencoderKL.from_pretrained(Path(self.base_dir) / "vae", local_files_only=True).to(self.device).eval()
-        self.scorer = _scorer(self.s, self.device)
-        self.x_T = self.initial_noise()
-        images = self.images()
-        self.ref = {"images": images, "align": self.scorer(images) if self.scorer else None}
-        return self.ref
-
-    @torch.no_grad()
-    def images(self) -> np.ndarray:
-        s = self.s
-        lat, _ = _sample(self.unet, self.cond, self.uncond, s["scheduler"], s["steps"], s["guidance"], self.x_T, self.bs)
-        out = []
-        sf = self.vae.config.scaling_factor
-        for i in range(0, lat.shape[0], self.bs):
-            img = self.vae.decode((lat[i : i + self.bs] / sf).to(self.vae.dtype)).sample
-            out.append((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    def image_metrics(self, images) -> dict:
-        mse = float((((images - self.ref["images"]) * 255.0) ** 2).mean())
-        out = {"mse": mse, "psnr": _db(255.0**2, mse)}
-        if self.scorer is not None:
-            out["align_drop"] = float(self.ref["align"].mean() - self.scorer(images).mean())
-        return out
-
-    # ---- fine-tuning set: fp noise predictions on states of other trajectories
-    def build_train(self):
-        s = self.s
-        record = range(s["steps"])
-        _, states = _sample(self.unet, self.cond, self.uncond, s["scheduler"], s["steps"], s["guidance"],
-                            self.initial_noise(offset=1), self.bs, record)  # fmt: skip
-        x = torch.cat([st[2] for st in states])
-        t = torch.tensor([st[1] for st in states for _ in range(s["n_prompts"])], device=self.device)
-        x, t, e = self._cfg_batch(x, t, self.cond.repeat(len(states), 1, 1))
-        self.train_set = (x, t, e, _predict(self.unet, x, t, e, self.bs))
-        self.train_gen = torch.Generator().manual_seed(s["seed"] + 2)
-
-
-def _db(power: float, mse: float) -> float:
-    if mse <= 0:
-        return 200.0
-    return float(min(200.0, 10.0 * math.log10(max(power, 1e-300) / mse)))
-
-
-def _scorer(settings: dict, device):
-    align = settings.get("align")
-    if align is None:
-        return None
-    if align == "digit-classifier":
-        from bfq.tinysd.classifier import load_classifier
-        from bfq.tinysd.data import eval_prompts
-
-        clf = load_classifier()
-        per_digit = -(-settings["n_prompts"] // 10)
-        allp = eval_prompts(per_digit, settings["seed"])
-        digits = [allp[d * per_digit + j].digit for j in range(per_digit) for d in range(10)][: settings["n_prompts"]]
-        return _DigitScorer(clf, np.array(digits))
-    return _ClipScorer(align[len("clip:") :], settings["prompts"], device)
-
-
-class _DigitScorer:
-    """Probability the digit classifier gives the prompted digit (a smooth alignment score)."""
-
-    def __init__(self, clf, digits):
-        self.clf, self.digits = clf, digits
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch.nn.functional as F
-
-        from bfq.tinysd.data import IMAGE_SIZE
-
-        x = torch.as_tensor(images.mean(-1), dtype=torch.float32)[:, None]
-        if x.shape[-1] != IMAGE_SIZE:
-            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-        logits, _ = self.clf.model(x)
-        p = torch.softmax(logits.double(), 1).numpy()
-        return p[np.arange(len(p)), self.digits]
-
-
-class _ClipScorer:
-    """CLIP image-text cosine similarity (transformers ``CLIPModel`` from a local directory)."""
-
-    def __init__(self, path, prompts, device):
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.proc = CLIPProcessor.from_pretrained(path, local_files_only=True)
-        self.prompts, self.device = list(prompts), device
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        pil = [(img * 255).round().clip(0, 255).astype(np.uint8) for img in images]
-        inputs = self.proc(text=self.prompts, images=pil, return_tensors="pt", padding=True, truncation=True)
-        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-        a = torch.nn.functional.normalize(out.image_embeds.double(), dim=-1)
-        b = torch.nn.functional.normalize(out.text_embeds.double(), dim=-1)
-        return (a * b).sum(-1).cpu().numpy()
-
-
-# ------------------------------------------------------------------------------ candidates
-
-
-def _module(unet, name: str) -> nn.Module:
-    return unet.get_submodule(name[: -len(".weight")])
-
-
-def _fake_weight(mod: nn.Module, bits: int, levels: str, scale_dtype: str, iters: int) -> torch.Tensor:
-    """The fake-quantized weight ``bfq quantize`` would export for this layer at ``bits`` (T = 0)."""
-    from bfq.nn import QuantConv2d, QuantLinear
-
-    cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
-    q = cls.from_float(mod, bits, levels=levels, scale_dtype=scale_dtype, init="alternating", iters=iters)
-    with torch.no_grad():
-        return q.fake_weight().detach().clone()
-
-
-def _finetuned_weight(ctx: _Context, name: str, mod: nn.Module, bits: int) -> torch.Tensor:
-    """Quantize ``mod`` (a copy), train its latent weight and scale for T steps so that the UNet's
-    noise prediction matches the fp one on the training set; return the trained fake weight."""
-    from bfq.nn import QuantConv2d, QuantLinear
-
-    s = ctx.s
-    cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
-    work = copy.deepcopy(mod)
-    q = cls.from_float(work, bits, levels=s["levels"], scale_dtype=s["scale_dtype"], init="alternating",
-                       iters=s["init_iters"])  # fmt: skip
-    q.weight.requires_grad_(True)
-    q.scale.requires_grad_(True)
-    if q.bias is not None:
-        q.bias.requires_grad_(False)
-    path = name[: -len(".weight")]
-    parent_name, _, child = path.rpartition(".")
-    parent = ctx.unet.get_submodule(parent_name) if parent_name else ctx.unet
-    setattr(parent, child, q)
-    try:
-        opt = torch.optim.Adam([q.weight, q.scale], lr=s["finetune_lr"])
-        x, t, e, target = ctx.train_set
-        for _ in range(s["finetune_steps"]):
-            idx = torch.randint(x.shape[0], (s["finetune_batch"],), generator=ctx.train_gen).to(x.device)
-            with torch.enable_grad():
-                out = ctx.unet(x[idx], t[idx], encoder_hidden_states=e[idx]).sample
-                loss = torch.nn.functional.mse_loss(out, target[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-        with torch.no_grad():
-            return q.fake_weight().detach().clone()
-    finally:
-        setattr(parent, child, mod)
-
-
-# ------------------------------------------------------------------------------ the analysis
+from bfq.quant.recipe import FIRST_LAST_BITS, linear_conv_weights, quantizable_layers
 
 
 def _new_doc(fp: dict, settings: dict, accounting: dict, layers: dict) -> dict:
@@ -586,7 +92,7 @@ def _diff_keys(a: Mapping, b: Mapping) -> list[str]:
 
 def _write(doc: dict, out: Path | None) -> None:
     if out is not None:
-        _atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+        write_text_atomic(out, json.dumps(doc, indent=1) + "\n")
 
 
 def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str = "proxy",
@@ -605,7 +111,7 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
         bits: candidate bit-widths (default 1, 2, 3).
         levels, time_cache: as in ``bfq quantize``; ``time_cache`` decides which layers a recipe needs
             (the time projections are analysed too in grid mode).
-        scheduler, base_dir, source: from :func:`bfq.models.resolve_model` (``ResolvedModel``); the
+        scheduler, base_dir, source: from :func:`bfq.pipeline.models.resolve_model` (``ResolvedModel``); the
             scheduler's noise schedule drives the DDIM sampler; ``base_dir`` gives the text encoder,
             tokenizer and VAE; None analyses a bare UNet (random embeddings, SD-v1.5's schedule).
         n_time_features, cache_steps: N_tf for the accounting (default: computed for ``cache_steps``
@@ -621,7 +127,7 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
         SensitivityError: bad settings, an ``out`` file from another model or other settings,
             non-finite model outputs.
     """
-    from bfq.nn import QUANT_MODULES
+    from bfq.quant.nn import QUANT_MODULES
 
     prefer_workqueue_threads()
     if any(isinstance(m, QUANT_MODULES) for m in unet.modules()):
@@ -740,11 +246,26 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
 
 def analyze_model(model: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False,
                   **kwargs) -> dict:  # fmt: skip
-    """:func:`analyze` on a model name or path (see :func:`bfq.models.resolve_model`)."""
-    from bfq.models import resolve_model
+    """:func:`analyze` on a model name or path (see :func:`bfq.pipeline.models.resolve_model`)."""
+    from bfq.pipeline.models import resolve_model
 
     r = resolve_model(model, revision=revision, allow_pickle=allow_pickle)
     return analyze(r.unet, scheduler=r.scheduler, base_dir=r.base_dir, source=r.source, **kwargs)
+
+
+def analysis_cache_path(unet, *, resolved=None, time_cache: str = "scheduler", levels: str | None = None,
+                        cache_dir=None, mode: str = "proxy", analysis_options: Mapping | None = None,
+                        fingerprint: Mapping | None = None) -> Path:  # fmt: skip
+    """Where the analysis of ``unet`` with these settings is cached (and looked for):
+    ``<cache_dir>/sensitivity-<fingerprint[:16]>-<settings hash>.json``. ``path.is_file()`` tells
+    whether ``bfq quantize --bits`` will reuse an analysis or run one."""
+    source = getattr(resolved, "source", None)
+    fp = fingerprint or model_fingerprint(unet, source=source)
+    settings = analysis_settings(unet, mode=mode, levels=levels or "balanced", time_cache=time_cache,
+                                 scheduler=getattr(resolved, "scheduler", None),
+                                 base_dir=getattr(resolved, "base_dir", None), source=source,
+                                 **dict(analysis_options or {}))  # fmt: skip
+    return cache_path(fp["fingerprint"], settings, cache_dir)
 
 
 def format_sensitivity(sens: Mapping, top: int = 8) -> str:
@@ -773,91 +294,3 @@ def format_sensitivity(sens: Mapping, top: int = 8) -> str:
         lines.append(f"most sensitive at {b} bit(s) by mse:")
         lines += [f"  {mse:10.4g}  {n}" for mse, n in rows[:top]]
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------- time-step errors
-
-
-@torch.no_grad()
-def timestep_errors(fp_unet: nn.Module, q_unet: nn.Module, *, timesteps: Sequence[int] | None = None,
-                    n_timesteps: int = 20, n_prompts: int = 8, seed: int = 0, scheduler=None, base_dir=None,
-                    source: Mapping | None = None, steps: int = 20, guidance: float | None = None,
-                    device: str = "auto", batch_size: int = 64) -> dict:  # fmt: skip
-    """The paper's Fig. 4: error of a quantized UNet against the fp one at each timestep.
-
-    Clean latents ``x0`` are the fp model's own samples (``n_prompts`` prompts, DDIM ``steps``,
-    seeded); for each timestep ``t`` they are noised with one fixed noise draw,
-    ``x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε``, and both UNets predict the noise (conditional branch).
-    Reported per t: ``eps_mse`` = mean ``(ε̂_fp − ε̂_q)²``, ``rel_eps_mse`` (over mean ``ε̂_fp²``) and
-    ``latent_err`` = ``(1−ᾱ_t)/ᾱ_t · eps_mse`` (the paper's weighting: the error of the predicted x0).
-
-    Returns ``{"timesteps", "eps_mse", "rel_eps_mse", "latent_err", "settings"}``.
-    """
-    settings = analysis_settings(fp_unet, mode="proxy", scheduler=scheduler, base_dir=base_dir, source=source,
-                                 seed=seed, n_prompts=n_prompts, steps=steps, guidance=guidance, n_timesteps=1)  # fmt: skip
-    sched_cfg = settings["scheduler"]
-    n_train = int(sched_cfg.get("num_train_timesteps", 1000))
-    if timesteps is None:
-        timesteps = sorted({int(round(v)) for v in np.linspace(0, n_train - 1, n_timesteps)})
-    timesteps = [int(t) for t in timesteps]
-    if not timesteps or any(t < 0 or t >= n_train for t in timesteps):
-        raise SensitivityError(f"timesteps must lie in 0..{n_train - 1}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    devices = [next(fp_unet.parameters()).device, next(q_unet.parameters()).device]
-    try:
-        fp_unet.to(dev).eval()
-        q_unet.to(dev).eval()
-        ctx = _Context(fp_unet, settings, base_dir, dev, batch_size)
-        x0, _ = _sample(fp_unet, ctx.cond, ctx.uncond, sched_cfg, steps, settings["guidance"], ctx.initial_noise(), batch_size)
-        sched = _ddim(sched_cfg, steps)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 3)).to(dev)
-        abar = sched.alphas_cumprod.double()
-        rows = {"eps_mse": [], "rel_eps_mse": [], "latent_err": []}
-        for t in timesteps:
-            tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=dev)
-            xt = sched.add_noise(x0, noise, tt)
-            a = _predict(fp_unet, xt, tt, ctx.cond, batch_size).double()
-            b = _predict(q_unet, xt, tt, ctx.cond, batch_size).double()
-            mse = float(((a - b) ** 2).mean())
-            rows["eps_mse"].append(mse)
-            rows["rel_eps_mse"].append(mse / max(float((a**2).mean()), 1e-300))
-            rows["latent_err"].append(float((1 - abar[t]) / abar[t]) * mse)
-    finally:
-        fp_unet.to(devices[0])
-        q_unet.to(devices[1])
-    return {"timesteps": timesteps, **rows,
-            "settings": {k: settings[k] for k in ("seed", "n_prompts", "conditioning", "steps", "guidance", "scheduler")}}  # fmt: skip
-
-
-def format_timestep_table(table: Mapping) -> str:
-    lines = [f"{'t':>5}  {'eps_mse':>11}  {'rel_eps_mse':>11}  {'latent_err':>11}"]
-    for t, a, b, c in zip(table["timesteps"], table["eps_mse"], table["rel_eps_mse"], table["latent_err"]):
-        lines.append(f"{t:>5}  {a:>11.4e}  {b:>11.4e}  {c:>11.4e}")
-    return "\n".join(lines)
-
-
-def plot_timestep_errors(table: Mapping, path, *, title: str | None = None) -> Path:
-    """Log-scale plot of ``eps_mse`` and ``latent_err`` against t (the paper's Fig. 4). Needs matplotlib."""
-    from bfq.allocate import require_matplotlib, save_figure
-
-    matplotlib = require_matplotlib()
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = table["timesteps"]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 5.0), sharex=True)
-    ax.plot(t, table["latent_err"], "o-", color="#c44e52")
-    ax.set_yscale("log")
-    ax.set_ylabel("x0 error\n(1-abar_t)/abar_t * MSE")
-    ax.set_title(title or "quantization error per timestep", fontsize=10)
-    ax2.plot(t, table["eps_mse"], "s-", color="#4c72b0")
-    positive = [v for v in table["eps_mse"] if v > 0]
-    if positive and max(positive) / min(positive) > 10:
-        ax2.set_yscale("log")
-    ax2.set_ylabel("noise-prediction MSE\n|eps_fp - eps_q|^2")
-    ax2.set_xlabel("timestep t")
-    for a in (ax, ax2):
-        a.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, path)

@@ -1,11 +1,11 @@
-"""Conditioning batches for :func:`bfq.finetune.finetune`.
+"""Conditioning batches for :func:`bfq.pipeline.finetune.finetune`.
 
 A *batch* is a dict of CPU or device tensors:
 
 * ``"encoder_hidden_states"`` ``[B, S, D]`` (required): the text embeddings the UNet is conditioned on;
 * ``"uncond_hidden_states"`` ``[S, D]``, ``[1, S, D]`` or ``[B, S, D]`` (optional): the embedding of
   the empty prompt, which replaces a sample's text with probability ``uncond_prob`` (CFG-aware
-  training); :func:`bfq.finetune.finetune` also takes it once for all batches;
+  training); :func:`bfq.pipeline.finetune.finetune` also takes it once for all batches;
 * ``"latents"`` ``[B, C, H, W]`` (optional): clean latents ``x_0`` (already multiplied by the VAE's
   ``scaling_factor``). Without them the trainer samples ``x_0`` from the teacher for the prompts
   (prompts-only mode), then noises it like any other latent.
@@ -328,7 +328,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def prompt_batches(prompts, pipeline_dir, *, batch_size: int = 16, seed: int = 0, device="cpu") -> TensorBatches:
     """Prompts alone (a list, or a text file with one prompt a line): batches without latents, so
-    the trainer draws ``x_0`` from the teacher (see :class:`bfq.finetune.FinetuneConfig`
+    the trainer draws ``x_0`` from the teacher (see :class:`bfq.pipeline.finetune.FinetuneConfig`
     ``sample_steps``/``sample_cfg``)."""
     if isinstance(prompts, (str, os.PathLike)):
         prompts = read_prompts(prompts)
@@ -344,7 +344,7 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
     Args:
         spec: ``"tiny-sd-digits"``, ``"folder:PATH"``, ``"prompts:FILE"``, or None for the model's
             built-in data (tiny-sd's digits for ``model_name == "tiny-sd"``).
-        model_name: the model's name (``bfq.models.ResolvedModel.name``).
+        model_name: the model's name (``bfq.pipeline.models.ResolvedModel.name``).
         pipeline_dir: the pipeline whose VAE/text encoder encode folder and prompt data.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Periodic evaluation during fine-tuning (``eval_fn`` of :func:`bfq.finetune.finetune`): the
+"""Periodic evaluation during fine-tuning (``eval_fn`` of :func:`bfq.pipeline.finetune.finetune`): the
 tiny-sd metric, or the CLIP score of any Stable Diffusion pipeline with a local CLIP model."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 
 def tinysd_eval_fn(*, n_per_digit: int = 20, steps: int = 20, cfg_scales=None, seed: int = 0, base=None) -> Callable:
-    """``eval_fn`` for tiny-sd: :func:`bfq.evaluate.evaluate` (alignment and Fréchet distance) at
+    """``eval_fn`` for tiny-sd: :func:`bfq.tinysd.evaluate.evaluate` (alignment and Fréchet distance) at
     reduced settings; returns ``{"alignment", "fd"}`` at the default CFG plus ``alignment@cfg`` /
     ``fd@cfg`` for every other scale of ``cfg_scales`` (default: the default scale only)."""
-    from bfq.evaluate import DEFAULT_CFG, evaluate
+    from bfq.tinysd.evaluate import DEFAULT_CFG, evaluate
 
     scales = tuple(cfg_scales) if cfg_scales else (DEFAULT_CFG,)
 
@@ -35,7 +35,7 @@ def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: flo
     CLIP score) of images generated for ``prompts`` (a list or a file with one prompt a line) with
     seeded noise, DDIM ``steps`` steps and guidance ``cfg``. ``clip_model`` is a local directory
     holding a transformers ``CLIPModel`` and its ``CLIPProcessor`` (no download)."""
-    from bfq.finetune_data import read_prompts
+    from bfq.pipeline.finetune.data import read_prompts
 
     prompt_list = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
 

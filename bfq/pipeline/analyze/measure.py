@@ -1,0 +1,289 @@
+"""How an analysis measures one candidate: the proxy set and reference predictions, the reference
+images, the alignment scorers, and the fake-quantized (optionally fine-tuned) weight of one layer."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bfq.pipeline.analyze.settings import (
+    RANDOM_SEQ_LEN,
+    SD_SCHEDULER,
+)
+from bfq.pipeline.sensitivity import SensitivityError
+
+
+def _ddim(sched_cfg: Mapping, steps: int):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config({**SD_SCHEDULER, **dict(sched_cfg)}, clip_sample=False)
+    sched.set_timesteps(steps)
+    return sched
+
+
+@torch.no_grad()
+def _predict(unet, x, t, emb, batch_size: int) -> torch.Tensor:
+    """``unet(x, t, emb).sample`` in chunks of ``batch_size`` (t: one per sample)."""
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        out.append(unet(x[i : i + batch_size], t[i : i + batch_size], encoder_hidden_states=emb[i : i + batch_size]).sample)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _sample(unet, cond, uncond, sched_cfg, steps, guidance, x_T, batch_size, record=()):
+    """DDIM (eta 0) with CFG from ``x_T``; returns the final latents and ``[(step index, t, x_t)]``."""
+    sched = _ddim(sched_cfg, steps)
+    x = x_T * sched.init_noise_sigma
+    P = x.shape[0]
+    emb = torch.cat([uncond.expand(P, -1, -1), cond])
+    states = []
+    for i, t in enumerate(sched.timesteps):
+        if i in record:
+            states.append((i, int(t), x.clone()))
+        xin = sched.scale_model_input(torch.cat([x, x]), t)
+        tt = torch.full((2 * P,), int(t), device=x.device, dtype=torch.long)
+        eps = _predict(unet, xin, tt, emb, batch_size)
+        eu, ec = eps.chunk(2)
+        x = sched.step(eu + guidance * (ec - eu), t, x).prev_sample
+    return x, states
+
+
+class _Context:
+    """Conditioning, fixed sets and scorers for one analysis (built once per run)."""
+
+    def __init__(self, unet, settings: dict, base_dir, device, batch_size: int):
+        self.unet, self.s, self.base_dir, self.device, self.bs = unet, settings, base_dir, device, batch_size
+        cfg = unet.config
+        self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.dtype = next(unet.parameters()).dtype
+        cond, uncond = self._conditioning()
+        self.cond, self.uncond = cond.to(self.dtype), uncond.to(self.dtype)
+
+    def _conditioning(self):
+        s = self.s
+        dim = self.unet.config.cross_attention_dim
+        if s["conditioning"] == "random":
+            g = torch.Generator().manual_seed(s["seed"] + 7919)
+            cond = torch.randn(s["n_prompts"], RANDOM_SEQ_LEN, dim, generator=g)
+            uncond = torch.randn(1, RANDOM_SEQ_LEN, dim, generator=g)
+            return cond.to(self.device), uncond.to(self.device)
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base = Path(self.base_dir)
+        tok = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+        enc = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True).to(self.device).eval()
+
+        def encode(texts):
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids  # fmt: skip
+            with torch.no_grad():
+                return enc(ids.to(self.device))[0].float()
+
+        cond = encode(list(s["prompts"]))
+        uncond = encode([""])
+        if cond.shape[-1] != dim:
+            raise SensitivityError(f"text encoder width {cond.shape[-1]} != the UNet's cross_attention_dim {dim}")
+        del enc
+        return cond, uncond
+
+    def initial_noise(self, offset: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.s["seed"] + offset)
+        return torch.randn(self.s["n_prompts"], *self.shape, generator=g).to(self.device, self.dtype)
+
+    # ---- proxy mode: fixed (x_t, t, embedding) set
+    def build_proxy(self):
+        s = self.s
+        record = sorted({int(round(v)) for v in np.linspace(0, s["steps"] - 1, s["n_timesteps"])})
+        _, states = _sample(self.unet, self.cond, self.uncond, s["scheduler"], s["steps"], s["guidance"],
+                            self.initial_noise(), self.bs, record)  # fmt: skip
+        x = torch.cat([st[2] for st in states])
+        t = torch.tensor([st[1] for st in states for _ in range(s["n_prompts"])], device=self.device)
+        cond = self.cond.repeat(len(states), 1, 1)
+        self.proxy_inputs = self._cfg_batch(x, t, cond)
+        self.proxy_timesteps = [st[1] for st in states]
+        self.ref = self.proxy_outputs()
+        return self.ref
+
+    def _cfg_batch(self, x, t, cond):
+        n = x.shape[0]
+        return (torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond.expand(n, -1, -1), cond]))
+
+    def proxy_outputs(self):
+        x, t, e = self.proxy_inputs
+        eps = _predict(self.unet, x, t, e, self.bs).double()
+        eu, ec = eps.chunk(2)
+        return {"guided": eu + self.s["guidance"] * (ec - eu), "direction": ec - eu}
+
+    def proxy_metrics(self, out) -> dict:
+        g_ref, d_ref = self.ref["guided"], self.ref["direction"]
+        mse = float(((out["guided"] - g_ref) ** 2).mean())
+        power = float((g_ref**2).mean())
+        derr = float(((out["direction"] - d_ref) ** 2).sum() / (d_ref**2).sum().clamp_min(1e-300))
+        return {"mse": mse, "snr_db": _db(power, mse), "guidance_err": derr}
+
+    # ---- image mode
+    def build_image(self):
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(Path(self.base_dir) / "vae", local_files_only=True).to(self.device).eval()
+        self.scorer = _scorer(self.s, self.device)
+        self.x_T = self.initial_noise()
+        images = self.images()
+        self.ref = {"images": images, "align": self.scorer(images) if self.scorer else None}
+        return self.ref
+
+    @torch.no_grad()
+    def images(self) -> np.ndarray:
+        s = self.s
+        lat, _ = _sample(self.unet, self.cond, self.uncond, s["scheduler"], s["steps"], s["guidance"], self.x_T, self.bs)
+        out = []
+        sf = self.vae.config.scaling_factor
+        for i in range(0, lat.shape[0], self.bs):
+            img = self.vae.decode((lat[i : i + self.bs] / sf).to(self.vae.dtype)).sample
+            out.append((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def image_metrics(self, images) -> dict:
+        mse = float((((images - self.ref["images"]) * 255.0) ** 2).mean())
+        out = {"mse": mse, "psnr": _db(255.0**2, mse)}
+        if self.scorer is not None:
+            out["align_drop"] = float(self.ref["align"].mean() - self.scorer(images).mean())
+        return out
+
+    # ---- fine-tuning set: fp noise predictions on states of other trajectories
+    def build_train(self):
+        s = self.s
+        record = range(s["steps"])
+        _, states = _sample(self.unet, self.cond, self.uncond, s["scheduler"], s["steps"], s["guidance"],
+                            self.initial_noise(offset=1), self.bs, record)  # fmt: skip
+        x = torch.cat([st[2] for st in states])
+        t = torch.tensor([st[1] for st in states for _ in range(s["n_prompts"])], device=self.device)
+        x, t, e = self._cfg_batch(x, t, self.cond.repeat(len(states), 1, 1))
+        self.train_set = (x, t, e, _predict(self.unet, x, t, e, self.bs))
+        self.train_gen = torch.Generator().manual_seed(s["seed"] + 2)
+
+
+def _db(power: float, mse: float) -> float:
+    if mse <= 0:
+        return 200.0
+    return float(min(200.0, 10.0 * math.log10(max(power, 1e-300) / mse)))
+
+
+def _scorer(settings: dict, device):
+    align = settings.get("align")
+    if align is None:
+        return None
+    if align == "digit-classifier":
+        from bfq.tinysd.classifier import load_classifier
+        from bfq.tinysd.data import eval_prompts
+
+        clf = load_classifier()
+        per_digit = -(-settings["n_prompts"] // 10)
+        allp = eval_prompts(per_digit, settings["seed"])
+        digits = [allp[d * per_digit + j].digit for j in range(per_digit) for d in range(10)][: settings["n_prompts"]]
+        return _DigitScorer(clf, np.array(digits))
+    return _ClipScorer(align[len("clip:") :], settings["prompts"], device)
+
+
+class _DigitScorer:
+    """Probability the digit classifier gives the prompted digit (a smooth alignment score)."""
+
+    def __init__(self, clf, digits):
+        self.clf, self.digits = clf, digits
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch.nn.functional as F
+
+        from bfq.tinysd.data import IMAGE_SIZE
+
+        x = torch.as_tensor(images.mean(-1), dtype=torch.float32)[:, None]
+        if x.shape[-1] != IMAGE_SIZE:
+            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        logits, _ = self.clf.model(x)
+        p = torch.softmax(logits.double(), 1).numpy()
+        return p[np.arange(len(p)), self.digits]
+
+
+class _ClipScorer:
+    """CLIP image-text cosine similarity (transformers ``CLIPModel`` from a local directory)."""
+
+    def __init__(self, path, prompts, device):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.proc = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        self.prompts, self.device = list(prompts), device
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        pil = [(img * 255).round().clip(0, 255).astype(np.uint8) for img in images]
+        inputs = self.proc(text=self.prompts, images=pil, return_tensors="pt", padding=True, truncation=True)
+        out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+        a = torch.nn.functional.normalize(out.image_embeds.double(), dim=-1)
+        b = torch.nn.functional.normalize(out.text_embeds.double(), dim=-1)
+        return (a * b).sum(-1).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------ candidates
+
+
+def _module(unet, name: str) -> nn.Module:
+    return unet.get_submodule(name[: -len(".weight")])
+
+
+def _fake_weight(mod: nn.Module, bits: int, levels: str, scale_dtype: str, iters: int) -> torch.Tensor:
+    """The fake-quantized weight ``bfq quantize`` would export for this layer at ``bits`` (T = 0)."""
+    from bfq.quant.nn import QuantConv2d, QuantLinear
+
+    cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+    q = cls.from_float(mod, bits, levels=levels, scale_dtype=scale_dtype, init="alternating", iters=iters)
+    with torch.no_grad():
+        return q.fake_weight().detach().clone()
+
+
+def _finetuned_weight(ctx: _Context, name: str, mod: nn.Module, bits: int) -> torch.Tensor:
+    """Quantize ``mod`` (a copy), train its latent weight and scale for T steps so that the UNet's
+    noise prediction matches the fp one on the training set; return the trained fake weight."""
+    from bfq.quant.nn import QuantConv2d, QuantLinear
+
+    s = ctx.s
+    cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+    work = copy.deepcopy(mod)
+    q = cls.from_float(work, bits, levels=s["levels"], scale_dtype=s["scale_dtype"], init="alternating",
+                       iters=s["init_iters"])  # fmt: skip
+    q.weight.requires_grad_(True)
+    q.scale.requires_grad_(True)
+    if q.bias is not None:
+        q.bias.requires_grad_(False)
+    path = name[: -len(".weight")]
+    parent_name, _, child = path.rpartition(".")
+    parent = ctx.unet.get_submodule(parent_name) if parent_name else ctx.unet
+    setattr(parent, child, q)
+    try:
+        opt = torch.optim.Adam([q.weight, q.scale], lr=s["finetune_lr"])
+        x, t, e, target = ctx.train_set
+        for _ in range(s["finetune_steps"]):
+            idx = torch.randint(x.shape[0], (s["finetune_batch"],), generator=ctx.train_gen).to(x.device)
+            with torch.enable_grad():
+                out = ctx.unet(x[idx], t[idx], encoder_hidden_states=e[idx]).sample
+                loss = torch.nn.functional.mse_loss(out, target[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return q.fake_weight().detach().clone()
+    finally:
+        setattr(parent, child, mod)
+
+
+# ------------------------------------------------------------------------------ the analysis
+
+
