@@ -52,3 +52,10 @@ def tiny_inputs(unet, batch: int = 2, seed: int = 0, seq: int = 5):
     ehs = torch.randn(batch, seq, cfg.cross_attention_dim, generator=gen)
     dtype = next(unet.parameters()).dtype
     return sample.to(dtype), ehs.to(dtype)
+
+
+def layer_weights(unet) -> dict:
+    """``{"<module>.weight": weight}`` of every Linear/Conv2d of ``unet``, dense or packed (a packed
+    layer's ``weight`` is its dequantized weight)."""
+    return {f"{name}.weight": m.weight.detach() for name, m in unet.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}  # fmt: skip

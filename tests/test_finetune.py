@@ -37,7 +37,7 @@ from bfq.pipeline.finetune.data import TensorBatches
 from bfq.quant.nn import iter_quantized, quantize_unet
 from bfq.quant.quantizer import code_range
 from bfq.quant.recipe import uniform_recipe
-from tests.helpers import tiny_unet
+from tests.helpers import layer_weights, tiny_unet
 
 N_EXAMPLES, SEQ, DIM = 64, 5, 16
 
@@ -310,7 +310,7 @@ def test_export_after_finetune_reproduces_the_fake_quantized_model(tmp_path, mod
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     out = export_finetuned(student, tmp_path / "ft.bfq", time_cache=mode, scheduler=scheduler, steps=10, progress=False)
     loaded = bfq.load_unet(out, dtype=torch.float32)
-    weights = loaded.state_dict()
+    weights = layer_weights(loaded)
     for name, module in iter_quantized(student):
         assert torch.equal(weights[name], module.fake_weight().detach()), name
     x, c = torch.randn(2, 4, 8, 8), torch.randn(2, SEQ, DIM)

@@ -13,7 +13,7 @@ from bfq import BfqFormatError, RecipeError
 from bfq.format import open_bfq
 from bfq.pipeline.quantize import quantize
 from bfq.quant.nn import iter_quantized
-from tests.helpers import tiny_inputs, tiny_unet
+from tests.helpers import layer_weights, tiny_inputs, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def _reference_outputs(unet_q, timesteps, dtype=torch.float32):
         return [unet_q(sample.to(dtype), t, ehs.to(dtype)).sample for t in timesteps]
 
 
-def test_grid_round_trip_matches_fake_quantized_model(unet_dir, tmp_path):
+@pytest.mark.parametrize("runtime", ["packed", "dense"])
+def test_grid_round_trip_matches_fake_quantized_model(unet_dir, tmp_path, runtime):
     out = tmp_path / "g.bfq"
     result = quantize(str(unet_dir), out, recipe="uniform-2", time_cache="grid", progress=False)
     assert result.path == out
@@ -50,9 +51,9 @@ def test_grid_round_trip_matches_fake_quantized_model(unet_dir, tmp_path):
     # the fake-quantized model, built the same way, is the reference
     ref = resolve_model(str(unet_dir)).unet
     bfq.quant.nn.quantize_unet(ref, result.recipe.bits, progress=False)
-    loaded = bfq.load_unet(out, dtype=torch.float32)
+    loaded = bfq.load_unet(out, dtype=torch.float32, runtime=runtime)
     fake = {name: m.fake_weight() for name, m in iter_quantized(ref)}
-    state = loaded.state_dict()
+    state = layer_weights(loaded)
     assert set(fake) <= set(state)
     for name, w in fake.items():
         assert torch.equal(state[name], w.detach()), name
@@ -86,7 +87,8 @@ def _resnets(unet):
     return [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
 
 
-def test_fp16_and_bf16_load_equal_cast_of_fake_weights(unet_dir, tmp_path):
+@pytest.mark.parametrize("runtime", ["packed", "dense"])
+def test_fp16_and_bf16_load_equal_cast_of_fake_weights(unet_dir, tmp_path, runtime):
     out = tmp_path / "h.bfq"
     result = quantize(str(unet_dir), out, recipe="uniform-1", time_cache="grid", init="minmax", progress=False)
     from bfq.pipeline.models import resolve_model
@@ -94,7 +96,7 @@ def test_fp16_and_bf16_load_equal_cast_of_fake_weights(unet_dir, tmp_path):
     ref = resolve_model(str(unet_dir)).unet
     bfq.quant.nn.quantize_unet(ref, result.recipe.bits, init="minmax", progress=False)
     for dtype in (torch.float16, torch.bfloat16):
-        state = bfq.load_unet(out, dtype=dtype).state_dict()
+        state = layer_weights(bfq.load_unet(out, dtype=dtype, runtime=runtime))
         for name, m in iter_quantized(ref):
             assert state[name].dtype == dtype
             assert torch.equal(state[name], m.fake_weight().detach().to(dtype)), name
@@ -112,7 +114,9 @@ def test_bits_budget_allocates_from_an_analysis(unet_dir, tmp_path):
     result = quantize(str(unet_dir), tmp_path / "b.bfq", bits=12.5, time_cache="grid", work_dir=work, progress=False)
     assert result.summary["avg_bits"] <= 12.5
     assert len(set(result.recipe.bits.values())) > 1  # a mixed-precision allocation, not a uniform recipe
-    summary = bfq.format.inspect.summarize(result.path)
+    from bfq.format.inspect import summarize
+
+    summary = summarize(result.path)
     assert summary["avg_bits"] == pytest.approx(result.summary["avg_bits"], abs=1e-12)
     assert any((work / "analysis").iterdir())  # the analysis is cached for the next budget
     again = quantize(str(unet_dir), tmp_path / "c.bfq", bits=12.0, time_cache="grid", work_dir=work, allocator="optimal", progress=False)

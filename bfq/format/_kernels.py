@@ -39,6 +39,17 @@ def _read_word(stream, pos, k, mask):
 
 
 @numba.njit(**_JIT)
+def _read_word_unsigned(stream, pos, ku, mask):
+    """_read_word with every argument uint64 (mixing uint64 and int64 makes numba use float64)."""
+    cell = pos >> np.uint64(6)
+    shift = pos & np.uint64(63)
+    v = stream[cell] >> shift
+    if shift + ku > np.uint64(64):
+        v |= stream[cell + np.uint64(1)] << (np.uint64(64) - shift)
+    return v & mask
+
+
+@numba.njit(**_JIT)
 def _times_level(v, L, k, mask, wide):
     """(v * L) >> k and (v * L) mod 2^k, exact for v < 2^k <= 2^64 and L < 2^24."""
     if not wide:
@@ -110,66 +121,123 @@ def unpack_digits(stream, n, L, g, k, wide, out):
 
 
 @numba.njit(**_JIT)
-def _lookup_words(stream, n, L, g, k, wide, lut, per_channel, out, w, w1):
-    """out[i] = lut[i // per_channel, digit_i] for the digits of words [w, w1).
+def _fill_pairs(row, L, pairs):
+    """pairs[2(a·L+b)], pairs[2(a·L+b)+1] = row[a], row[b]: the outputs of the digit pair (a, b)."""
+    for a in range(L):
+        for b in range(L):
+            j = 2 * (a * L + b)
+            pairs[j] = row[a]
+            pairs[j + 1] = row[b]
 
-    Four words whose digits all fall in one channel are decoded together, so their multiply
-    chains overlap; indices in that loop are unsigned, which spares numba's wraparound code.
+
+@numba.njit(**_JIT)
+def _decode_words(stream, L, g, k, wide, use_pairs, lut, lut_ch0, per_channel, e0, e1, out, w, w1, pairs):
+    """out[e - e0] = lut[e // per_channel - lut_ch0, digit_e] for the elements e in [e0, e1) of
+    words [w, w1).
+
+    Fast path (whole groups of four words inside one channel and inside [e0, e1)): two digits per
+    multiply, x = v·L², whose top bits are the pair index a·L + b, looked up in a per-channel table
+    of output pairs; four words advance together so their multiply chains overlap. Index math is
+    unsigned, which spares numba's wraparound checks. Other words decode one digit at a time.
     """
     mask = _mask_for(k)
-    Lu = np.uint64(L)
-    ku = np.uint64(k)
-    gu = np.uint64(g)
-    while w < w1:
-        pos = w * g
-        ch = pos // per_channel
-        left = (ch + 1) * per_channel - pos
-        if not wide and w + 4 <= w1 and left >= 4 * g and (w + 4) * g <= n:
-            row = lut[ch]
-            v0 = _read_word(stream, w * k, k, mask)
-            v1 = _read_word(stream, (w + 1) * k, k, mask)
-            v2 = _read_word(stream, (w + 2) * k, k, mask)
-            v3 = _read_word(stream, (w + 3) * k, k, mask)
-            b = np.uint64(pos)
-            for i in range(gu):
-                x0 = v0 * Lu
-                x1 = v1 * Lu
-                x2 = v2 * Lu
-                x3 = v3 * Lu
-                out[b + i] = row[x0 >> ku]
-                out[b + gu + i] = row[x1 >> ku]
-                out[b + np.uint64(2) * gu + i] = row[x2 >> ku]
-                out[b + np.uint64(3) * gu + i] = row[x3 >> ku]
+    one, two, four = np.uint64(1), np.uint64(2), np.uint64(4)
+    Lu, ku, gu = np.uint64(L), np.uint64(k), np.uint64(g)
+    L2 = Lu * Lu
+    per = np.uint64(per_channel)
+    ch0 = np.uint64(lut_ch0)
+    e0u, e1u, wu, w1u = np.uint64(e0), np.uint64(e1), np.uint64(w), np.uint64(w1)
+    n_pairs = gu // two
+    loaded = np.uint64(0xFFFFFFFFFFFFFFFF)
+    while wu < w1u:
+        base = wu * gu
+        ch = base // per
+        end = base + four * gu
+        if use_pairs and wu + four <= w1u and base >= e0u and end <= e1u and end <= (ch + one) * per:
+            if ch != loaded:
+                _fill_pairs(lut[ch - ch0], L, pairs)
+                loaded = ch
+            v0 = _read_word_unsigned(stream, wu * ku, ku, mask)
+            v1 = _read_word_unsigned(stream, (wu + one) * ku, ku, mask)
+            v2 = _read_word_unsigned(stream, (wu + two) * ku, ku, mask)
+            v3 = _read_word_unsigned(stream, (wu + np.uint64(3)) * ku, ku, mask)
+            o0 = base - e0u
+            o1 = o0 + gu
+            o2 = o1 + gu
+            o3 = o2 + gu
+            for p in range(n_pairs):
+                i = two * np.uint64(p)
+                x0 = v0 * L2
+                x1 = v1 * L2
+                x2 = v2 * L2
+                x3 = v3 * L2
+                d0 = two * (x0 >> ku)
+                d1 = two * (x1 >> ku)
+                d2 = two * (x2 >> ku)
+                d3 = two * (x3 >> ku)
                 v0 = x0 & mask
                 v1 = x1 & mask
                 v2 = x2 & mask
                 v3 = x3 & mask
-            w += 4
-        else:
-            v = _read_word(stream, w * k, k, mask)
-            for i in range(min(g, n - pos)):
+                out[o0 + i] = pairs[d0]
+                out[o0 + i + one] = pairs[d0 + one]
+                out[o1 + i] = pairs[d1]
+                out[o1 + i + one] = pairs[d1 + one]
+                out[o2 + i] = pairs[d2]
+                out[o2 + i + one] = pairs[d2 + one]
+                out[o3 + i] = pairs[d3]
+                out[o3 + i + one] = pairs[d3 + one]
+            if gu > two * n_pairs:  # odd g: the last digit alone
+                row = lut[ch - ch0]
+                i = gu - one
+                out[o0 + i] = row[(v0 * Lu) >> ku]
+                out[o1 + i] = row[(v1 * Lu) >> ku]
+                out[o2 + i] = row[(v2 * Lu) >> ku]
+                out[o3 + i] = row[(v3 * Lu) >> ku]
+            wu += four
+        elif base >= e0u and base + gu <= e1u and base + gu <= (ch + one) * per:  # one digit per multiply
+            v = _read_word_unsigned(stream, wu * ku, ku, mask)
+            row = lut[ch - ch0]
+            o = base - e0u
+            for i in range(g):
                 d, v = _times_level(v, Lu, k, mask, wide)
-                out[pos + i] = lut[(pos + i) // per_channel, d]
-            w += 1
+                out[o + np.uint64(i)] = row[d]
+            wu += one
+        else:  # a word across a channel boundary or an end of the range
+            v = _read_word_unsigned(stream, wu * ku, ku, mask)
+            for i in range(g):
+                d, v = _times_level(v, Lu, k, mask, wide)
+                e = base + np.uint64(i)
+                if e >= e0u and e < e1u:
+                    out[e - e0u] = lut[e // per - ch0, d]
+            wu += one
 
 
 @numba.njit(parallel=True, **_JIT)
-def unpack_lookup(stream, n, L, g, k, wide, lut, per_channel, out):
-    """Fused decode + dequantize: out[i] = lut[i // per_channel, digit_i], in parallel chunks.
+def decode_range(stream, L, g, k, wide, use_pairs, lut, lut_ch0, per_channel, e0, e1, out):
+    """Fused decode + dequantize of elements [e0, e1) of a layer into out[0 : e1 - e0], in parallel
+    chunks of words: out[e - e0] = lut[e // per_channel - lut_ch0, digit_e].
 
-    `lut` holds, per output channel, the L output values already in the target format
-    (float32, or the uint16 bit patterns of fp16/bf16), so one kernel serves every dtype.
+    `lut` holds, per output channel from `lut_ch0` on, the L output values already in the target
+    format (float32, or the uint16 bit patterns of fp16/bf16), so one kernel serves every dtype.
+    `use_pairs` requires (2^k − 1)·L² < 2^64 (two digits per 64-bit multiply).
     """
-    n_words = (n + g - 1) // g
-    n_chunks = (n_words + CHUNK_WORDS - 1) // CHUNK_WORDS
+    w_first = e0 // g
+    w_last = (e1 + g - 1) // g
+    n_chunks = (w_last - w_first + CHUNK_WORDS - 1) // CHUNK_WORDS
     for c in prange(n_chunks):
-        _lookup_words(stream, n, L, g, k, wide, lut, per_channel, out, c * CHUNK_WORDS, min((c + 1) * CHUNK_WORDS, n_words))
+        pairs = np.empty(2 * L * L, dtype=lut.dtype)
+        w = w_first + c * CHUNK_WORDS
+        _decode_words(stream, L, g, k, wide, use_pairs, lut, lut_ch0, per_channel, e0, e1, out, w,
+                      min(w + CHUNK_WORDS, w_last), pairs)  # fmt: skip
 
 
 @numba.njit(**_JIT)
-def unpack_lookup_serial(stream, n, L, g, k, wide, lut, per_channel, out):
-    """unpack_lookup on the calling thread (for callers that run several layers at once)."""
-    _lookup_words(stream, n, L, g, k, wide, lut, per_channel, out, 0, (n + g - 1) // g)
+def decode_range_serial(stream, L, g, k, wide, use_pairs, lut, lut_ch0, per_channel, e0, e1, out):
+    """decode_range on the calling thread (for callers that run several layers at once)."""
+    pairs = np.empty(2 * L * L, dtype=lut.dtype)
+    _decode_words(stream, L, g, k, wide, use_pairs, lut, lut_ch0, per_channel, e0, e1, out, e0 // g,
+                  (e1 + g - 1) // g, pairs)  # fmt: skip
 
 
 @numba.njit(parallel=True, **_JIT)

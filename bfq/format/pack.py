@@ -110,6 +110,11 @@ def dequant_table(scales: np.ndarray, bits: int, levels: str, dtype: str) -> np.
     raise ValueError(f"unknown output dtype {dtype!r}; expected one of {OUTPUT_DTYPES}")
 
 
+def uses_pair_path(levels_count: int, word_bits: int) -> bool:
+    """Whether two digits fit one 64-bit multiply, (2^k − 1)·L² < 2^64 (the decoder's fast path)."""
+    return ((1 << word_bits) - 1) * levels_count * levels_count < (1 << 64)
+
+
 def unpack_dequantize(
     stream: np.ndarray,
     shape: tuple[int, ...],
@@ -121,26 +126,35 @@ def unpack_dequantize(
     dtype: str = "float16",
     out: np.ndarray | None = None,
     parallel: bool = True,
+    channels: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Decode and dequantize a layer straight into `dtype` (uint16 bit patterns for fp16/bf16).
 
-    `out`, when given, must be a C-contiguous array of the layer's size with itemsize 4 (float32)
-    or 2 (fp16/bf16 viewed as uint16 or float16); it is filled in place and returned.
-    `parallel=False` decodes on the calling thread (the GIL is released), for callers that
-    decode several layers from a thread pool.
+    `channels=(c0, c1)` decodes only output channels c0..c1-1 (what a runtime computing a layer in
+    blocks of output channels needs); the result then holds (c1 − c0)·prod(shape[1:]) values.
+    `out`, when given, must be a C-contiguous array of that size with itemsize 4 (float32) or 2
+    (fp16/bf16 viewed as uint16 or float16); it is filled in place and returned. `parallel=False`
+    decodes on the calling thread (the GIL is released), for callers that decode several layers
+    from a thread pool.
     """
     n = int(np.prod(shape))
-    channels = shape[0]
+    n_channels = shape[0]
     levels_count = num_levels(bits, levels)
     _check_stream(stream, n, levels_count, g, k)
-    if scales.shape != (channels,):
-        raise ValueError(f"scales shape {scales.shape} does not match {channels} output channels")
-    lut = dequant_table(scales, bits, levels, dtype)
+    if scales.shape != (n_channels,):
+        raise ValueError(f"scales shape {scales.shape} does not match {n_channels} output channels")
+    c0, c1 = channels if channels is not None else (0, n_channels)
+    if not 0 <= c0 < c1 <= n_channels:
+        raise ValueError(f"channels ({c0}, {c1}) outside 0..{n_channels}")
+    per_channel = n // n_channels
+    count = (c1 - c0) * per_channel
+    lut = dequant_table(scales[c0:c1], bits, levels, dtype)
     if out is None:
-        out = np.empty(n, dtype=lut.dtype)
-    if out.size != n or out.dtype.itemsize != lut.dtype.itemsize or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous array of {n} {dtype} values")
+        out = np.empty(count, dtype=lut.dtype)
+    if out.size != count or out.dtype.itemsize != lut.dtype.itemsize or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous array of {count} {dtype} values")
     flat = out.reshape(-1).view(lut.dtype)
-    kernel = _kernels.unpack_lookup if parallel else _kernels.unpack_lookup_serial
-    kernel(stream, n, levels_count, g, k, not fits_fast_path(levels_count, k), lut, n // channels, flat)
+    kernel = _kernels.decode_range if parallel else _kernels.decode_range_serial
+    kernel(stream, levels_count, g, k, not fits_fast_path(levels_count, k), uses_pair_path(levels_count, k), lut, c0,
+           per_channel, c0 * per_channel, c1 * per_channel, flat)  # fmt: skip
     return out

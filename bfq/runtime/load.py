@@ -1,55 +1,113 @@
 """Load a .bfq file as a ready diffusers model.
 
 The model is built from the stored config on the meta device (no random fp32 weights are ever
-materialized), each quantized layer is decoded straight into its final tensor in the target
-dtype, the cached time features are installed, and the result drops into
-`StableDiffusionPipeline.from_pretrained(base, unet=unet)`.
+materialized), the cached time features are installed, and each quantized layer becomes either
+
+* ``runtime="packed"``: a :mod:`bfq.runtime.packed` layer that keeps its code words (about 2 bits
+  per weight in memory) and decodes them at every forward, or
+* ``runtime="dense"``: an ordinary layer whose weight is decoded once into the target dtype.
+
+Either way the result drops into ``StableDiffusionPipeline.from_pretrained(base, unet=unet)`` and
+computes the same numbers (FORMAT.md §2.1 fixes every dequantized weight to the bit).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 from bfq.errors import BfqFormatError
-from bfq.format import BfqFile, open_bfq
+from bfq.format import BfqFile, open_bfq, pack
+from bfq.runtime.packed import DEFAULT_WORKSPACE_BYTES, PACKED_TYPES, Workspace
 
+RUNTIMES = ("auto", "packed", "dense")
 _DECODE_AS = {torch.float32: ("float32", torch.float32), torch.float16: ("float16", torch.int16), torch.bfloat16: ("bfloat16", torch.int16)}
+_SCALE_BITS_AS = {"f16": np.int16, "f32": np.int32}
 
 
 def load_unet(
     source: str | os.PathLike,
     *,
+    runtime: str = "auto",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | None = None,
     verify: bool = True,
     revision: str | None = None,
+    mmap: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> nn.Module:
     """Build the diffusers model stored in a .bfq file.
 
     Args:
         source: a local .bfq path, or a Hub repo id ("user/name", optionally with a file name
             "user/name/model.bfq") fetched through huggingface_hub.
-        device: where the returned model lives.
-        dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
-        verify: check each block's CRC-32 while decoding (cheap; on by default).
+        runtime: "packed" (weights stay ~2-bit in memory and are decoded at every forward),
+            "dense" (decoded once into ``dtype``) or "auto" (default: packed on the CPU, where it
+            costs little time and saves most of the memory; dense on accelerators, where the
+            packed runtime's speed is not measured yet). See :func:`resolve_runtime`.
+        device: where the returned model lives ("cpu", "cuda", "cuda:1", "mps", ...).
+        dtype: compute dtype: torch.float32, torch.float16 or torch.bfloat16. Default: float16 on a
+            CUDA device, float32 elsewhere (what CPUs compute in).
+        verify: check each block's CRC-32 while reading (cheap; on by default).
         revision: Hub revision (branch, tag or commit) when `source` is a repo id.
+        mmap: packed runtime only: keep the code words memory-mapped from the file instead of
+            reading them into memory (pages are loaded on first use and can be evicted by the OS).
+        workspace_bytes: packed runtime only: the largest block of decoded weights; bigger layers are
+            computed in blocks of output channels.
 
     Raises:
         BfqFormatError: the file is not a valid .bfq, or does not fit the model its config builds.
+        ValueError: an unknown runtime or dtype, or a device this machine does not have.
     """
+    device = check_device(device)
+    runtime = resolve_runtime(runtime, device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype not in _DECODE_AS:
         raise ValueError(f"dtype must be one of {list(_DECODE_AS)}, got {dtype}")
     path = _resolve(source, revision)
-    with open_bfq(path, verify=verify) as bfq:
+    bfq = open_bfq(path, verify=verify)
+    try:
         model = _empty_model(bfq)
         _install_time_cache(model, bfq, dtype)
-        tensors = _decode_all(bfq, dtype)
-    _assign(model, tensors)
+        if runtime == "packed":
+            _pack_layers(model, bfq, dtype, mmap=mmap, workspace=Workspace(workspace_bytes))
+            tensors = _dense_tensors(bfq, dtype)
+        else:
+            tensors = {**_decode_all(bfq, dtype), **_dense_tensors(bfq, dtype)}
+        _assign(model, tensors)
+    finally:
+        bfq.close()  # a memory map stays open while packed layers still view it
     return model.to(device).eval()
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """"packed" or "dense" for ``runtime`` ("auto": packed on the CPU, dense elsewhere)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "auto":
+        return "packed" if torch.device(device).type == "cpu" else "dense"
+    return runtime
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError naming it when this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    module = backend.get(dev.type)
+    if module is None or not module.is_available():
+        raise ValueError(f"device {str(device)!r} is not available on this machine (try 'cpu')")
+    if dev.type in ("cuda", "xpu") and dev.index is not None and dev.index >= module.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {module.device_count()} {dev.type} device(s)")
+    return dev
 
 
 def _resolve(source, revision) -> str:
@@ -96,6 +154,11 @@ def _decode_all(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     decode_as, view_as = _DECODE_AS[dtype]
     out = {name: torch.empty(layer.shape, dtype=dtype) for name, layer in bfq.layers.items()}
     bfq.decode_layers({name: t.view(view_as).numpy() for name, t in out.items()}, decode_as)
+    return out
+
+
+def _dense_tensors(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
     for name, dense in bfq.tensors.items():
         array = bfq.read_tensor(name)
         if dense.dtype == "bf16":
@@ -104,6 +167,40 @@ def _decode_all(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             tensor = torch.from_numpy(np.array(array))
         out[name] = tensor.to(dtype)
     return out
+
+
+def _pack_layers(model: nn.Module, bfq: BfqFile, dtype: torch.dtype, *, mmap: bool, workspace: Workspace) -> None:
+    """Replace every quantized layer of ``model`` by a packed layer holding the file's code stream."""
+    for name, layer in bfq.layers.items():
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise BfqFormatError(f"{name}: the model has no module {module_name!r}") from None
+        packed_type = PACKED_TYPES.get(type(module))
+        if leaf != "weight" or packed_type is None:
+            raise BfqFormatError(f"{name}: quantized layers must be the weight of a Linear or Conv2d layer")
+        if tuple(module.weight.shape) != tuple(layer.shape):
+            raise BfqFormatError(f"{name}: shape {list(layer.shape)} does not match the model's {list(module.weight.shape)}")
+        stream = bfq.read_stream(name)
+        if pack.padding_bits_set(stream, layer.size, layer.digits_per_word, layer.word_bits):
+            raise BfqFormatError(f"{layer.codes.path}: bits after the last word must be zero")
+        scales = bfq.read_scales(name).view(_SCALE_BITS_AS[layer.scale_dtype])
+        packed = packed_type.from_module(
+            module, codes=_tensor(stream.view(np.int64), copy=not mmap), scale_bits=torch.from_numpy(scales.copy()),
+            bits=layer.bits, num_levels=layer.num_levels, digits_per_word=layer.digits_per_word,
+            word_bits=layer.word_bits, workspace=workspace, dtype=dtype,
+        )  # fmt: skip
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+
+
+def _tensor(array: np.ndarray, *, copy: bool) -> torch.Tensor:
+    if copy:
+        return torch.from_numpy(array.copy())
+    with warnings.catch_warnings():  # a read-only memory map: the codes are never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
