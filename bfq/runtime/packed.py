@@ -19,9 +19,9 @@ writing into it (fusing a LoRA) raises :class:`PackedWeightError`.
 
 from __future__ import annotations
 
+import math
 import threading
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,6 +114,7 @@ class PackedLayer:
                 setattr(packed, key, value)
         packed.bias = module.bias
         packed.weight_shape = list(module.weight.shape)
+        packed.per_channel = math.prod(packed.weight_shape[1:])
         packed.bits, packed.num_levels = bits, num_levels
         packed.digits_per_word, packed.word_bits = digits_per_word, word_bits
         packed.workspace = workspace
@@ -140,9 +141,8 @@ class PackedLayer:
 
     def _blocks(self) -> list[tuple[int, int]]:
         channels = self.weight_shape[0]
-        per = int(np.prod(self.weight_shape[1:]))
-        step = channels if getattr(self, "groups", 1) != 1 else self.workspace.block_channels(per, channels,
-                                                                                               self._compute.dtype)
+        grouped = getattr(self, "groups", 1) != 1
+        step = channels if grouped else self.workspace.block_channels(self.per_channel, channels, self._compute.dtype)
         return [(c, min(c + step, channels)) for c in range(0, channels, step)]
 
     def _block_weight(self, c0: int, c1: int, keep: bool) -> torch.Tensor:
@@ -151,7 +151,7 @@ class PackedLayer:
                                  self.digits_per_word, self.word_bits, c0, c1, self._compute.dtype)  # fmt: skip
         if keep:  # autograd saves the weight for the backward pass: it must not be overwritten
             return self.dequantize(c0, c1)
-        count = (c1 - c0) * int(np.prod(self.weight_shape[1:]))
+        count = (c1 - c0) * self.per_channel
         return self.dequantize(c0, c1, out=self.workspace.get(self.codes.device, self._compute.dtype, count))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

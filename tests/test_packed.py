@@ -1,0 +1,235 @@
+"""The packed runtime (bfq.runtime.packed, bfq.runtime.decode): a UNet whose quantized layers keep
+their code words computes what the dense loader's UNet computes, behaves as a diffusers model
+(.to, state_dict, pipelines, offload hooks, torch.compile, LoRA) and holds far less memory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bfq
+from bfq import BfqFormatError
+from bfq.format import pack
+from bfq.format.constants import choose_packing, is_legal_packing, num_levels, word_bits_for
+from bfq.runtime.decode import decode_torch, dequantize
+from bfq.runtime.packed import PackedConv2d, PackedLinear, PackedWeightError, packed_layers, resident_bytes
+from tests import reference
+from tests.helpers import layer_weights, tiny_inputs, tiny_unet
+
+SHAPE = [7, 3, 3, 3]  # 7 channels of 27 weights: words straddle channels for every (g, k) below
+
+
+def _packings(levels_count: int) -> list[tuple[int, int]]:
+    """The writer's (g, k) plus other legal ones: one digit a word, an odd g, and 64-bit words."""
+    out = {choose_packing(levels_count), (1, word_bits_for(levels_count, 1)), (3, word_bits_for(levels_count, 3))}
+    g64 = max(g for g in range(1, 65) if levels_count**g <= 1 << 64)
+    out.add((g64, 64))
+    return sorted(p for p in out if is_legal_packing(levels_count, *p))
+
+
+def _stream(bits: int, levels: str, g: int, k: int, seed: int = 0):
+    """Random codes packed by the big-int reference writer (it covers the non-fast-path (g, k) too)."""
+    L = num_levels(bits, levels)
+    q = np.random.default_rng(seed).integers(0, L, size=int(np.prod(SHAPE))) - (1 << (bits - 1))
+    stream = np.array(reference.pack(q.tolist(), bits, levels, g, k), dtype=np.uint64)
+    return torch.from_numpy(stream.view(np.int64)), L
+
+
+@pytest.mark.parametrize("levels", ["balanced", "plain"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_torch_decoder_matches_numba_bit_for_bit(bits, levels):
+    rng = np.random.default_rng(bits)
+    for g, k in _packings(num_levels(bits, levels)):
+        codes, L = _stream(bits, levels, g, k, seed=g * 100 + k)
+        for scale_dtype, bits_dtype in ((np.float16, np.int16), (np.float32, np.int32)):
+            scales = (rng.standard_normal(SHAPE[0]) * 0.05).astype(scale_dtype)
+            scale_bits = torch.from_numpy(scales.view(bits_dtype))
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for c0, c1 in ((0, 7), (1, 6), (3, 4)):
+                    a = dequantize(codes, scale_bits, SHAPE, bits, L, g, k, c0, c1, dtype)  # numba on the CPU
+                    b = decode_torch(codes, scale_bits, SHAPE, bits, L, g, k, c0, c1, dtype)
+                    assert a.dtype == b.dtype == dtype and a.shape == b.shape == (c1 - c0, *SHAPE[1:])
+                    assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), (g, k, dtype, c0)
+
+
+def test_decoded_values_are_the_format_definition():
+    """float32(scale) * float32(q), one binary32 multiply, then rounded: checked from the codes."""
+    bits, levels = 2, "balanced"
+    g, k = choose_packing(5)
+    codes, L = _stream(bits, levels, g, k)
+    q = pack.unpack_codes(codes.numpy().view(np.uint64), int(np.prod(SHAPE)), bits, levels, g, k).reshape(SHAPE[0], -1)
+    scales = np.linspace(-0.3, 0.7, SHAPE[0]).astype(np.float32)
+    expected = torch.from_numpy(scales[:, None] * q.astype(np.float32))
+    got = dequantize(codes, torch.from_numpy(scales.view(np.int32)), SHAPE, bits, L, g, k, 0, SHAPE[0], torch.float32)
+    assert torch.equal(got.view(SHAPE[0], -1), expected)
+    half = dequantize(codes, torch.from_numpy(scales.view(np.int32)), SHAPE, bits, L, g, k, 0, SHAPE[0], torch.float16)
+    assert torch.equal(half.view(SHAPE[0], -1), expected.half())
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny UNet quantized with every bit-width 1..8 (balanced and plain levels), grid time cache."""
+    from bfq.pipeline.quantize import quantize
+    from bfq.quant.recipe import quantizable_layers
+
+    root = tmp_path_factory.mktemp("packed")
+    unet_dir = root / "unet"
+    tiny_unet(seed=5).save_pretrained(unet_dir)
+    names = list(quantizable_layers(tiny_unet(seed=5), "grid"))
+    out = {}
+    for levels in ("balanced", "plain"):
+        recipe = root / f"{levels}.json"
+        bits = {name: 1 + i % 8 for i, name in enumerate(names)}
+        recipe.write_text(json.dumps({"format": "bfq-recipe", "version": 1, "name": "mixed", "levels": levels, "bits": bits}))
+        out[levels] = quantize(str(unet_dir), root / f"{levels}.bfq", recipe=str(recipe), time_cache="grid",
+                               progress=False).path  # fmt: skip
+    return out
+
+
+def _run(unet, t=37):
+    sample, ehs = tiny_inputs(unet, seq=5)
+    dtype = unet.conv_in.bias.dtype
+    with torch.no_grad():
+        return unet(sample.to(dtype), t, ehs.to(dtype)).sample
+
+
+@pytest.mark.parametrize("levels", ["balanced", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_packed_outputs_equal_dense_bit_for_bit(files, levels, dtype):
+    dense = bfq.load_unet(files[levels], runtime="dense", dtype=dtype)
+    packed = bfq.load_unet(files[levels], runtime="packed", dtype=dtype)
+    assert len(packed_layers(packed)) == len(layer_weights(dense)) and not packed_layers(dense)
+    assert torch.equal(_run(packed), _run(dense))
+    for name, w in layer_weights(packed).items():
+        assert torch.equal(w, layer_weights(dense)[name]), name
+
+
+def test_blocked_layers_agree_within_float_rounding(files):
+    dense = bfq.load_unet(files["balanced"], runtime="dense")
+    blocked = bfq.load_unet(files["balanced"], runtime="packed", workspace_bytes=256)  # every layer in blocks
+    assert any(len(m._blocks()) > 1 for _, m in packed_layers(blocked))
+    a, b = _run(dense), _run(blocked)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_dtype_changes_compute_dtype_never_codes(files):
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    before = {k: v.clone() for k, v in packed.state_dict().items() if k.endswith(("codes", "scale_bits"))}
+    packed.to(torch.float16)
+    assert torch.equal(_run(packed), _run(bfq.load_unet(files["balanced"], runtime="dense", dtype=torch.float16)))
+    packed.to(torch.float32)
+    after = packed.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    dense = bfq.load_unet(files["balanced"], runtime="dense")
+    assert all(torch.equal(w, layer_weights(dense)[n]) for n, w in layer_weights(packed).items())  # not rounded
+
+
+def test_state_dict_holds_codes_and_round_trips(files):
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    state = packed.state_dict()
+    quantized = {f"{name}.weight" for name, _ in packed_layers(packed)}
+    assert not quantized & set(state)  # no silently dequantized weights
+    assert all(f"{n[:-7]}.codes" in state and state[f"{n[:-7]}.codes"].dtype == torch.int64 for n in quantized)
+    other = bfq.load_unet(files["balanced"], runtime="packed")
+    for _, layer in packed_layers(other):
+        layer.codes.zero_()
+    assert not torch.equal(_run(other), _run(packed))
+    other.load_state_dict(state)
+    assert torch.equal(_run(other), _run(packed))
+
+
+def test_weight_is_a_read_only_view(files):
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    layer = packed.conv_in
+    assert isinstance(layer, PackedConv2d) and layer.weight.shape == (8, 4, 3, 3)
+    with pytest.raises(PackedWeightError, match="LoRA"):
+        layer.weight.data += 1
+    with pytest.raises(PackedWeightError):
+        layer.weight = torch.nn.Parameter(torch.zeros(8, 4, 3, 3))
+    # constructing a packed class like its torch class (what PEFT does for adapters) gives the plain layer
+    plain = PackedConv2d(4, 2, 3)
+    assert type(plain) is torch.nn.Conv2d and type(PackedLinear(3, 2)) is torch.nn.Linear
+
+
+def test_memory_mapped_codes_equal_read_codes(files):
+    mapped = bfq.load_unet(files["balanced"], runtime="packed", mmap=True)
+    read = bfq.load_unet(files["balanced"], runtime="packed")
+    assert torch.equal(_run(mapped), _run(read))
+
+
+def test_resident_memory_is_the_packed_size(files):
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    dense = bfq.load_unet(files["balanced"], runtime="dense")
+    _run(packed)
+    codes = sum(m.codes.numel() * 8 for _, m in packed_layers(packed))
+    assert resident_bytes(packed) < resident_bytes(dense)
+    assert resident_bytes(packed) >= codes
+    assert resident_bytes(packed) - codes <= resident_bytes(dense) - sum(w.numel() * 4 for w in layer_weights(dense).values()) + \
+        max(m.weight_shape[0] * m.per_channel * 4 for _, m in packed_layers(packed)) + sum(
+            m.scale_bits.numel() * m.scale_bits.element_size() for _, m in packed_layers(packed))
+
+
+def test_gradients_flow_through_packed_layers(files):
+    """Training an adapter on a packed model: the input gradient equals the dense model's (the
+    weights autograd keeps are not the shared workspace)."""
+    dense = bfq.load_unet(files["balanced"], runtime="dense")
+    packed = bfq.load_unet(files["balanced"], runtime="packed", workspace_bytes=4096)
+    grads = []
+    for unet in (dense, packed):
+        sample, ehs = tiny_inputs(unet, seq=5)
+        sample.requires_grad_(True)
+        unet(sample, 37, ehs).sample.pow(2).sum().backward()
+        grads.append(sample.grad)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
+
+
+def test_corrupt_codes_are_refused_like_the_dense_loader(files, tmp_path):
+    data = bytearray(files["balanced"].read_bytes())
+    data[-3] ^= 0xFF  # inside the last block
+    bad = tmp_path / "bad.bfq"
+    bad.write_bytes(bytes(data))
+    for runtime in ("packed", "dense"):
+        with pytest.raises(BfqFormatError, match="crc32"):
+            bfq.load_unet(bad, runtime=runtime)
+
+
+def test_unknown_runtime_or_missing_device_is_one_clear_error(files):
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        bfq.load_unet(files["balanced"], runtime="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            bfq.load_unet(files["balanced"], device="cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        bfq.load_unet(files["balanced"], device="tpu")
+
+
+def test_torch_compile_traces_the_decode_as_one_op(files):
+    """Dynamo captures the packed layers (the decode as the opaque bfq::dequantize op) and the
+    compiled model computes the eager one's outputs. The inductor backend is covered by the slow
+    test below and by bench/packed_bench.py."""
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    eager = _run(packed)
+    torch._dynamo.reset()
+    compiled = torch.compile(packed, backend="aot_eager")
+    assert torch.equal(_run(compiled), eager)
+    sample, ehs = tiny_inputs(packed, seq=5)
+    explained = torch._dynamo.explain(packed)(sample, 37, ehs)
+    frames = [frame.filename for reason in explained.break_reasons for frame in reason.user_stack]
+    assert not [f for f in frames if "bfq/runtime" in f]  # the packed layers never break the graph
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("bfq.dequantize" in op for op in ops) == sum(len(m._blocks()) for _, m in packed_layers(packed))
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager(files):
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    eager = _run(packed)
+    torch._dynamo.reset()
+    compiled = torch.compile(packed)
+    assert torch.allclose(_run(compiled), eager, rtol=1e-5, atol=1e-5)
