@@ -233,3 +233,82 @@ def test_torch_compile_inductor_matches_eager(files):
     torch._dynamo.reset()
     compiled = torch.compile(packed)
     assert torch.allclose(_run(compiled), eager, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- tiny-sd pipelines
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """tiny-sd quantized (uniform 2-bit, scheduler cache for 4 steps) and a LoRA adapter made for it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from bfq.pipeline.quantize import quantize
+    from bfq.tinysd import pipeline_dir
+
+    root = tmp_path_factory.mktemp("tinysd")
+    path = quantize("tiny-sd", root / "tiny.bfq", recipe="uniform-2", steps=4, progress=False).path
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir(), subfolder="unet")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]))  # fmt: skip
+    StableDiffusionPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+    return path, root / "lora"
+
+
+def _pipeline(path, runtime):
+    from bfq.runtime.generate import load_pipeline
+
+    pipe, steps = load_pipeline(str(path), device="cpu", runtime=runtime)
+    return pipe, steps
+
+
+def _unet_output(pipe, steps):
+    unet = pipe.unet
+    c = unet.config
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+    ehs = torch.randn(2, 7, c.cross_attention_dim, generator=gen)
+    pipe.scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        return unet(sample, pipe.scheduler.timesteps[0], ehs).sample
+
+
+def test_packed_unet_in_a_pipeline_and_under_offload_hooks(tiny_sd):
+    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
+
+    images = {}
+    for runtime in ("packed", "dense"):
+        pipe, steps = _pipeline(tiny_sd[0], runtime)
+        if runtime == "packed":
+            assert packed_layers(pipe.unet)
+            _, hook = cpu_offload_with_hook(pipe.unet, execution_device=torch.device("cpu"))  # enable_model_cpu_offload's hook
+        result = pipe(["a handwritten digit seven"], num_inference_steps=steps, guidance_scale=3.0,
+                      generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+        images[runtime] = result.images
+        if runtime == "packed":
+            hook.offload()
+            remove_hook_from_module(pipe.unet)
+    assert np.array_equal(images["packed"], images["dense"])
+
+
+def test_lora_on_a_packed_unet_equals_dense_and_fusing_is_refused(tiny_sd):
+    path, lora = tiny_sd
+    outputs = {}
+    for runtime in ("packed", "dense"):
+        pipe, steps = _pipeline(path, runtime)
+        plain = _unet_output(pipe, steps)
+        pipe.load_lora_weights(lora)
+        outputs[runtime] = _unet_output(pipe, steps)
+        assert (outputs[runtime] - plain).abs().max() > 1e-3  # the adapter does something
+        if runtime == "packed":
+            assert any(type(m).__name__ == "Conv2d" and "lora" in n for n, m in pipe.unet.named_modules())
+            with pytest.raises(PackedWeightError, match="LoRA"):
+                pipe.fuse_lora()
+        else:
+            pipe.fuse_lora()
+    a, b = outputs["packed"], outputs["dense"]
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()

@@ -40,8 +40,10 @@ def cached_sampler(metadata: dict):
     return cls.from_config(spec["config"]), int(metadata.get("num_inference_steps", DEFAULT_STEPS))
 
 
-def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, revision: str | None = None):
-    """A StableDiffusionPipeline with the quantized UNet of `model`, and its default step count."""
+def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, revision: str | None = None,
+                  runtime: str = "auto"):  # fmt: skip
+    """A StableDiffusionPipeline with the quantized UNet of `model`, and its default step count.
+    `runtime` is :func:`bfq.load_unet`'s ("auto": packed on the CPU, dense on accelerators)."""
     from diffusers import StableDiffusionPipeline
 
     import bfq
@@ -53,7 +55,7 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
     path = model if os.path.exists(model) else download_bfq(model, revision=revision)
     with open_bfq(path) as f:
         source, metadata = f.header.model.get("source"), f.header.metadata
-    unet = bfq.load_unet(path, device=device, dtype=dtype)
+    unet = bfq.load_unet(path, device=device, dtype=dtype, runtime=runtime)
     pipe = StableDiffusionPipeline.from_pretrained(base or base_pipeline_for(source), unet=unet, torch_dtype=dtype, safety_checker=None)
     scheduler, steps = cached_sampler(metadata)
     if scheduler is not None:
@@ -62,11 +64,11 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
     return pipe.to(device), steps
 
 
-def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_images=1, steps=None, guidance=7.5, seed=0, device=None, revision=None) -> Path:
+def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_images=1, steps=None, guidance=7.5, seed=0, device=None, revision=None, runtime="auto") -> Path:
     """Generate `num_images` per prompt and save them as one PNG grid (a row per prompt)."""
     from PIL import Image
 
-    pipe, cached_steps = load_pipeline(model, base=base, device=device, revision=revision)
+    pipe, cached_steps = load_pipeline(model, base=base, device=device, revision=revision, runtime=runtime)
     steps = steps or cached_steps or DEFAULT_STEPS
     generator = torch.Generator("cpu").manual_seed(seed)
     rows = []
