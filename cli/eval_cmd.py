@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from bfq_cli.options import runtime_option
 
 from bfq.tinysd.evaluate import (
     CFG_SCALES,
@@ -15,7 +16,7 @@ from bfq.tinysd.evaluate import (
 )
 
 
-def _resolve(model: str):
+def _resolve(model: str, runtime: str):
     """``(unet, base)`` for MODEL: ``tiny-sd``, a ``.bfq`` made from it, or a pipeline directory."""
     if model == "tiny-sd":
         return None, None
@@ -28,7 +29,7 @@ def _resolve(model: str):
         import bfq
 
         try:
-            return bfq.load_unet(str(path), dtype=torch.float32), None
+            return bfq.load_unet(str(path), dtype=torch.float32, runtime=runtime), None
         except ValueError as exc:  # BfqFormatError and other bad-input errors
             raise click.ClickException(f"cannot load {model}: {exc}") from exc
     if (path / "model_index.json").is_file():
@@ -53,7 +54,8 @@ def _resolve(model: str):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
               help="Torch threads (results are bit-reproducible for a fixed count).")
-def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads):
+@runtime_option
+def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, runtime):
     """Score MODEL (tiny-sd or a .bfq made from it) by prompt alignment and Fréchet distance.
 
     Generates 10 x N-PER-DIGIT images from fixed prompts and seeds at each CFG scale, labels
@@ -61,7 +63,7 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
     """
     from bfq.tinysd.evaluate import evaluate, format_report
 
-    unet, base = _resolve(model)
+    unet, base = _resolve(model, runtime)
     result = evaluate(
         unet,
         base=base,

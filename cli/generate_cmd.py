@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from bfq_cli.options import runtime_option
 
 
 @click.command("generate")
@@ -16,7 +17,8 @@ import click
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--revision", help="Hub revision of MODEL when it is a repo id.")
-def generate_cmd(model, prompts, base, out, num_images, steps, guidance, seed, device, revision):
+@runtime_option
+def generate_cmd(model, prompts, base, out, num_images, steps, guidance, seed, device, revision, runtime):
     """Generate images with the quantized UNet in MODEL (a .bfq file or Hub repo id).
 
     \b
@@ -26,5 +28,5 @@ def generate_cmd(model, prompts, base, out, num_images, steps, guidance, seed, d
     from bfq.runtime.generate import generate
 
     path = generate(model, list(prompts), base=base, out=out, num_images=num_images, steps=steps,
-                    guidance=guidance, seed=seed, device=device, revision=revision)  # fmt: skip
+                    guidance=guidance, seed=seed, device=device, revision=revision, runtime=runtime)  # fmt: skip
     click.echo(f"wrote {path}")

@@ -62,15 +62,19 @@ def inspect_cmd(file, as_json, show_all, revision):
 
     avg_bits is the BitsFusion paper's accounting (log2 of the level count per weight, plus
     16 bits per cached time feature, over every linear/conv weight of the original UNet);
-    bits_on_disk is what the file actually spends on codes, scales and time features.
+    bits_on_disk is what the file actually spends on codes, scales and time features. "memory"
+    is what the loaded UNet holds in each runtime (bfq.load_unet(..., runtime=...)).
     """
     from bfq.format.inspect import format_summary, summarize
+    from bfq.runtime.memory import resident_report
 
     summary = summarize(_local_file(file, revision))
+    summary["resident_bytes"] = resident_report(summary)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(format_summary(summary, max_rows=None if show_all else 40))
+        click.echo("memory      " + ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in summary["resident_bytes"].items()))
 
 
 @main.command("verify")

@@ -13,6 +13,13 @@ TIME_CACHE_HELP = (
     "the time projections as quantized layers (any sampler works)."
 )
 
+runtime_option = click.option(
+    "--runtime", type=click.Choice(["auto", "packed", "dense"]), default="auto", show_default=True,
+    help="How the quantized UNet runs: packed (weights stay ~2 bits per weight in memory and are decoded at every "
+         "forward; on a CPU about as fast as dense), dense (decoded once, 16-32 bits per weight) or auto "
+         "(packed on the CPU, dense on accelerators).",
+)  # fmt: skip
+
 _QUANTIZE_OPTIONS = (
     click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically)."),
     click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (cached per model) and an allocator."),

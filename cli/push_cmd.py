@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from bfq_cli.options import runtime_option
 
 
 @click.command("push")
@@ -17,7 +18,9 @@ import click
 @click.option("--preview-steps", type=click.IntRange(1, 1000), help="Sampler steps of the preview (default: the cached scheduler's, else 50).")
 @click.option("--base", help="Pipeline (directory or Hub id) with the VAE and text encoder for the preview. Default: the model's source.")
 @click.option("--device", help="Device of the preview generation (default: cuda when available).")
-def push_cmd(file, repo_id, private, revision, filename, commit_message, preview, preview_prompts, preview_steps, base, device):
+@runtime_option
+def push_cmd(file, repo_id, private, revision, filename, commit_message, preview, preview_prompts, preview_steps, base, device,
+             runtime):  # fmt: skip
     """Publish a .bfq FILE on the Hugging Face Hub, with a generated model card.
 
     The card carries the Hub metadata (library bfq, quantization tags, base_model with
@@ -37,7 +40,7 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     try:
         result = push(file, repo_id, private=private, revision=revision, preview=preview or bool(preview_prompts),
                       commit_message=commit_message, filename=filename, preview_prompts=list(preview_prompts) or None,
-                      preview_base=base, preview_steps=preview_steps, preview_device=device)  # fmt: skip
+                      preview_base=base, preview_steps=preview_steps, preview_device=device, preview_runtime=runtime)  # fmt: skip
     except HubError as exc:
         raise click.ClickException(str(exc)) from None
     where = result["repo_url"]

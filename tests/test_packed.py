@@ -312,3 +312,40 @@ def test_lora_on_a_packed_unet_equals_dense_and_fusing_is_refused(tiny_sd):
             pipe.fuse_lora()
     a, b = outputs["packed"], outputs["dense"]
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_inspect_reports_the_memory_each_runtime_holds(files):
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(main, ["inspect", str(files["balanced"]), "--json"])
+    assert result.exit_code == 0, result.output
+    reported = json.loads(result.output)["resident_bytes"]
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    _run(packed)  # the workspace exists after a forward
+    assert reported["packed (fp32 compute)"] == resident_bytes(packed)
+    assert reported["dense fp32"] == resident_bytes(bfq.load_unet(files["balanced"], runtime="dense"))
+    assert reported["dense fp16"] == resident_bytes(bfq.load_unet(files["balanced"], runtime="dense", dtype=torch.float16))
+    text = CliRunner().invoke(main, ["inspect", str(files["balanced"])]).output
+    assert "memory" in text and "packed" in text
+
+
+def test_generate_and_eval_are_identical_in_both_runtimes(tiny_sd, tmp_path):
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+    from PIL import Image
+
+    path = str(tiny_sd[0])
+    images, scores = {}, {}
+    for runtime in ("packed", "dense"):
+        out = tmp_path / f"{runtime}.png"
+        r = CliRunner().invoke(main, ["generate", path, "--prompt", "a handwritten digit three", "-n", "2", "--cfg", "3",
+                                      "--device", "cpu", "--runtime", runtime, "-o", str(out)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        images[runtime] = np.asarray(Image.open(out))
+        r = CliRunner().invoke(main, ["eval", path, "--n-per-digit", "1", "--cfg", "3", "--steps", "4", "--json",
+                                      "--runtime", runtime])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        scores[runtime] = {k: v for k, v in json.loads(r.stdout).items() if k not in ("seconds", "time", "runtime")}
+    assert np.array_equal(images["packed"], images["dense"])
+    assert scores["packed"] == scores["dense"]

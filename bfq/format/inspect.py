@@ -55,6 +55,7 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
         else {"mode": cache.mode, "timesteps": len(cache.timesteps), "values": n_time_features, "bytes": cache_bytes},
         "n_layers": len(layers),
         "n_tensors": len(header.tensors),
+        "dense_values": sum(t.size for t in header.tensors.values()),
         "quantized_weights": quantized_weights,
         "n_weights_total": n_weights_total,
         "avg_bits": (ideal_bits + 16 * n_time_features) / n_weights_total if n_weights_total else None,

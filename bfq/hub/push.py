@@ -47,7 +47,8 @@ def _same(remote, local_bytes: bytes | None = None, local_sha256: str | None = N
     return local_bytes is not None and remote.blob_id == _git_blob_sha1(local_bytes)
 
 
-def make_preview(path, *, prompts=None, base=None, steps=None, num_images=2, seed=0, guidance=7.5, device=None) -> tuple[bytes, dict]:
+def make_preview(path, *, prompts=None, base=None, steps=None, num_images=2, seed=0, guidance=7.5, device=None,
+                 runtime="auto") -> tuple[bytes, dict]:  # fmt: skip
     """PNG bytes of a small grid generated with the .bfq at `path`, and its caption data."""
     from bfq.format import open_bfq
 
@@ -62,7 +63,7 @@ def make_preview(path, *, prompts=None, base=None, steps=None, num_images=2, see
         with tempfile.TemporaryDirectory(prefix="bfq-preview-") as tmp:
             out = Path(tmp) / PREVIEW_FILE
             written = generate(os.fspath(path), prompts, base=base, out=out, steps=steps, num_images=num_images,
-                               guidance=guidance, seed=seed, device=device)  # fmt: skip
+                               guidance=guidance, seed=seed, device=device, runtime=runtime)  # fmt: skip
             data = Path(written).read_bytes()
     except Exception as exc:
         raise HubError(
@@ -86,6 +87,7 @@ def push(
     preview_base: str | None = None,
     preview_steps: int | None = None,
     preview_device: str | None = None,
+    preview_runtime: str = "auto",
 ) -> dict:
     """Publish a .bfq file on the Hub with a generated model card (and optionally a preview grid).
 
@@ -133,7 +135,8 @@ def push(
 
     preview_png, preview_info = (None, None)
     if preview:
-        preview_png, preview_info = make_preview(path, prompts=preview_prompts, base=preview_base, steps=preview_steps, device=preview_device)
+        preview_png, preview_info = make_preview(path, prompts=preview_prompts, base=preview_base, steps=preview_steps, device=preview_device,
+                                                 runtime=preview_runtime)
 
     local_sha = _sha256(path)
     api = HfApi(token=token)

@@ -22,7 +22,8 @@ from torch import nn
 
 from bfq.errors import BfqFormatError
 from bfq.format import BfqFile, open_bfq, pack
-from bfq.runtime.packed import DEFAULT_WORKSPACE_BYTES, PACKED_TYPES, Workspace
+from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
+from bfq.runtime.packed import PACKED_TYPES, Workspace
 
 RUNTIMES = ("auto", "packed", "dense")
 _DECODE_AS = {torch.float32: ("float32", torch.float32), torch.float16: ("float16", torch.int16), torch.bfloat16: ("bfloat16", torch.int16)}

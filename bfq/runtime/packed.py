@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bfq.runtime.decode import dequantize, dequantize_op
-
-DEFAULT_WORKSPACE_BYTES = 32 << 20
+from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
 
 
 class PackedWeightError(RuntimeError):
