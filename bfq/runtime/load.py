@@ -82,7 +82,7 @@ def _install_time_cache(model: nn.Module, bfq: BfqFile, dtype: torch.dtype) -> N
         return
     from bfq.quant import timecache
 
-    tables = {name: torch.from_numpy(np.array(bfq.read_time_table(name))) for name in cache.tables}
+    tables = {name: _as_torch(bfq.read_time_table(name), table.dtype) for name, table in cache.tables.items()}
     try:
         if cache.mode == "scheduler":
             timecache.install_scheduler_cache(model, list(cache.timesteps), tables)
@@ -97,13 +97,15 @@ def _decode_all(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {name: torch.empty(layer.shape, dtype=dtype) for name, layer in bfq.layers.items()}
     bfq.decode_layers({name: t.view(view_as).numpy() for name, t in out.items()}, decode_as)
     for name, dense in bfq.tensors.items():
-        array = bfq.read_tensor(name)
-        if dense.dtype == "bf16":
-            tensor = torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(np.array(array))
-        out[name] = tensor.to(dtype)
+        out[name] = _as_torch(bfq.read_tensor(name), dense.dtype).to(dtype)
     return out
+
+
+def _as_torch(array: np.ndarray, stored: str) -> torch.Tensor:
+    """A dense block as a tensor of its stored type (a copy); bf16 arrives as uint16 bit patterns."""
+    if stored == "bf16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
