@@ -404,3 +404,45 @@ def test_writer_grid_time_cache_with_an_extra_table(tmp_path):
         return  # refusing the call is fine
     with open_bfq(path) as f:
         f.verify_all()
+
+
+# ----------------------------------------------------------------------------------------------
+# FORMAT.md v1.1 decisions, at their boundaries
+
+
+def _parse(text: str) -> dict:
+    from bfq.format.header import parse_header
+
+    return parse_header(text.encode("utf-8"))
+
+
+def test_integer_literals_overflow_exactly_where_binary64_does():
+    edge = 2**1024 - 2**970  # the midpoint between the largest binary64 and 2^1024: rounds (to even) to 2^1024
+    assert _parse(f'{{"x":{edge - 1}}}')["x"] == edge - 1  # exact value kept; rounds to the largest binary64
+    for text in (str(edge), "-" + str(edge), "1" + "0" * 400, "1.8e308", "-1e999"):
+        with pytest.raises(BfqFormatError, match="non-finite"):
+            _parse(f'{{"x":{text}}}')
+    assert _parse('{"x":1e-400,"y":9007199254740993}') == {"x": 0.0, "y": 9007199254740993}
+
+
+def test_json_text_rules():
+    assert _parse('{ "a" : [ 1 , {"b":"\\ud83d\\ude00"} ] }') == {"a": [1, {"b": "\U0001F600"}]}  # a valid pair
+    for text, message in [('{"a":1} ', "must end with '}'"), ('{"a":1}\n', "must end with '}'"),
+                          ('{"a":"\\udc00\\ud800"}', "unpaired surrogate"), ('{"\\ud800":1}', "unpaired surrogate"),
+                          ('{"a":1,"\\u0061":2}', "duplicate key 'a'"), ('{"a":1,}', "not valid"),
+                          ('{"a":01}', "not valid"), ('{"a":"\\x41"}', "not valid"), ('{"a":NaN}', "NaN")]:
+        with pytest.raises(BfqFormatError, match=re.escape(message)):
+            _parse(text)
+    assert _parse('{"a":"\\\\ud800"}') == {"a": "\\ud800"}  # an escaped backslash, not a surrogate
+
+
+def test_a_noncanonical_word_opens_and_decodes_and_only_verification_rejects_it():
+    """FORMAT.md §3.1, check 4: canonical form may be deferred; the word still decodes to valid digits."""
+    path = INVALID / "word_not_rounded_up.bfq"
+    for verify in (True, False):
+        with open_bfq(path, verify=verify) as f, open_bfq(VECTORS / "packings.bfq") as good:
+            name = next(n for n in f.layers if n.startswith("loose"))
+            assert np.array_equal(f.read_codes(name), good.read_codes(name))
+            with pytest.raises(BfqFormatError, match="not canonically encoded"):
+                f.verify_all()
+

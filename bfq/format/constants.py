@@ -34,7 +34,10 @@ RECIPE_INTEGER_KEYS = ("n_weights_total", "n_params_total")
 RECIPE_NUMBER_KEYS = ("avg_bits",)
 
 TIME_CACHE_MODES = ("scheduler", "grid")
-TIME_CACHE_KEYS = {"scheduler": frozenset({"mode", "timesteps", "features"}), "grid": frozenset({"mode", "timesteps", "embedding"})}
+TIME_CACHE_KEYS = {
+    "scheduler": frozenset({"mode", "timesteps", "features"}),
+    "grid": frozenset({"mode", "timesteps", "embedding"}),
+}
 
 PACKING_SCHEME = "radix-fraction-v1"
 MAX_WORD_BITS = 64

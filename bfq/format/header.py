@@ -1,8 +1,9 @@
 """The .bfq header: preamble and validation of every field (FORMAT.md §1-§2, §5).
 
 `parse_header` (from bfq.format.strict_json) turns the header bytes into JSON values under
-FORMAT.md's JSON rules; `validate_header` checks every object and returns a typed `Header`; `check_layout` checks that the
-blocks tile the data section. Reader and writer both go through these functions.
+FORMAT.md's JSON rules; `validate_header` checks every object and returns a typed `Header`;
+`check_layout` checks that the blocks tile the data section. Reader and writer both go through
+these functions.
 """
 
 from __future__ import annotations
@@ -374,5 +375,3 @@ def check_layout(blocks: list[Block]) -> int:
             _fail(f"{block.path}.offset", f"{block.offset} {what}; expected {expected}")
         end = block.offset + block.length
     return end
-
-

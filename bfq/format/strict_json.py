@@ -45,7 +45,8 @@ def _no_duplicates(pairs):
 
 
 def _overflow(text: str):
-    raise BfqFormatError(f"header: non-finite number {text[:32]!r}{'...' if len(text) > 32 else ''} (overflows binary64)")
+    shown = text if len(text) <= 32 else text[:32] + "..."
+    raise BfqFormatError(f"header: non-finite number {shown!r} (overflows binary64)")
 
 
 def _finite_float(text: str) -> float:

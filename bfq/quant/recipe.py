@@ -351,7 +351,8 @@ def dense_weights(recipe: Recipe, unet: nn.Module, time_cache: str | None) -> di
     }
 
 
-def summarize(recipe: Recipe, unet: nn.Module, time_cache: str | None, n_time_features: int, dense_bits: int = 32) -> dict:
+def summarize(recipe: Recipe, unet: nn.Module, time_cache: str | None, n_time_features: int,
+              dense_bits: int = 32) -> dict:  # fmt: skip
     """Accounting summary of ``recipe`` on the *original* ``unet`` (time layers still present).
 
     Every Linear/Conv weight is counted (FORMAT.md §2.4): the recipe's layers at log2(L) bits, the
