@@ -182,7 +182,8 @@ class BfqFile:
                 future.result()
 
     def verify_all(self) -> None:
-        """Check every checksum, scale and stream, and decode every layer."""
+        """Every check of FORMAT.md, the deferrable ones of §3.1 included: every block's CRC-32,
+        every scale, every stream's end and the canonical form of every word; decodes every layer."""
         for block in self.header.blocks():
             self._bytes(block, check=True)
         for name, layer in self.layers.items():

@@ -11,7 +11,7 @@ Two modes:
 * **grid** (any sampler): keep the time-embedding MLP itself, its Linear weights in fp16
   (:func:`time_mlp_weights`), and the ``time_emb_proj`` layers (quantized by the recipe), so the
   model computes ``time_embedding(time_proj(t))`` at every timestep, fractional ones included
-  (diffusers' Euler and DPM-Solver). The MLP costs about what a table of every training timestep
+  (diffusers' Euler family). The MLP costs about what a table of every training timestep
   did (SD-v1.5: 2.05 M fp16 weights against 1000 x 1280 = 1.28 M values; tiny-sd: 20,480 against
   128,000) and needs nothing installed. Files written by bfq 0.1 carry a grid *table* instead
   (FORMAT.md §2.3): :func:`install_grid_cache` serves it, interpolating linearly between integer
@@ -314,10 +314,10 @@ def compute_grid_table(unet: nn.Module, num_train_timesteps: int = 1000) -> torc
 def _stored_table(table, what: str) -> torch.Tensor:
     """``table`` (torch or numpy) as a tensor of its own floating-point precision: a loader keeps
     the stored values (FORMAT.md §2.3); a row is cast to the model's dtype only where it is used."""
-    tensor = table if isinstance(table, torch.Tensor) else torch.from_numpy(np.array(table))  # copies read-only arrays
+    tensor = table.detach().clone() if isinstance(table, torch.Tensor) else torch.from_numpy(np.array(table))  # a copy
     if not tensor.is_floating_point():
         raise ValueError(f"{what}: expected floating-point values, got {tensor.dtype}")
-    return tensor.detach()
+    return tensor
 
 
 def _buffer_device(unet: nn.Module) -> torch.device:
