@@ -2,7 +2,8 @@
 
 5: every weight stored in a file is counted, in `avg_bits` and `bits_on_disk`, by `bfq inspect` and
    by the recipe summary the quantizer writes (FORMAT.md §2.4).
-6: grid mode keeps the time MLP, so the time embedding is exact at fractional timesteps.
+6: grid mode keeps the time MLP, so the time embedding is exact at fractional timesteps; files
+   with grid tables (bfq 0.1) still load, and every table keeps its stored precision on load.
 """
 
 from __future__ import annotations
@@ -147,29 +148,32 @@ def test_grid_mode_is_exact_at_fractional_timesteps(pipeline_dir, tmp_path):
             torch.testing.assert_close(loaded(sample, step, ehs).sample, ref(sample, step, ehs).sample, rtol=2e-3, atol=2e-3)
 
 
-def test_bfq_0_1_grid_files_still_load(tmp_path):
-    """A version-1 grid table (as bfq 0.1 wrote it, timesteps as 0.0, 1.0, ...) is read and served."""
-    from diffusers import UNet2DConditionModel
-
+def _write_with_cache(unet, path, mode: str, timesteps, tables: dict, dtype: str = "f16"):
+    """A file as bfq 0.1 wrote grid files, or with a scheduler cache: tables of any stored dtype."""
     from bfq.format import BfqWriter
+    from bfq.format.constants import replaced_by_time_cache
 
-    unet = _student("grid", seed=6)
-    table = compute_grid_table(unet, 1000)
-    path = tmp_path / "old.bfq"
-    model = {"class_name": "UNet2DConditionModel", "config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
-    model["config"] = json.loads(json.dumps(model["config"]))
-    with BfqWriter(path, model=model) as w:
-        for name, m in iter_quantized(unet):
+    config = json.loads(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")}))
+    quantized = dict(iter_quantized(unet))
+    skip = set(quantized) | {n[: -len("weight")] + "scale" for n in quantized}
+    with BfqWriter(path, model={"class_name": "UNet2DConditionModel", "config": config}) as w:
+        for name, m in quantized.items():
             q, s = m.export_codes()
             w.add_layer(name, q.numpy(), s.detach().numpy(), m.bits, scale_dtype=m.scale_dtype)
-        skip = set(dict(iter_quantized(unet))) | {n[: -len("weight")] + "scale" for n, _ in iter_quantized(unet)}
         for name, tensor in unet.state_dict().items():
-            if name not in skip and not name.startswith("time_embedding."):
+            if name not in skip and not replaced_by_time_cache(name, mode):
                 w.add_tensor(name, tensor.detach().numpy())
-        w.set_time_cache("grid", range(1000), {"time_embedding": table.numpy()})
+        w.set_time_cache(mode, timesteps, tables, dtype=dtype)
+    return path
+
+
+def test_bfq_0_1_grid_files_still_load(tmp_path):
+    """A version-1 grid table (as bfq 0.1 wrote it, timesteps as 0.0, 1.0, ...) is read and served."""
+    unet = _student("grid", seed=6)
+    table = compute_grid_table(unet, 1000)
+    path = _write_with_cache(unet, tmp_path / "old.bfq", "grid", range(1000), {"time_embedding": table.numpy()})
     assert b'"timesteps":[0.0,1.0,' in path.read_bytes()
     loaded = bfq.load_unet(path, dtype=torch.float32)
-    assert isinstance(loaded, UNet2DConditionModel)
     captured = []
     loaded.time_embedding.register_forward_hook(lambda m, i, o: captured.append(o))
     sample, ehs = tiny_inputs(loaded)
@@ -179,3 +183,21 @@ def test_bfq_0_1_grid_files_still_load(tmp_path):
     assert torch.equal(got[0], table[10].float())
     assert torch.allclose(got[1], (table[10].float() + table[11].float()) / 2)
     assert np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize("stored, torch_dtype", [("f32", torch.float32), ("bf16", torch.bfloat16)])
+def test_load_keeps_time_tables_at_their_stored_precision(tmp_path, stored, torch_dtype):
+    """FORMAT.md §2.3 (review item 31): bfq 0.1 rounded every table to fp16 (and read bf16 bit
+    patterns as integers); an fp16 model keeps the stored table and casts a row where it is used."""
+    from bfq.quant.timecache import compute_scheduler_features
+
+    unet = _student("scheduler", seed=7)
+    feats = compute_scheduler_features(unet, [999, 500.5])
+    feats = {n: (f.float() * 3000 + 2**-12).to(torch_dtype) for n, f in feats.items()}  # beyond fp16 precision/range
+    arrays = {n: f.view(torch.int16).numpy().view(np.uint16) if stored == "bf16" else f.numpy() for n, f in feats.items()}
+    path = _write_with_cache(unet, tmp_path / "t.bfq", "scheduler", [999, 500.5], arrays, dtype=stored)
+    loaded = bfq.load_unet(path, dtype=torch.float16)
+    for name, module in loaded.named_modules():
+        if name in feats:
+            kept = module.time_emb_proj.features
+            assert kept.dtype == torch_dtype and torch.equal(kept, feats[name]), name

@@ -35,7 +35,8 @@ def load_unet(
             "user/name/model.bfq") fetched through huggingface_hub.
         device: where the returned model lives.
         dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
-        verify: check each block's CRC-32 while decoding (cheap; on by default).
+        verify: also check each code block's CRC-32 while decoding (cheap; on by default); scales,
+            dense tensors and time tables are checked either way (FORMAT.md §3.1).
         revision: Hub revision (branch, tag or commit) when `source` is a repo id.
 
     Raises:
