@@ -137,12 +137,7 @@ def quantizable_layers(unet: nn.Module, time_cache: str = "scheduler") -> dict[s
     """``{weight name: n_weights}`` of the layers a recipe must cover, in model order (works for any
     diffusers ``UNet2DConditionModel``; meta-device models are fine)."""
     _check_mode(time_cache)
-    out = {}
-    for name, n in linear_conv_weights(unet).items():
-        if _is_time_embedding(name) or (time_cache == "scheduler" and _is_time_proj(name)):
-            continue
-        out[name] = n
-    return out
+    return {name: n for name, n in linear_conv_weights(unet).items() if not replaced_by_time_cache(name, time_cache)}
 
 
 def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> None:
