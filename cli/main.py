@@ -60,9 +60,10 @@ def main():
 def inspect_cmd(file, as_json, show_all, revision):
     """Show the model, per-layer bits and sizes, and totals of a .bfq FILE (or Hub repo id user/name).
 
-    avg_bits is the BitsFusion paper's accounting (log2 of the level count per weight, plus
-    16 bits per cached time feature, over every linear/conv weight of the original UNet);
-    bits_on_disk is what the file actually spends on codes, scales and time features. "memory"
+    avg_bits is the BitsFusion paper's accounting (log2 of the level count per quantized weight,
+    plus the stored bits of every weight kept in floating point and of every cached time feature,
+    over every linear/conv weight of the original UNet); bits_on_disk is what the file actually
+    spends on codes, scales, floating-point weights and time features (FORMAT.md §2.4). "memory"
     is what the loaded UNet holds in each runtime (bfq.load_unet(..., runtime=...)).
     """
     from bfq.format.inspect import format_summary, summarize

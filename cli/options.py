@@ -9,8 +9,9 @@ import click
 
 TIME_CACHE_HELP = (
     "scheduler: store each ResNet's time features for exactly the sampler's timesteps (the paper's; "
-    "smallest, tied to --steps); grid: store the time embedding for all training timesteps and keep "
-    "the time projections as quantized layers (any sampler works)."
+    "smallest, tied to --steps); grid: keep the time-embedding MLP (weights in fp16) and the time "
+    "projections as quantized layers, so the time embedding is computed at any timestep, fractional "
+    "ones too (any sampler works, Euler included)."
 )
 
 runtime_option = click.option(

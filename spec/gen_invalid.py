@@ -9,9 +9,12 @@ also makes the derived code length meaningless, but the reader checks the packin
 
 expected.json maps each file to:
 
-* "stage": "open" when `open_bfq` must reject it, "verify" when the header and layout are valid
-  and only a data-level check fails (block CRC, non-finite scale, stream padding): `open_bfq`
-  succeeds and `verify_all()` (and decoding the affected block) raises;
+* "stage" (FORMAT.md §3.1, when a reader must find it): "open" when `open_bfq` must reject it;
+  "read" when the header and layout are valid and a check a reader MUST make before using a
+  block fails (CRC-32 of scales, dense and time-table blocks, non-finite scale, the end of a
+  code stream): `open_bfq` succeeds, reading the block raises even with `verify=False`, and so
+  does `verify_all()`; "verify" when only a check a reader MAY defer fails (CRC-32 of a code
+  block, a non-canonical word): `open_bfq` succeeds and `verify_all()` raises;
 * "message": a substring of the `BfqFormatError` message (the field's name, and the rule);
 * "rule": what is broken.
 
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
     def header_case(name, golden, edit, message, rule, stage="open", **kw):
         h = golden.h()
         edit(h)
-        add(name, assemble(dump_json(h), golden.data), stage, message, rule, **kw)
+        raw = dump_json(h).replace(b'"@64@"', b"6.4e1")  # a number JSON would write differently
+        add(name, assemble(raw, golden.data), stage, message, rule, **kw)
 
     def raw_case(name, golden, old, new, message, rule, count=1):
         assert golden.raw.count(old) >= 1, (name, old)
@@ -334,7 +338,7 @@ def main(argv=None) -> int:
         add(f"truncated_at_{cut}.bfq", W.file[:cut], "open", "truncated", f"file cut to {cut} bytes ({where})")
 
     # -- data level: valid header and layout, checked on decode / verify_all -----------------
-    def data_case(name, golden, entry, new_block, message, rule, fix_crc=True):
+    def data_case(name, golden, entry, new_block, message, rule, fix_crc=True, stage="read"):
         """Replace a block's bytes; recompute its CRC in the header unless fix_crc is False."""
         h = golden.h()
         target = entry(h)
@@ -342,13 +346,14 @@ def main(argv=None) -> int:
         if fix_crc:
             target["crc32"] = zlib.crc32(new_block)
         data = patch(golden.data, target["offset"], new_block)
-        add(name, assemble(dump_json(h), data), "verify", message, rule)
+        add(name, assemble(dump_json(h), data), stage, message, rule)
 
     def flip(b: bytes, i: int = 0, mask: int = 1) -> bytes:
         return patch(b, i, bytes([b[i] ^ mask]))
 
     data_case("crc_mismatch_codes.bfq", W, lambda h: L0(h)["codes"], flip(codes_w), "layers[0].codes.crc32",
-              "one codes bit flipped, CRC not updated", fix_crc=False)
+              "one codes bit flipped, CRC not updated (a code block's CRC may be deferred to verify)", fix_crc=False,
+              stage="verify")
     data_case("crc_mismatch_scales.bfq", W, lambda h: L0(h)["scales"], flip(scales_w, 1, 0x80), "layers[0].scales.crc32",
               "scale sign flipped, CRC not updated", fix_crc=False)
     data_case("crc_mismatch_tensor.bfq", D, lambda h: h["tensors"][0], flip(block_bytes(D, t0), 5), "tensors[0].crc32",
@@ -381,12 +386,12 @@ def main(argv=None) -> int:
     data_case("stream_padding_wide.bfq", P, lambda h: h["layers"][wide_i]["codes"], patch(stream, len(stream) - 1, b"\x80"),
               "bits after the last word", "last stream bit set in a wide (g=7, k=57) layer (CRC valid)")
 
-    # -- FORMAT.md rules the reference reader does not enforce yet --------------------------
+    # -- code streams: canonical encoding (§4) ---------------------------------------------
     cell = 23 + (23 << 5)  # word 1 = digits [2, 0, 1] instead of the zero-completed [2, 0, 0]
     h = W.h()
     L0(h)["codes"]["crc32"] = zlib.crc32(struct.pack("<Q", cell))
-    add("last_word_not_zero_completed.bfq", assemble(dump_json(h), patch(W.data, 64, struct.pack("<Q", cell))), "verify",
-        "codes", "FORMAT.md 4: the last word is completed with zero digits; here its unused digits are [0, 1]")
+    add("last_word_not_zero_completed.bfq", assemble(dump_json(h), patch(W.data, 64, struct.pack("<Q", cell))), "read",
+        "completed with zero digits", "FORMAT.md 4: the last word is completed with zero digits; here its unused digits are [0, 1]")
     loose = next(layer for layer in P.header["layers"] if layer["name"] == "loose_k10_g3.weight")
     loose_i = P.header["layers"].index(loose)
     stream = bytearray(block_bytes(P, loose["codes"]))
@@ -403,12 +408,70 @@ def main(argv=None) -> int:
                 "FORMAT.md 2: time_cache is an object or absent; null is neither")
     header_case("recipe_null.bfq", W, lambda h: h.update(recipe=None), "recipe",
                 "FORMAT.md 2: recipe is an optional object; null is not an object")
-    raw_case_bug = lambda name, g, old, new, msg, rule: add(  # noqa: E731
-        name, assemble(g.raw.replace(old, new, 1), g.data), "open", msg, rule)
-    raw_case_bug("time_timestep_huge_int.bfq", S, b'"timesteps":[999,', b'"timesteps":[1' + b"0" * 400 + b",",
-                 "time_cache.timesteps[0]", "timestep 10^400 (an integer beyond float range): OverflowError escapes")
-    raw_case_bug("recipe_avg_bits_huge_int.bfq", W, b'"tensors":[]', b'"tensors":[],"recipe":{"avg_bits":1' + b"0" * 400 + b"}",
-                 "recipe.avg_bits", "avg_bits 10^400: OverflowError escapes")
+
+    # -- FORMAT.md v1.1: rules made explicit ------------------------------------------------
+    huge = b"1" + b"0" * 400  # a JSON integer literal beyond binary64's range
+    raw_case("time_timestep_huge_int.bfq", S, b'"timesteps":[999,', b'"timesteps":[' + huge + b",", "non-finite",
+             "FORMAT.md 2 (numbers): timestep 10^400, an integer literal that overflows binary64")
+    add("recipe_avg_bits_huge_int.bfq", assemble(W.raw.replace(b'"tensors":[]', b'"tensors":[],"recipe":{"avg_bits":' + huge + b"}"),
+        W.data), "open", "non-finite", "FORMAT.md 2 (numbers): avg_bits 10^400")
+    raw_case("header_number_huge_int.bfq", W, b'"config":{', b'"config":{"x":' + huge + b",", "non-finite",
+             "FORMAT.md 2 (numbers): a 401-digit integer inside model.config (the overflow rule covers integer literals everywhere)")
+    add("header_trailing_whitespace.bfq", assemble(W.raw + b"\n", W.data), "open", "must end with '}'",
+        "FORMAT.md 2 (JSON): a newline after the closing brace, inside N")
+    raw_case("header_lone_surrogate.bfq", W, b'"spec/gen_vectors.py"', b'"spec/gen\\ud800vectors.py"', "unpaired surrogate",
+             "FORMAT.md 2 (JSON): an escaped high surrogate with no low surrogate after it")
+    raw_case("header_lone_low_surrogate_key.bfq", W, b'"config":{', b'"config":{"\\udc00":1,', "unpaired surrogate",
+             "FORMAT.md 2 (JSON): an escaped low surrogate alone, in a key")
+    header_case("offset_exponent.bfq", W, lambda h: L0(h)["codes"].update(offset="@64@"), "layers[0].codes.offset",
+                "FORMAT.md 2 (integers): offset written 6.4e1 (integers are JSON integer literals)")
+    header_case("model_unknown_field.bfq", W, lambda h: h["model"].update(dtype="fp16"), "unknown field",
+                "FORMAT.md 2 (model): model is closed")
+    header_case("model_class_name_empty.bfq", W, lambda h: h["model"].update(class_name=""), "header.model.class_name",
+                "FORMAT.md 2 (model): class_name is empty")
+    header_case("model_source_kind_unknown.bfq", W, lambda h: h["model"].update(source={"kind": "ftp", "url": "ftp://x"}),
+                "header.model.source.kind", "FORMAT.md 2 (model): source kind 'ftp'")
+    header_case("model_source_unknown_field.bfq", W,
+                lambda h: h["model"].update(source={"kind": "hub", "repo": "a/b", "token": "hf_x"}), "unknown field",
+                "FORMAT.md 2 (model): a hub source with a key it does not define")
+    header_case("model_source_revision_null.bfq", W,
+                lambda h: h["model"].update(source={"kind": "hub", "repo": "a/b", "revision": None}),
+                "header.model.source.revision", "FORMAT.md 2 (model): revision null (optional keys are absent, never null)")
+    header_case("model_source_hub_without_repo.bfq", W, lambda h: h["model"].update(source={"kind": "hub"}),
+                "header.model.source.repo", "FORMAT.md 2 (model): a hub source without repo")
+    header_case("model_source_sha256_uppercase.bfq", W,
+                lambda h: h["model"].update(source={"kind": "file", "sha256": "AB" * 32}), "header.model.source.sha256",
+                "FORMAT.md 2 (model): sha256 in upper case")
+    header_case("model_source_seed_float.bfq", W,
+                lambda h: h["model"].update(source={"kind": "builtin", "name": "sd15-random", "seed": 0.5}),
+                "header.model.source.seed", "FORMAT.md 2 (model): builtin seed 0.5")
+    header_case("recipe_avg_bits_bool.bfq", W, lambda h: h.update(recipe={"avg_bits": True}), "recipe.avg_bits",
+                "FORMAT.md 2.4: avg_bits true (a boolean is not a number)")
+    header_case("recipe_n_weights_total_float.bfq", W, lambda h: h.update(recipe={"n_weights_total": 100.5}),
+                "recipe.n_weights_total", "FORMAT.md 2.4: n_weights_total 100.5")
+    header_case("recipe_n_weights_total_zero.bfq", W, lambda h: h.update(recipe={"n_weights_total": 0}),
+                "recipe.n_weights_total", "FORMAT.md 2.4: n_weights_total 0")
+    header_case("recipe_n_params_total_string.bfq", W, lambda h: h.update(recipe={"n_params_total": "859M"}),
+                "recipe.n_params_total", "FORMAT.md 2.4: n_params_total a string")
+    header_case("time_scheduler_features_empty.bfq", S, lambda h: h[TC].update(features={}), "time_cache.features",
+                "FORMAT.md 2.3: a scheduler cache with no table")
+    header_case("time_scheduler_feature_key_empty.bfq", S,
+                lambda h: h[TC]["features"].update({"": h[TC]["features"].pop("mid_block.resnets.0")}),
+                "time_cache.features", "FORMAT.md 2.3: an empty feature key")
+    raw_case("time_duplicate_after_rounding.bfq", S, b'"timesteps":[999,666.5,333,0]',
+             b'"timesteps":[100000000000000000000,100000000000000000001,333,0]', "duplicates",
+             "FORMAT.md 2.3: 10^20 and 10^20 + 1 are one binary64 value")
+    header_case("time_scheduler_keeps_time_emb_proj.bfq", S,
+                lambda h: h["tensors"][0].update(name="down_blocks.0.resnets.0.time_emb_proj.bias"), "tensors[0].name",
+                "FORMAT.md 2.3: a scheduler-mode file holding a time_emb_proj tensor")
+    header_case("time_grid_keeps_time_embedding.bfq", G, lambda h: h["layers"][0].update(name="time_embedding.linear_1.weight"),
+                "layers[0].name", "FORMAT.md 2.3: a grid-mode file holding a time_embedding layer")
+    # 499,999 layers and 2 tensors are 1,000,000 blocks; the time table is one more (§5 counts it)
+    h = G.h()
+    h["layers"], h["tensors"] = ["@L@"], ["@T@"]
+    raw = dump_json(h).replace(b'"@L@"', b",".join([b"0"] * 499_999)).replace(b'"@T@"', b"0,0")
+    add("blocks_over_limit_with_time_table.bfq", assemble(raw, G.data), "open", "more than 1000000",
+        "FORMAT.md 5: 2 x 499,999 layers + 2 tensors + 1 time table = 1,000,001 blocks")
 
     # -- write -------------------------------------------------------------------------------
     os.makedirs(out, exist_ok=True)

@@ -159,6 +159,8 @@ DTYPES = {  # name -> (itemsize, struct code of the bit pattern, bits -> value)
 
 
 def number(x: float):
+    if math.isnan(x):
+        return "nan"
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
@@ -305,10 +307,12 @@ class Vector:
 
     # -- serialisation ---------------------------------------------------------------------
 
-    def build(self, order=None, header_keys=None, pad_header_to_alignment=False) -> bytes:
+    def build(self, order=None, header_keys=None, pad_header_to_alignment=False, indent=None, literals=()) -> bytes:
         """order: block labels in their physical order (default: as added). header_keys: the
         top-level key order. pad_header_to_alignment: grow metadata["pad"] until 24 + N is a
-        multiple of 64, so the data section follows the header with no padding at all."""
+        multiple of 64, so the data section follows the header with no padding at all. indent:
+        whitespace between JSON tokens. literals: (placeholder string, JSON text) pairs written
+        verbatim in place of the placeholder's quoted text (numbers JSON writes differently)."""
         blocks = self.blocks
         if order is not None:
             by_label = {b.label: b for b in blocks}
@@ -323,10 +327,18 @@ class Vector:
         if header_keys is not None:
             assert sorted(header_keys) == sorted(header)
             header = {key: header[key] for key in header_keys}
-        raw = dump_json(header)
+
+        def render() -> bytes:
+            raw = dump_json(header, indent)
+            for placeholder, text in literals:
+                assert raw.count(dump_json(placeholder)) == 1, placeholder
+                raw = raw.replace(dump_json(placeholder), text.encode("utf-8"))
+            return raw
+
+        raw = render()
         if pad_header_to_alignment:
             header["metadata"]["pad"] = "." * (-(24 + len(raw)) % ALIGN)
-            raw = dump_json(header)
+            raw = render()
             assert (24 + len(raw)) % ALIGN == 0
         pre = MAGIC + struct.pack("<IIQ", VERSION, zlib.crc32(raw), len(raw))
         out = pre + raw
@@ -334,8 +346,9 @@ class Vector:
         return bytes(out + data)
 
 
-def dump_json(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+def dump_json(obj, indent=None) -> bytes:
+    separators = (",", ":") if indent is None else (",", ": ")
+    return json.dumps(obj, separators=separators, indent=indent, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,9 +553,29 @@ def nesting32() -> Vector:
     return v
 
 
+def accepted() -> Vector:
+    """What FORMAT.md v1.1 explicitly accepts, in one file: grid timesteps written as 0.0, 1.0, 2.0
+    (as bfq 0.1 wrote them), NaN and infinities in a time table, whitespace between JSON tokens,
+    an integer beyond 2^53 and an underflowing number in model.config, an empty producer and an
+    empty metadata key and value, a file source with its optional name."""
+    rng = Rng(7000)
+    config = {"sample_size": 8, "big": 2**53 + 1, "tiny": "@tiny@"}
+    source = {"kind": "file", "name": "unet", "sha256": hashlib.sha256(b"unet").hexdigest()}
+    v = Vector("accepted.bfq", "FORMAT.md v1.1 edge cases a reader accepts: grid timesteps as JSON floats, "
+               "non-finite time-table values, whitespace between tokens, big and underflowing numbers, empty strings",
+               model={"class_name": "UNet2DConditionModel", "config": config, "source": source},
+               metadata={"": ""}, producer="")
+    v.layer("down_blocks.0.resnets.0.time_emb_proj.weight", [2, 3], 1, "balanced", rng.codes(6, 1, "balanced"), "f16",
+            [rng.f16_bits() for _ in range(2)])
+    table = [0x7FC00000, 0x7F800000, 0xFF800000, 0x4788B800, 0x3F800008, 0x80000000]  # NaN, inf, -inf, 70000, 1+2^-20, -0
+    v.time_cache("grid", [0.0, 1.0, 2.0], {"time_embedding": ("f32", [3, 2], table)})
+    v.build_args = dict(indent=1, literals=[("@tiny@", "1e-400")])
+    return v
+
+
 def all_vectors() -> list[Vector]:
     return [worked_example(), *(balanced(n) for n in range(1, 9)), plain(), packings(), scales(), dense(),
-            time_scheduler(), time_grid(), layout(), empty(), nesting32()]
+            time_scheduler(), time_grid(), layout(), empty(), nesting32(), accepted()]
 
 
 def pretty(obj, indent: str = "") -> str:

@@ -184,6 +184,12 @@ def test_inspect_file_without_layers():
 
     from bfq.format.inspect import format_summary, summarize
 
-    summary = summarize(Path(__file__).resolve().parents[1] / "spec/vectors/dense.bfq")
+    spec = Path(__file__).resolve().parents[1] / "spec/vectors"
+    summary = summarize(spec / "empty.bfq")
     assert summary["n_layers"] == 0 and summary["avg_bits"] is None
     assert "dense tensors" in format_summary(summary)
+    # dense.bfq: no quantized layer, but conv_norm_out.weight [2, 3] (f16) is a weight (FORMAT.md §2.4)
+    summary = summarize(spec / "dense.bfq")
+    assert summary["dense_weights"] == summary["n_weights_total"] == 6
+    assert summary["avg_bits"] == summary["bits_on_disk"] == 16.0
+    assert "6 weights kept in floating point" in format_summary(summary)

@@ -104,7 +104,9 @@ def _run(unet, t=37):
 def test_packed_outputs_equal_dense_bit_for_bit(files, levels, dtype):
     dense = bfq.load_unet(files[levels], runtime="dense", dtype=dtype)
     packed = bfq.load_unet(files[levels], runtime="packed", dtype=dtype)
-    assert len(packed_layers(packed)) == len(layer_weights(dense)) and not packed_layers(dense)
+    with bfq.format.open_bfq(files[levels]) as f:
+        quantized = {name[: -len(".weight")] for name in f.layers}
+    assert {name for name, _ in packed_layers(packed)} == quantized and not packed_layers(dense)
     assert torch.equal(_run(packed), _run(dense))
     for name, w in layer_weights(packed).items():
         assert torch.equal(w, layer_weights(dense)[name]), name
@@ -163,16 +165,16 @@ def test_memory_mapped_codes_equal_read_codes(files):
     assert torch.equal(_run(mapped), _run(read))
 
 
-def test_resident_memory_is_the_packed_size(files):
+def test_resident_memory_is_codes_scales_dense_tensors_and_one_workspace(files):
     packed = bfq.load_unet(files["balanced"], runtime="packed")
     dense = bfq.load_unet(files["balanced"], runtime="dense")
     _run(packed)
-    codes = sum(m.codes.numel() * 8 for _, m in packed_layers(packed))
+    layers = packed_layers(packed)
+    stored = sum(m.codes.numel() * 8 + m.scale_bits.numel() * m.scale_bits.element_size() for _, m in layers)
+    others = resident_bytes(dense) - 4 * sum(m.weight_shape[0] * m.per_channel for _, m in layers)
+    workspace = max(m.weight_shape[0] * m.per_channel for _, m in layers) * 4
+    assert resident_bytes(packed) == stored + others + workspace
     assert resident_bytes(packed) < resident_bytes(dense)
-    assert resident_bytes(packed) >= codes
-    assert resident_bytes(packed) - codes <= resident_bytes(dense) - sum(w.numel() * 4 for w in layer_weights(dense).values()) + \
-        max(m.weight_shape[0] * m.per_channel * 4 for _, m in packed_layers(packed)) + sum(
-            m.scale_bits.numel() * m.scale_bits.element_size() for _, m in packed_layers(packed))
 
 
 def test_gradients_flow_through_packed_layers(files):

@@ -251,7 +251,11 @@ shape_layer_1_dim shape_not_list dense_shape_0_dims scales_dtype_bf16 dense_dtyp
 crc32_over_32_bits crc32_negative recipe_not_object recipe_avg_bits_string time_mode_unknown time_scheduler_table_1d
 time_grid_from_1 time_grid_fraction time_duplicate_timesteps time_empty_timesteps time_timestep_bool time_timestep_string
 time_grid_features_key time_table_with_name time_cache_not_object offset_negative offset_unaligned time_cache_null
-recipe_null
+recipe_null model_unknown_field model_class_name_empty model_source_kind_unknown model_source_unknown_field
+model_source_revision_null model_source_hub_without_repo model_source_sha256_uppercase model_source_seed_float
+recipe_avg_bits_bool recipe_n_weights_total_float recipe_n_weights_total_zero recipe_n_params_total_string
+time_scheduler_features_empty time_scheduler_feature_key_empty time_scheduler_keeps_time_emb_proj
+time_grid_keeps_time_embedding
 """.split()
 
 
@@ -299,6 +303,17 @@ def test_every_invalid_file_is_described():
     assert not set(INVALID_EXPECTED["files"]) & set(INVALID_EXPECTED["known_bugs"])
 
 
+def _read_every_block(f) -> None:
+    """What a loader reads before using a file's values (FORMAT.md §3.1), code CRCs aside."""
+    for name in f.layers:
+        f.read_scales(name)
+        f.read_stream(name)
+    for name in f.tensors:
+        f.read_tensor(name)
+    for name in f.header.time_cache.tables if f.header.time_cache else ():
+        f.read_time_table(name)
+
+
 def _expect_rejected(path: Path, stage: str, message: str) -> None:
     start = time.perf_counter()
     pattern = re.escape(message)
@@ -306,8 +321,12 @@ def _expect_rejected(path: Path, stage: str, message: str) -> None:
         with pytest.raises(BfqFormatError, match=pattern):
             open_bfq(path)
     else:
-        for verify in (True, False):  # block CRCs are not read at open: only on decode / verify_all
+        assert stage in ("read", "verify"), stage
+        for verify in (True, False):  # verify=False defers only what FORMAT.md §3.1 lets a reader defer
             with open_bfq(path, verify=verify) as f:
+                if stage == "read":
+                    with pytest.raises(BfqFormatError, match=pattern):
+                        _read_every_block(f)
                 with pytest.raises(BfqFormatError, match=pattern):
                     f.verify_all()
     assert time.perf_counter() - start < 2.0
@@ -385,3 +404,45 @@ def test_writer_grid_time_cache_with_an_extra_table(tmp_path):
         return  # refusing the call is fine
     with open_bfq(path) as f:
         f.verify_all()
+
+
+# ----------------------------------------------------------------------------------------------
+# FORMAT.md v1.1 decisions, at their boundaries
+
+
+def _parse(text: str) -> dict:
+    from bfq.format.header import parse_header
+
+    return parse_header(text.encode("utf-8"))
+
+
+def test_integer_literals_overflow_exactly_where_binary64_does():
+    edge = 2**1024 - 2**970  # the midpoint between the largest binary64 and 2^1024: rounds (to even) to 2^1024
+    assert _parse(f'{{"x":{edge - 1}}}')["x"] == edge - 1  # exact value kept; rounds to the largest binary64
+    for text in (str(edge), "-" + str(edge), "1" + "0" * 400, "1.8e308", "-1e999"):
+        with pytest.raises(BfqFormatError, match="non-finite"):
+            _parse(f'{{"x":{text}}}')
+    assert _parse('{"x":1e-400,"y":9007199254740993}') == {"x": 0.0, "y": 9007199254740993}
+
+
+def test_json_text_rules():
+    assert _parse('{ "a" : [ 1 , {"b":"\\ud83d\\ude00"} ] }') == {"a": [1, {"b": "\U0001F600"}]}  # a valid pair
+    for text, message in [('{"a":1} ', "must end with '}'"), ('{"a":1}\n', "must end with '}'"),
+                          ('{"a":"\\udc00\\ud800"}', "unpaired surrogate"), ('{"\\ud800":1}', "unpaired surrogate"),
+                          ('{"a":1,"\\u0061":2}', "duplicate key 'a'"), ('{"a":1,}', "not valid"),
+                          ('{"a":01}', "not valid"), ('{"a":"\\x41"}', "not valid"), ('{"a":NaN}', "NaN")]:
+        with pytest.raises(BfqFormatError, match=re.escape(message)):
+            _parse(text)
+    assert _parse('{"a":"\\\\ud800"}') == {"a": "\\ud800"}  # an escaped backslash, not a surrogate
+
+
+def test_a_noncanonical_word_opens_and_decodes_and_only_verification_rejects_it():
+    """FORMAT.md §3.1, check 4: canonical form may be deferred; the word still decodes to valid digits."""
+    path = INVALID / "word_not_rounded_up.bfq"
+    for verify in (True, False):
+        with open_bfq(path, verify=verify) as f, open_bfq(VECTORS / "packings.bfq") as good:
+            name = next(n for n in f.layers if n.startswith("loose"))
+            assert np.array_equal(f.read_codes(name), good.read_codes(name))
+            with pytest.raises(BfqFormatError, match="not canonically encoded"):
+                f.verify_all()
+

@@ -24,6 +24,7 @@ from bfq.quant.timecache import (
     time_cache_mode,
     time_feature_dims,
     time_layer_names,
+    time_mlp_weights,
     unique_timesteps,
 )
 
@@ -233,7 +234,9 @@ def test_accounting_helpers():
     dims = time_feature_dims(unet)
     assert list(dims.values()) == [8, 16, 16, 16, 8, 8, 16, 16]  # down0, down1, up0 x2, up1 x2, mid x2
     assert n_time_features(unet, "scheduler", 50) == 50 * sum(dims.values())
-    assert n_time_features(unet, "grid", 1000) == 1000 * 32
+    assert n_time_features(unet, "grid", 1000) == 8 * 32 + 32 * 32  # the time MLP's weights (fp16 in the file)
+    assert [n for n, _ in time_mlp_weights(unet).items()] == names[:2]
+    assert all(w.dtype == torch.float16 for w in time_mlp_weights(unet).values())
     with pytest.raises(ValueError):
         n_time_features(unet, "both", 1)
     assert np.isclose(sum(dims.values()), sum(r.time_emb_proj.out_features for _, r in resnets_with_time_proj(unet)))
@@ -276,3 +279,51 @@ def test_install_on_meta_model_then_assign(pndm_timesteps):
         sample, ehs = tiny_inputs(src, batch=2)
         t = pndm_timesteps[2]
         assert torch.equal(run(model.eval(), sample, t, ehs), run(ref, sample, t, ehs))
+
+
+# FORMAT.md §2.3: a loader keeps each table's stored values; a row is cast only where it is used
+_NOT_FP16 = [1 + 2**-20, 70000.0, -3.0e-8, 0.1]  # rounds in fp16 / overflows / underflows / inexact
+
+
+def _pattern(rows: int, cols: int, dtype) -> torch.Tensor:
+    return torch.tensor(_NOT_FP16).repeat(rows * cols)[: rows * cols].reshape(rows, cols).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_install_keeps_the_stored_precision(dtype):
+    unet = tiny_unet(seed=8)
+    grid = _pattern(1000, 32, dtype)
+    feats = {name: _pattern(2, d, dtype) for name, d in time_feature_dims(unet).items()}
+    inputs = [grid] if dtype == torch.bfloat16 else [grid, grid.numpy()]  # torch and numpy tables
+    for table in inputs:
+        stored = install_grid_cache(copy.deepcopy(unet), table).time_embedding.table
+        assert stored.dtype == dtype and torch.equal(stored, grid)
+    cached = install_scheduler_cache(copy.deepcopy(unet), [10, 20], feats)
+    for name, r in resnets_with_time_proj(cached):
+        assert r.time_emb_proj.features.dtype == dtype and torch.equal(r.time_emb_proj.features, feats[name])
+    if dtype == torch.bfloat16:  # 70000 survives in bf16 storage (fp16 storage would make it inf)
+        assert torch.isfinite(stored).all() and float(stored.float().max()) > 65504
+
+
+def test_install_refuses_integer_tables():
+    unet = tiny_unet(seed=8)
+    with pytest.raises(ValueError, match="floating-point"):
+        install_grid_cache(unet, np.zeros((1000, 32), np.uint16))  # e.g. bf16 bit patterns not converted
+    with pytest.raises(ValueError, match="floating-point"):
+        install_scheduler_cache(unet, [1], {n: np.zeros((1, d), np.int16) for n, d in time_feature_dims(unet).items()})
+
+
+def test_kept_precision_reaches_the_output():
+    """An f32 table gives a float32 UNet the f32 embedding, not its fp16 rounding."""
+    unet = tiny_unet(seed=9)
+    exact = compute_grid_table(unet).float() + 2**-20  # not representable in fp16 near 1
+    a, b = copy.deepcopy(unet), copy.deepcopy(unet)
+    install_grid_cache(a, exact)
+    install_grid_cache(b, exact.half())
+    captured = []
+    for m in (a, b):
+        m.time_embedding.register_forward_hook(lambda mod, i, o: captured.append(o))
+    sample, ehs = tiny_inputs(unet, batch=1)
+    run(a, sample, 7, ehs)
+    run(b, sample, 7, ehs)
+    assert torch.equal(captured[0][0], exact[7]) and not torch.equal(captured[1][0], exact[7])

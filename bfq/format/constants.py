@@ -14,9 +14,30 @@ PREAMBLE_SIZE = 24  # magic (8) + version u32 + header crc32 u32 + header length
 ALIGNMENT = 64  # data section and every block start on a multiple of this
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-MAX_JSON_DEPTH = 32
+MAX_JSON_DEPTH = 32  # the top-level object is level 1; every `{` and `[` opens one
 MAX_NDIM = 8
-MAX_BLOCKS = 1_000_000
+MAX_DIM = 1 << 40
+MAX_ELEMENTS = 1 << 48
+MAX_BLOCKS = 1_000_000  # scales + codes + dense tensors + time-cache tables
+
+TOP_LEVEL_KEYS = frozenset({"producer", "model", "metadata", "layers", "tensors", "time_cache", "recipe"})
+MODEL_KEYS = frozenset({"class_name", "config", "source"})
+# model.source, closed per kind: key -> (JSON type, required); "kind" itself is required
+SOURCE_KINDS = {
+    "hub": {"repo": (str, True), "revision": (str, False)},
+    "file": {"sha256": (str, True), "name": (str, False)},
+    "builtin": {"name": (str, True), "seed": (int, False)},
+}
+SHA256_PATTERN = r"[0-9a-f]{64}"
+# recipe keys a reader interprets (the rest of the recipe is free-form)
+RECIPE_INTEGER_KEYS = ("n_weights_total", "n_params_total")
+RECIPE_NUMBER_KEYS = ("avg_bits",)
+
+TIME_CACHE_MODES = ("scheduler", "grid")
+TIME_CACHE_KEYS = {
+    "scheduler": frozenset({"mode", "timesteps", "features"}),
+    "grid": frozenset({"mode", "timesteps", "embedding"}),
+}
 
 PACKING_SCHEME = "radix-fraction-v1"
 MAX_WORD_BITS = 64
@@ -27,6 +48,13 @@ MIN_BITS, MAX_BITS = 1, 8
 # dtype name -> (itemsize, numpy dtype string); bf16 is carried as raw little-endian uint16
 DENSE_DTYPES = {"f32": (4, "<f4"), "f16": (2, "<f2"), "bf16": (2, "<u2")}
 SCALE_DTYPES = ("f16", "f32")
+
+
+def replaced_by_time_cache(name: str, mode: str) -> bool:
+    """True for the state-dict names a time cache of `mode` replaces, which a file with that cache
+    MUST NOT hold: `time_embedding.*` (both modes) and every `time_emb_proj` (scheduler mode)."""
+    parts = name.split(".")
+    return parts[0] == "time_embedding" or (mode == "scheduler" and "time_emb_proj" in parts)
 
 
 def num_levels(bits: int, levels: str) -> int:

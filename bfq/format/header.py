@@ -1,13 +1,13 @@
-"""The .bfq header: preamble, strict JSON parsing and validation of every field (FORMAT.md §1-§2, §5).
+"""The .bfq header: preamble and validation of every field (FORMAT.md §1-§2, §5).
 
-`parse_header` turns the header bytes into JSON values under FORMAT.md's JSON rules;
-`validate_header` checks every object and returns a typed `Header`; `check_layout` checks that the
-blocks tile the data section. Reader and writer both go through these functions.
+`parse_header` (from bfq.format.strict_json) turns the header bytes into JSON values under
+FORMAT.md's JSON rules; `validate_header` checks every object and returns a typed `Header`;
+`check_layout` checks that the blocks tile the data section. Reader and writer both go through
+these functions.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -22,20 +22,28 @@ from bfq.format.constants import (
     LEVEL_SETS,
     MAX_BITS,
     MAX_BLOCKS,
-    MAX_JSON_DEPTH,
+    MAX_DIM,
+    MAX_ELEMENTS,
     MAX_NDIM,
     MIN_BITS,
+    MODEL_KEYS,
     PACKING_SCHEME,
+    RECIPE_INTEGER_KEYS,
+    RECIPE_NUMBER_KEYS,
     SCALE_DTYPES,
+    SHA256_PATTERN,
+    SOURCE_KINDS,
+    TIME_CACHE_KEYS,
+    TIME_CACHE_MODES,
+    TOP_LEVEL_KEYS,
     is_legal_packing,
     num_levels,
+    replaced_by_time_cache,
 )
 from bfq.format.pack import stream_cells
+from bfq.format.strict_json import parse_header  # noqa: F401  (re-exported: the reader and writer parse here)
 
 _PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, header crc32, header length
-MAX_DIM = 1 << 40
-MAX_ELEMENTS = 1 << 48
-TOP_LEVEL_KEYS = {"producer", "model", "metadata", "layers", "tensors", "time_cache", "recipe"}
 
 
 def align_up(x: int, a: int = ALIGNMENT) -> int:
@@ -44,64 +52,6 @@ def align_up(x: int, a: int = ALIGNMENT) -> int:
 
 def _crc32(buf) -> int:
     return zlib.crc32(buf) & 0xFFFFFFFF
-
-
-# ----------------------------------------------------------------------------------------------
-# Header parsing: strict JSON, bounded depth, no duplicate keys, no non-finite numbers
-
-
-_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def _check_depth(raw: bytes) -> None:
-    """Reject nesting deeper than MAX_JSON_DEPTH before json.loads can recurse (strings skipped)."""
-    depth = 0
-    for match in _STRING_OR_BRACKET.finditer(raw):
-        token = match.group()
-        if token in (b"{", b"["):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise BfqFormatError(f"header: JSON nesting deeper than {MAX_JSON_DEPTH}")
-        elif token in (b"}", b"]"):
-            depth -= 1
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise BfqFormatError(f"header: duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BfqFormatError(f"header: non-finite number {text[:32]!r}")
-    return value
-
-
-def _reject_constant(name: str):
-    raise BfqFormatError(f"header: {name} is not allowed in JSON")
-
-
-def parse_header(raw: bytes) -> dict:
-    if not raw.startswith(b"{"):
-        raise BfqFormatError(f"header: must start with '{{', found {raw[:1]!r}")
-    _check_depth(raw)
-    try:
-        text = raw.decode("utf-8")
-        header = json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_float=_finite_float, parse_constant=_reject_constant
-        )
-    except BfqFormatError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BfqFormatError(f"header: not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise BfqFormatError("header: top level must be a JSON object")
-    return header
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +206,7 @@ def _parse_dense(obj: Any, path: str, name: str | None = None) -> Dense:
 
 
 def _finite_number(value, path: str) -> float:
+    """A JSON number (not a boolean) as binary64, which must be finite."""
     try:
         ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
     except OverflowError:  # an integer beyond float range
@@ -278,22 +229,28 @@ class TimeCache:
         return sum(t.size for t in self.tables.values())
 
 
-def _parse_time_cache(obj: Any, path: str) -> TimeCache:
-    mode = _get(obj, "mode", str, path)
-    if mode not in ("scheduler", "grid"):
-        _fail(f"{path}.mode", f"{mode!r:.40} is not 'scheduler' or 'grid'")
+def _timesteps(obj: dict, path: str) -> tuple[float, ...]:
     timesteps = _get(obj, "timesteps", list, path)
     if not timesteps:
         _fail(f"{path}.timesteps", "empty")
     steps = tuple(_finite_number(t, f"{path}.timesteps[{i}]") for i, t in enumerate(timesteps))
     if len(set(steps)) != len(steps):
-        _fail(f"{path}.timesteps", "contains duplicates")
+        _fail(f"{path}.timesteps", "contains duplicates (compared as binary64 values)")
+    return steps
+
+
+def _parse_time_cache(obj: Any, path: str) -> TimeCache:
+    mode = _get(obj, "mode", str, path)
+    if mode not in TIME_CACHE_MODES:
+        _fail(f"{path}.mode", f"{mode!r:.40} is not one of {TIME_CACHE_MODES}")
+    _only_keys(obj, TIME_CACHE_KEYS[mode], path)
+    steps = _timesteps(obj, path)
     if mode == "scheduler":
-        _only_keys(obj, {"mode", "timesteps", "features"}, path)
         features = _get(obj, "features", dict, path)
+        if not features or not all(features):
+            _fail(f"{path}.features", "must be a non-empty object with non-empty keys")
         tables = {name: _parse_dense(t, f"{path}.features.{name}", name) for name, t in features.items()}
     else:
-        _only_keys(obj, {"mode", "timesteps", "embedding"}, path)
         tables = {"time_embedding": _parse_dense(_get(obj, "embedding", dict, path), f"{path}.embedding", "time_embedding")}
         if steps != tuple(float(i) for i in range(len(steps))):
             _fail(f"{path}.timesteps", "grid mode must cover 0, 1, ..., T-1")
@@ -332,39 +289,78 @@ class Header:
         return out
 
 
+def _check_model(header: dict) -> None:
+    model = _get(header, "model", dict, "header")
+    _only_keys(model, MODEL_KEYS, "header.model")
+    if not _get(model, "class_name", str, "header.model"):
+        _fail("header.model.class_name", "must not be empty")
+    _get(model, "config", dict, "header.model")
+    if "source" not in model:
+        return
+    path = "header.model.source"
+    source = _get(model, "source", dict, "header.model")
+    kind = _get(source, "kind", str, path)
+    if kind not in SOURCE_KINDS:
+        _fail(f"{path}.kind", f"{kind!r:.40} is not one of {sorted(SOURCE_KINDS)}")
+    _only_keys(source, {"kind", *SOURCE_KINDS[kind]}, path)
+    for key, (kind_type, required) in SOURCE_KINDS[kind].items():
+        if required or key in source:
+            _get(source, key, kind_type, path)
+    if kind == "file" and not re.fullmatch(SHA256_PATTERN, source["sha256"]):
+        _fail(f"{path}.sha256", f"{source['sha256']!r:.80} is not 64 lowercase hexadecimal digits")
+
+
+def _check_recipe(header: dict) -> None:
+    recipe = _get(header, "recipe", dict, "header")
+    for key in RECIPE_NUMBER_KEYS:
+        if key in recipe:
+            _finite_number(recipe[key], f"recipe.{key}")
+    for key in RECIPE_INTEGER_KEYS:
+        if key in recipe and _get(recipe, key, int, "recipe") < 1:
+            _fail(f"recipe.{key}", f"{recipe[key]} is not a positive integer")
+
+
+def _check_metadata(header: dict) -> None:
+    metadata = _get(header, "metadata", dict, "header")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        _fail("header.metadata", "must be an object of strings")
+
+
+def _entries(raw: list, parse, kind: str, taken: dict) -> dict:
+    out = {}
+    for i, obj in enumerate(raw):
+        entry = parse(obj, f"{kind}[{i}]")
+        if entry.name in out or entry.name in taken:
+            _fail(f"{kind}[{i}].name", f"duplicate name {entry.name!r}")
+        out[entry.name] = entry
+    return out
+
+
+def _check_time_layers_absent(cache: TimeCache, kind: str, names) -> None:
+    for i, name in enumerate(names):
+        if replaced_by_time_cache(name, cache.mode):
+            _fail(f"{kind}[{i}].name", f"{name!r} is a time layer the {cache.mode} time cache replaces")
+
+
 def validate_header(header: dict) -> Header:
     _only_keys(header, TOP_LEVEL_KEYS, "header")
     _get(header, "producer", str, "header")
-    model = _get(header, "model", dict, "header")
-    _get(model, "class_name", str, "header.model")
-    _get(model, "config", dict, "header.model")
-    if "source" in model:
-        _get(model, "source", dict, "header.model")
-    metadata = header.get("metadata", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        _fail("header.metadata", "must be an object of strings")
+    _check_model(header)
+    if "metadata" in header:
+        _check_metadata(header)
+    if "recipe" in header:
+        _check_recipe(header)
     layers_raw = _get(header, "layers", list, "header")
     tensors_raw = _get(header, "tensors", list, "header")
-    if len(layers_raw) * 2 + len(tensors_raw) > MAX_BLOCKS:
-        _fail("header", f"more than {MAX_BLOCKS} blocks")
-    layers = {}
-    for i, obj in enumerate(layers_raw):
-        layer = _parse_layer(obj, f"layers[{i}]")
-        if layer.name in layers:
-            _fail(f"layers[{i}].name", f"duplicate name {layer.name!r}")
-        layers[layer.name] = layer
-    tensors = {}
-    for i, obj in enumerate(tensors_raw):
-        tensor = _parse_dense(obj, f"tensors[{i}]")
-        if tensor.name in tensors or tensor.name in layers:
-            _fail(f"tensors[{i}].name", f"duplicate name {tensor.name!r}")
-        tensors[tensor.name] = tensor
     cache = _parse_time_cache(_get(header, "time_cache", dict, "header"), "time_cache") if "time_cache" in header else None
-    if "recipe" in header:
-        recipe = _get(header, "recipe", dict, "header")
-        for key in ("avg_bits", "n_weights_total"):
-            if key in recipe:
-                _finite_number(recipe[key], f"recipe.{key}")
+    n_blocks = 2 * len(layers_raw) + len(tensors_raw) + (len(cache.tables) if cache else 0)
+    if n_blocks > MAX_BLOCKS:
+        _fail("header", f"{n_blocks} blocks, more than {MAX_BLOCKS}")
+    layers = _entries(layers_raw, _parse_layer, "layers", {})
+    tensors = _entries(tensors_raw, _parse_dense, "tensors", layers)
+    if cache:
+        _check_time_layers_absent(cache, "layers", layers)
+        _check_time_layers_absent(cache, "tensors", tensors)
     return Header(header, layers, tensors, cache)
 
 
@@ -379,5 +375,3 @@ def check_layout(blocks: list[Block]) -> int:
             _fail(f"{block.path}.offset", f"{block.offset} {what}; expected {expected}")
         end = block.offset + block.length
     return end
-
-

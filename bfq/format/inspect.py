@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from bfq.format.constants import bits_per_level_ideal
+from bfq.format.header import Dense
 from bfq.format.reader import BfqFile, open_bfq
 
 
@@ -12,7 +13,8 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
     """Model, per-layer table and totals of a .bfq file.
 
     `avg_bits` is the paper's accounting (FORMAT.md §2.4); `bits_on_disk` counts the bytes the
-    file actually spends on codes, scales and cached time features, over the same N_w weights.
+    file actually spends on codes, scales, weights kept in floating point and cached time features,
+    over the same N_w weights. Both count every weight in the file.
     """
     bfq = source if isinstance(source, BfqFile) else open_bfq(source)
     header = bfq.header
@@ -31,13 +33,16 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
             }
         )
     quantized_weights = sum(layer.size for layer in header.layers.values())
-    n_weights_total = int(recipe.get("n_weights_total") or quantized_weights)
+    dense_weights = [t for t in header.tensors.values() if is_weight(t)]
+    n_dense_weights = sum(t.size for t in dense_weights)
+    n_weights_total = recipe.get("n_weights_total") or quantized_weights + n_dense_weights
     cache = header.time_cache
     n_time_features = cache.num_values if cache else 0
     ideal_bits = sum(bits_per_level_ideal(l.bits, l.levels) * l.size for l in header.layers.values())
     cache_bytes = sum(t.block.length for t in cache.tables.values()) if cache else 0
     layer_bytes = sum(layer.nbytes for layer in header.layers.values())
     dense_bytes = sum(t.block.length for t in header.tensors.values())
+    float_bits = 8 * (sum(t.block.length for t in dense_weights) + cache_bytes)  # stored width, both figures
     n_params_total = recipe.get("n_params_total")
     fp16_bytes = 2 * int(n_params_total) if n_params_total else None
     return {
@@ -57,9 +62,10 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
         "n_tensors": len(header.tensors),
         "dense_values": sum(t.size for t in header.tensors.values()),
         "quantized_weights": quantized_weights,
+        "dense_weights": n_dense_weights,
         "n_weights_total": n_weights_total,
-        "avg_bits": (ideal_bits + 16 * n_time_features) / n_weights_total if n_weights_total else None,
-        "bits_on_disk": 8 * (layer_bytes + cache_bytes) / n_weights_total if n_weights_total else None,
+        "avg_bits": (ideal_bits + float_bits) / n_weights_total if n_weights_total else None,
+        "bits_on_disk": (8 * layer_bytes + float_bits) / n_weights_total if n_weights_total else None,
         "bytes": {"layers": layer_bytes, "dense": dense_bytes, "time_cache": cache_bytes},
         "fp16_bytes": fp16_bytes,
         "ratio_vs_fp16": fp16_bytes / bfq.file_bytes if fp16_bytes else None,
@@ -91,16 +97,22 @@ def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
     lines += [
         "",
         "bits        " + "  ".join(f"{b}-bit: {n}" for b, n in layer_bits_histogram(summary).items()),
-        f"layers      {summary['n_layers']} quantized ({summary['quantized_weights']:,} weights), {summary['n_tensors']} dense tensors",
+        f"layers      {summary['n_layers']} quantized ({summary['quantized_weights']:,} weights), {summary['n_tensors']} dense tensors"
+        + (f" ({summary['dense_weights']:,} weights kept in floating point)" if summary["dense_weights"] else ""),
     ]
     if summary["avg_bits"] is not None:
         lines += [
             f"avg bits    {summary['avg_bits']:.4f}  (paper's accounting over N_w = {summary['n_weights_total']:,} weights)",
-            f"on disk     {summary['bits_on_disk']:.4f} bits/weight for codes + scales + time cache",
+            f"on disk     {summary['bits_on_disk']:.4f} bits/weight for codes + scales + float weights + time cache",
         ]
     if summary["ratio_vs_fp16"]:
         lines.append(f"vs fp16     {summary['fp16_bytes'] / 1e6:.1f} MB -> {summary['file_bytes'] / 1e6:.1f} MB ({summary['ratio_vs_fp16']:.2f}x smaller)")
     return "\n".join(lines)
+
+
+def is_weight(tensor: Dense) -> bool:
+    """A dense tensor the accounting counts as a weight (FORMAT.md §2.4): `*.weight`, >= 2 dims."""
+    return tensor.name.endswith(".weight") and len(tensor.shape) >= 2
 
 
 def _source(source) -> str:

@@ -83,6 +83,25 @@ def padding_bits_set(stream: np.ndarray, n: int, g: int, k: int) -> int:
     return int(_kernels.count_nonzero_padding(stream, n, g, k))
 
 
+def last_word_unused_digits_set(stream: np.ndarray, n: int, levels_count: int, g: int, k: int) -> bool:
+    """True when the last word's digits after the n-th are not all zero (FORMAT.md §4: the last
+    word is completed with zero digits). Reads one word, exact integer arithmetic."""
+    n_words = -(-n // g)
+    used = n - (n_words - 1) * g
+    if used == g:
+        return False
+    start = (n_words - 1) * k
+    first, last = start // 64, (start + k - 1) // 64
+    cells = int.from_bytes(np.ascontiguousarray(stream[first : last + 1]).astype("<u8").tobytes(), "little")
+    v = (cells >> (start - 64 * first)) & ((1 << k) - 1)
+    for i in range(g):
+        x = v * levels_count
+        digit, v = x >> k, x & ((1 << k) - 1)
+        if i >= used and digit:
+            return True
+    return False
+
+
 def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, round to nearest even (what torch does for finite values)."""
     u = x.astype(np.float32).view(np.uint32)

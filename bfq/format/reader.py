@@ -121,28 +121,31 @@ class BfqFile:
         return self.header.tensors
 
     def read_scales(self, name: str) -> np.ndarray:
+        """A layer's scales, CRC-checked and finite (FORMAT.md §3.1: checked before use, always)."""
         layer = self.layers[name]
-        scales = self._array(layer.scales, DENSE_DTYPES[layer.scale_dtype][1], layer.shape[0])
+        scales = self._array(layer.scales, DENSE_DTYPES[layer.scale_dtype][1], layer.shape[0], check=True)
         if not np.isfinite(scales).all():
             bad = int(np.flatnonzero(~np.isfinite(scales))[0])
             raise BfqFormatError(f"{layer.scales.path}: scale of channel {bad} is {scales[bad]} (must be finite)")
         return scales
 
     def read_stream(self, name: str) -> np.ndarray:
+        """A layer's code stream (uint64 cells), its end checked: zero bits after the last word and
+        zero digits completing it. Its CRC-32 is checked here when `verify` (else by verify_all())."""
         layer = self.layers[name]
-        return self._array(layer.codes, "<u8", layer.codes.length // 8)
+        stream = self._array(layer.codes, "<u8", layer.codes.length // 8)
+        if pack.padding_bits_set(stream, layer.size, layer.digits_per_word, layer.word_bits):
+            raise BfqFormatError(f"{layer.codes.path}: bits after the last word must be zero")
+        if pack.last_word_unused_digits_set(stream, layer.size, layer.num_levels, layer.digits_per_word, layer.word_bits):
+            raise BfqFormatError(f"{layer.codes.path}: the last word must be completed with zero digits")
+        return stream
 
     def read_codes(self, name: str) -> np.ndarray:
         """The integer levels q of a layer, int16, in its logical shape."""
         layer = self.layers[name]
         stream = self.read_stream(name)
-        self._check_stream_padding(layer, stream)
         codes = pack.unpack_codes(stream, layer.size, layer.bits, layer.levels, layer.digits_per_word, layer.word_bits)
         return codes.reshape(layer.shape)
-
-    def _check_stream_padding(self, layer: Layer, stream: np.ndarray) -> None:
-        if pack.padding_bits_set(stream, layer.size, layer.digits_per_word, layer.word_bits):
-            raise BfqFormatError(f"{layer.codes.path}: bits after the last word must be zero")
 
     def decode_layer(self, name: str, dtype: str = "float16", out: np.ndarray | None = None, parallel: bool = True) -> np.ndarray:
         """Dequantized weight of a layer: float32, or fp16/bf16 as uint16 bit patterns (see pack).
@@ -150,7 +153,6 @@ class BfqFile:
         layer = self.layers[name]
         scales = self.read_scales(name)
         stream = self.read_stream(name)
-        self._check_stream_padding(layer, stream)
         result = pack.unpack_dequantize(
             stream, layer.shape, scales, layer.bits, layer.levels, layer.digits_per_word, layer.word_bits, dtype, out, parallel
         )
@@ -162,7 +164,7 @@ class BfqFile:
         return self._dense(tensor)
 
     def _dense(self, tensor: Dense) -> np.ndarray:
-        return self._array(tensor.block, DENSE_DTYPES[tensor.dtype][1], tensor.size).reshape(tensor.shape)
+        return self._array(tensor.block, DENSE_DTYPES[tensor.dtype][1], tensor.size, check=True).reshape(tensor.shape)
 
     def read_time_table(self, name: str) -> np.ndarray:
         return self._dense(self.header.time_cache.tables[name])
@@ -180,7 +182,8 @@ class BfqFile:
                 future.result()
 
     def verify_all(self) -> None:
-        """Check every checksum, scale and stream, and decode every layer."""
+        """Every check of FORMAT.md, the deferrable ones of §3.1 included: every block's CRC-32,
+        every scale, every stream's end and the canonical form of every word; decodes every layer."""
         for block in self.header.blocks():
             self._bytes(block, check=True)
         for name, layer in self.layers.items():
@@ -191,7 +194,9 @@ class BfqFile:
 
 
 def open_bfq(path: str | os.PathLike, *, verify: bool = True) -> BfqFile:
-    """Open and validate a .bfq file. `verify=False` skips per-block checksums when decoding."""
+    """Open and validate a .bfq file: everything FORMAT.md §3.1 requires before use is checked at
+    open (structure) or when a block is read (its CRC-32, finite scales, the end of a code stream).
+    `verify=False` defers what §3.1 lets a reader defer, the code blocks' CRC-32, to verify_all()."""
     return BfqFile(path, verify=verify)
 
 

@@ -11,18 +11,17 @@ import torch
 from torch import nn
 
 from bfq.format import BfqWriter
+from bfq.format.constants import replaced_by_time_cache
 from bfq.quant.nn import iter_quantized
 
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16}
+DENSE_BITS = {"f32": 32, "f16": 16}
 
 
 def removed_by_cache(name: str, mode: str | None) -> bool:
-    """True for state-dict entries the time cache replaces (FORMAT.md §2.3)."""
-    if mode is None:
-        return False
-    if name.startswith("time_embedding."):
-        return True
-    return mode == "scheduler" and ".time_emb_proj." in name
+    """True for state-dict entries a time cache object replaces (FORMAT.md §2.3); grid mode's
+    "mlp" cache replaces nothing (it stores the time MLP's weights under their own names)."""
+    return mode in ("scheduler", "grid") and replaced_by_time_cache(name, mode)
 
 
 def export_unet(
@@ -45,8 +44,10 @@ def export_unet(
         config: the original model's config dict (what `from_config` needs to rebuild it);
             default: ``unet.config`` without ``_name_or_path``. ``class_name`` defaults to the
             UNet's class name.
-        time_cache: {"mode": "scheduler"|"grid", "timesteps": [...], "tables": {name: array [T, D]}},
-            as computed by bfq.quant.timecache; the parameters it replaces are left out of the file.
+        time_cache: as computed by bfq.quant.timecache.build_cache: {"mode": "scheduler", "timesteps":
+            [...], "tables": {resnet name: array [T, D]}} (the parameters it replaces are left out of
+            the file), or {"mode": "mlp", "tables": {time MLP weight name: array}} (grid mode: those
+            weights are written in fp16 under their own names).
         recipe: the recipe summary for the header (avg_bits, n_weights_total, n_params_total, ...).
         dense_dtype: "f32" (the paper's accounting) or "f16" for everything kept in floating point.
     """
@@ -65,11 +66,15 @@ def export_unet(
         for name, module in tqdm(quantized.items(), desc="export", unit="layer", disable=not progress):
             q, scales = module.export_codes()
             writer.add_layer(name, q.cpu().numpy(), scales.cpu().numpy(), module.bits, levels=module.levels, scale_dtype=module.scale_dtype)
+        kept_fp16 = time_cache["tables"] if mode == "mlp" else {}
         for name, tensor in state.items():
             if name in skip or removed_by_cache(name, mode):
                 continue
+            if name in kept_fp16:
+                writer.add_tensor(name, np.asarray(kept_fp16[name], dtype=np.float16))
+                continue
             writer.add_tensor(name, tensor.detach().to("cpu", DENSE_DTYPES[dense_dtype]).numpy())
-        if time_cache:
+        if time_cache and mode != "mlp":
             tables = {k: np.asarray(v, dtype=np.float16) for k, v in time_cache["tables"].items()}
             writer.set_time_cache(mode, time_cache["timesteps"], tables)
         if recipe:
@@ -101,11 +106,12 @@ def export_finetuned(
     quantized = dict(iter_quantized(student))
     if not quantized:
         raise ValueError("the student has no quantized layers")
-    cache = build_cache(student, time_cache, scheduler, steps)
+    mode = None if time_cache in (None, "none") else time_cache
+    cache = build_cache(student, mode, scheduler, steps)
     n_tf = sum(np.asarray(t).size for t in cache["tables"].values()) if cache else 0
     levels = next(iter(quantized.values())).levels
     plan = recipes.Recipe(recipe_name, levels, {n: m.bits for n, m in quantized.items()})
-    summary = recipes.summarize(plan, student, cache["mode"] if cache else "grid", n_tf)
+    summary = recipes.summarize(plan, student, mode, n_tf, DENSE_BITS[dense_dtype])
     meta = dict(metadata or {})
     if cache and cache["mode"] == "scheduler":
         meta = {**sampler_metadata(scheduler, steps), **meta}

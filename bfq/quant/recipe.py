@@ -32,7 +32,7 @@ from torch import nn
 
 from bfq._io import read_json_file
 from bfq.errors import RecipeError
-from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
+from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal, replaced_by_time_cache
 
 RECIPE_FORMAT = "bfq-recipe"
 RECIPE_VERSION = 1
@@ -137,12 +137,7 @@ def quantizable_layers(unet: nn.Module, time_cache: str = "scheduler") -> dict[s
     """``{weight name: n_weights}`` of the layers a recipe must cover, in model order (works for any
     diffusers ``UNet2DConditionModel``; meta-device models are fine)."""
     _check_mode(time_cache)
-    out = {}
-    for name, n in linear_conv_weights(unet).items():
-        if _is_time_embedding(name) or (time_cache == "scheduler" and _is_time_proj(name)):
-            continue
-        out[name] = n
-    return out
+    return {name: n for name, n in linear_conv_weights(unet).items() if not replaced_by_time_cache(name, time_cache)}
 
 
 def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> None:
@@ -341,10 +336,29 @@ def average_bits(bits_by_layer: Mapping[str, int], n_weights_by_layer: Mapping[s
     return (total + 16.0 * n_time_features) / n_weights_total
 
 
-def summarize(recipe: Recipe, unet: nn.Module, time_cache: str, n_time_features: int) -> dict:
-    """Accounting summary of ``recipe`` on the *original* ``unet`` (time layers still present)."""
-    counts = quantizable_layers(unet, time_cache)
-    n_w = sum(linear_conv_weights(unet).values())
+def dense_weights(recipe: Recipe, unet: nn.Module, time_cache: str | None) -> dict[str, int]:
+    """``{weight name: n_weights}`` of the Linear/Conv weights an export keeps in floating point:
+    neither in ``recipe`` nor replaced by the time cache (``None``: no cache, nothing replaced)."""
+    return {
+        n: c
+        for n, c in linear_conv_weights(unet).items()
+        if n not in recipe.bits and not (time_cache and replaced_by_time_cache(n, time_cache))
+    }
+
+
+def summarize(recipe: Recipe, unet: nn.Module, time_cache: str | None, n_time_features: int,
+              dense_bits: int = 32) -> dict:  # fmt: skip
+    """Accounting summary of ``recipe`` on the *original* ``unet`` (time layers still present).
+
+    Every Linear/Conv weight is counted (FORMAT.md §2.4): the recipe's layers at log2(L) bits, the
+    time layers the cache replaces through its ``n_time_features`` fp16 values, and every other
+    weight, which the file keeps in floating point, at ``dense_bits`` (32 for f32, 16 for f16).
+    """
+    if time_cache is not None:
+        _check_mode(time_cache)
+    counts = linear_conv_weights(unet)
+    n_w = sum(counts.values())
+    n_dense = sum(dense_weights(recipe, unet, time_cache).values())
     by_bits: dict[int, int] = {}
     for b in recipe.bits.values():
         by_bits[b] = by_bits.get(b, 0) + 1
@@ -352,11 +366,13 @@ def summarize(recipe: Recipe, unet: nn.Module, time_cache: str, n_time_features:
         "name": recipe.name,
         "levels": recipe.levels,
         "time_cache": time_cache,
-        "avg_bits": average_bits(recipe.bits, counts, recipe.levels, n_time_features, n_w),
+        "avg_bits": average_bits(recipe.bits, counts, recipe.levels, n_time_features, n_w) + dense_bits * n_dense / n_w,
         "n_layers": len(recipe.bits),
         "layers_by_bits": {str(b): by_bits[b] for b in sorted(by_bits)},
         "n_quantized_weights": sum(counts[n] for n in recipe.bits),
         "n_time_features": n_time_features,
+        "n_dense_weights": n_dense,
+        "dense_bits": dense_bits,
         "n_weights_total": n_w,
         "n_params_total": sum(p.numel() for p in unet.parameters()),
     }

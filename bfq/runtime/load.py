@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bfq.errors import BfqFormatError
-from bfq.format import BfqFile, open_bfq, pack
+from bfq.format import BfqFile, open_bfq
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
 from bfq.runtime.packed import PACKED_TYPES, Workspace
 
@@ -53,7 +53,8 @@ def load_unet(
         device: where the returned model lives ("cpu", "cuda", "cuda:1", "mps", ...).
         dtype: compute dtype: torch.float32, torch.float16 or torch.bfloat16. Default: float16 on a
             CUDA device, float32 elsewhere (what CPUs compute in).
-        verify: check each block's CRC-32 while reading (cheap; on by default).
+        verify: also check each code block's CRC-32 while reading (cheap; on by default); scales,
+            dense tensors and time tables are checked either way (FORMAT.md §3.1).
         revision: Hub revision (branch, tag or commit) when `source` is a repo id.
         mmap: packed runtime only: keep the code words memory-mapped from the file instead of
             reading them into memory (pages are loaded on first use and can be evicted by the OS).
@@ -141,7 +142,7 @@ def _install_time_cache(model: nn.Module, bfq: BfqFile, dtype: torch.dtype) -> N
         return
     from bfq.quant import timecache
 
-    tables = {name: torch.from_numpy(np.array(bfq.read_time_table(name))) for name in cache.tables}
+    tables = {name: _as_torch(bfq.read_time_table(name), table.dtype) for name, table in cache.tables.items()}
     try:
         if cache.mode == "scheduler":
             timecache.install_scheduler_cache(model, list(cache.timesteps), tables)
@@ -161,12 +162,7 @@ def _decode_all(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 def _dense_tensors(bfq: BfqFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {}
     for name, dense in bfq.tensors.items():
-        array = bfq.read_tensor(name)
-        if dense.dtype == "bf16":
-            tensor = torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(np.array(array))
-        out[name] = tensor.to(dtype)
+        out[name] = _as_torch(bfq.read_tensor(name), dense.dtype).to(dtype)
     return out
 
 
@@ -183,9 +179,7 @@ def _pack_layers(model: nn.Module, bfq: BfqFile, dtype: torch.dtype, *, mmap: bo
             raise BfqFormatError(f"{name}: quantized layers must be the weight of a Linear or Conv2d layer")
         if tuple(module.weight.shape) != tuple(layer.shape):
             raise BfqFormatError(f"{name}: shape {list(layer.shape)} does not match the model's {list(module.weight.shape)}")
-        stream = bfq.read_stream(name)
-        if pack.padding_bits_set(stream, layer.size, layer.digits_per_word, layer.word_bits):
-            raise BfqFormatError(f"{layer.codes.path}: bits after the last word must be zero")
+        stream = bfq.read_stream(name)  # checks the stream's end (and its CRC when verifying)
         scales = bfq.read_scales(name).view(_SCALE_BITS_AS[layer.scale_dtype])
         packed = packed_type.from_module(
             module, codes=_tensor(stream.view(np.int64), copy=not mmap), scale_bits=torch.from_numpy(scales.copy()),
@@ -202,6 +196,12 @@ def _tensor(array: np.ndarray, *, copy: bool) -> torch.Tensor:
     with warnings.catch_warnings():  # a read-only memory map: the codes are never written
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
+
+def _as_torch(array: np.ndarray, stored: str) -> torch.Tensor:
+    """A dense block as a tensor of its stored type (a copy); bf16 arrives as uint16 bit patterns."""
+    if stored == "bf16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
