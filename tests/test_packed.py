@@ -351,3 +351,13 @@ def test_generate_and_eval_are_identical_in_both_runtimes(tiny_sd, tmp_path):
         scores[runtime] = {k: v for k, v in json.loads(r.stdout).items() if k not in ("seconds", "time", "runtime")}
     assert np.array_equal(images["packed"], images["dense"])
     assert scores["packed"] == scores["dense"]
+
+
+def test_forwards_in_several_threads_each_get_their_own_workspace(files):
+    from concurrent.futures import ThreadPoolExecutor
+
+    packed = bfq.load_unet(files["balanced"], runtime="packed", workspace_bytes=2048)
+    expected = _run(packed)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: _run(packed), range(8)))
+    assert all(torch.equal(r, expected) for r in results)

@@ -17,6 +17,8 @@ registered as a torch custom op, so ``torch.compile`` treats a layer's decode as
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -28,6 +30,9 @@ _NUMPY_VIEW = {torch.float32: (torch.float32, "float32"), torch.float16: (torch.
 _SCALE_BITS = {torch.int16: torch.float16, torch.int32: torch.float32}
 _SERIAL_BELOW = 1 << 16  # elements: smaller decodes skip numba's parallel launch
 _LOW32 = 0xFFFFFFFF
+# numba's workqueue threading layer (bfq's default) must not run two parallel kernels at once:
+# forwards running in several Python threads take turns decoding.
+_PARALLEL = threading.Lock()
 
 
 def scale_values(scale_bits: torch.Tensor) -> torch.Tensor:
@@ -77,11 +82,13 @@ def _decode_numba(codes, scale_bits, shape, bits, num_levels, g, k, c0, c1, out)
     scales = scale_bits.numpy().view(np.float16 if scale_bits.dtype == torch.int16 else np.float32)
     target = out.view(view_as).numpy()
     count = target.size
-    parallel = count >= _SERIAL_BELOW
-    if parallel:
+    args = (stream, tuple(shape), scales, bits, _levels_name(bits, num_levels), g, k, name, target)
+    if count < _SERIAL_BELOW:
+        pack.unpack_dequantize(*args, parallel=False, channels=(c0, c1))
+        return
+    with _PARALLEL:
         numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
-    pack.unpack_dequantize(stream, tuple(shape), scales, bits, _levels_name(bits, num_levels), g, k, name, target,
-                           parallel=parallel, channels=(c0, c1))  # fmt: skip
+        pack.unpack_dequantize(*args, parallel=True, channels=(c0, c1))
 
 
 # ---------------------------------------------------------------------------- plain torch
