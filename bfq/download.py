@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from bfq.errors import BfqFormatError
+from bfq.errors import InputError, UserError
 
 _NAME = r"[A-Za-z0-9][\w.-]*"
 _REPO_FILE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:/(?P<file>[\w./-]+\.bfq))?$")
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """A Hub operation failed. The message is one line, says what failed and what state was left,
     and never contains the token."""
 
@@ -217,7 +219,8 @@ def download_bfq(spec: str, *, revision: str | None = None) -> str:
     into the Hugging Face cache when needed. A repo with exactly one .bfq file needs no file name.
 
     Offline (`HF_HUB_OFFLINE=1`) or when the Hub cannot be reached, the cache answers: the revision
-    (branch, tag or commit) must have been fetched before.
+    (branch, tag or commit) must have been fetched before. An unreachable Hub is found out with one
+    connection attempt (:func:`unreachable`), not after huggingface_hub's retries.
 
     Raises:
         HubDownloadError: one line saying why (not found, no access, offline and not cached, ...).
@@ -226,15 +229,48 @@ def download_bfq(spec: str, *, revision: str | None = None) -> str:
 
     repo, filename = parse_repo_id(spec)
     at = f" (revision {revision})" if revision else ""
+    why = unreachable()
     try:
         if filename is None:
-            filename = _single_bfq(repo, revision)
-        return hf_hub_download(repo, filename, revision=revision)
+            filename = _single_bfq(repo, revision, why)
+        return hf_hub_download(repo, filename, revision=revision, local_files_only=why is not None)
     except HubError:
         raise
     except Exception as exc:
+        if why is not None:
+            raise not_cached(spec + at, why) from None
         after = "not in the local Hugging Face cache either" if _is_unreachable(exc) else ""
         raise _fail(HubDownloadError, f"cannot get {spec}{at} from {_endpoint()}", exc, None, after) from None
+
+
+PROBE_SECONDS = 3.0
+
+
+def unreachable() -> str | None:
+    """Why the Hub endpoint (``HF_ENDPOINT``, through the proxy when one is set) cannot be reached
+    now, found with one TCP connection of at most PROBE_SECONDS; None when it can, or in offline mode
+    (huggingface_hub then never tries the network)."""
+    if _offline():
+        return None
+    import urllib.request
+
+    endpoint = _endpoint()
+    url = urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS):
+            return None
+    except OSError as e:
+        return f"cannot connect to {endpoint} ({e.strerror or type(e).__name__})"
+
+
+def not_cached(what: str, why: str) -> HubDownloadError:
+    """The error for a Hub file or model that cannot be fetched (``why``) and is not in the cache."""
+    hint = "fetch it once online" if _offline() else "fetch it once online, or set HF_HUB_OFFLINE=1 to work from the cache alone"
+    return HubDownloadError(_scrub(f"cannot get {what}: {why}, and it is not in the local Hugging Face cache; {hint}", _current_token()))
 
 
 def _offline() -> bool:
@@ -243,23 +279,23 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _single_bfq(repo: str, revision: str | None) -> str:
+def _single_bfq(repo: str, revision: str | None, why: str | None = None) -> str:
     from huggingface_hub import HfApi
 
+    at = f" (revision {revision})" if revision else ""
     try:
+        if why is not None:
+            raise ConnectionError(why)
         files = [f for f in HfApi().list_repo_files(repo, revision=revision) if f.endswith(".bfq")]
     except Exception as exc:
         if not _is_unreachable(exc):
             raise
         files = _cached_bfq_files(repo, revision)
         if files is None:
-            where = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc)
-            at = f" (revision {revision})" if revision else ""
-            message = f"cannot get {repo}{at}: {where}, and it is not in the local Hugging Face cache; fetch it once online"
-            raise HubDownloadError(_scrub(message, _current_token())) from None
+            raise not_cached(repo + at, why or ("offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc))) from None
     if len(files) != 1:
         found = ", ".join(files) if files else "none"
-        raise BfqFormatError(f"{repo}: expected exactly one .bfq file (found {found}); name it as {repo}/FILE.bfq")
+        raise InputError(f"{repo}: expected exactly one .bfq file (found {found}); name it as {repo}/FILE.bfq")
     return files[0]
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from bfq.errors import InputError
+
 MODES = ("scheduler", "grid")
 DEFAULT_STEPS = 50  # sampler steps a scheduler cache is made for by default: the paper's PNDM-50
 
@@ -107,10 +109,32 @@ def unique_timesteps(timesteps: Iterable | torch.Tensor | np.ndarray) -> list[fl
 
 def scheduler_timesteps(scheduler, num_inference_steps: int) -> list[float]:
     """``unique_timesteps`` of a diffusers scheduler after ``set_timesteps(num_inference_steps)``
-    (on a copy: the scheduler passed in is not changed)."""
+    (on a copy: the scheduler passed in is not changed).
+
+    Raises:
+        InputError: ``num_inference_steps`` is not in 1..num_train_timesteps.
+    """
+    n_train = int(scheduler.config.num_train_timesteps)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= n_train:
+        raise InputError(f"sampler steps must be an integer in 1..{n_train} (the scheduler's training timesteps), "
+                         f"got {num_inference_steps!r}")  # fmt: skip
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     return unique_timesteps(sched.timesteps)
+
+
+def check_cached_steps(cached: Sequence[float], scheduler, steps: int, cached_steps: int | None = None) -> None:
+    """Raise :class:`InputError` unless every timestep ``scheduler`` visits in ``steps`` steps is in a
+    scheduler-mode cache holding ``cached`` (made for ``cached_steps`` steps of that scheduler): the
+    check that lets a command refuse a step count up front instead of failing mid-sampling."""
+    missing = set(scheduler_timesteps(scheduler, steps)) - {float(t) for t in cached}
+    if missing:
+        made_for = f"{type(scheduler).__name__} at {cached_steps} steps" if cached_steps else f"{len(cached)} timesteps"
+        use = f"use --steps {cached_steps}" if cached_steps else f"use the step count it was made for ({len(cached)})"
+        raise InputError(
+            f"this file's time cache (scheduler mode) holds the time features of {made_for} only, so it cannot sample "
+            f"{steps} steps: {use}, or make a file for any step count with `bfq quantize ... --time-cache grid`"
+        )
 
 
 def time_cache_mode(unet: nn.Module) -> str | None:
