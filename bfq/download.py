@@ -1,4 +1,5 @@
-"""Fetch .bfq files from the Hugging Face Hub, and the one-line errors every Hub operation raises.
+"""Fetch .bfq files and diffusers UNets from the Hugging Face Hub, and the one-line errors every
+Hub operation raises.
 
 Repo ids ("user/name", optionally "user/name/path/model.bfq") resolve to files in the Hugging Face
 cache through huggingface_hub's public API, so the cache, revision pinning, offline mode
@@ -310,3 +311,94 @@ def _cached_bfq_files(repo: str, revision: str | None) -> list[str] | None:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.bfq"))
 
 
+
+
+# -- diffusers UNets -----------------------------------------------------------------------------
+
+
+def fetch_unet(repo: str, *, revision: str | None = None, subfolder: str | None = None, cache_dir=None,
+               pickles: tuple[str, ...] = (), allow_pickle: bool = False) -> tuple[Path, str, str | None]:  # fmt: skip
+    """Download what loading the UNet of a Hub repo needs, in the forms a diffusers user passes: a
+    pipeline repo (``model_index.json`` + ``unet/``), a UNet repo (``config.json`` + weights at its
+    top), either with ``subfolder`` naming the UNet's folder, at any ``revision``. Only the UNet's
+    config and weights (safetensors; pickle-based ones, named by their ``pickles`` suffixes, only
+    when there are none and ``allow_pickle``; the full-precision variant when an fp16 one sits beside it) and a pipeline's ``model_index.json``
+    and scheduler are fetched. Offline or when the Hub cannot be reached, the cache answers.
+
+    Returns ``(snapshot folder, UNet folder in it, pipeline folder in it or None)``.
+
+    Raises:
+        HubDownloadError: cannot be fetched (offline and not cached, not found, no access, ...).
+        InputError: the repo holds no UNet where asked.
+    """
+    from huggingface_hub import snapshot_download
+
+    why = unreachable()  # one connection attempt, not huggingface_hub's retries
+    listing = _repo_listing(repo, revision, cache_dir, why)
+    unet_dir, pipe_dir = _unet_layout(repo, listing, subfolder)
+    wanted = _unet_files(repo, listing, unet_dir, pipe_dir, pickles, allow_pickle)
+    try:
+        local = snapshot_download(repo, revision=revision, allow_patterns=wanted, cache_dir=cache_dir, local_files_only=why is not None)
+    except Exception as exc:  # huggingface_hub and its transport raise many types
+        raise _unet_error(repo, revision, exc, why) from None
+    return Path(local), unet_dir, pipe_dir
+
+
+def _repo_listing(repo: str, revision: str | None, cache_dir, why: str | None) -> list[str]:
+    """The repo's file paths at ``revision``: from the Hub, or from the local cache when offline or
+    unreachable (``why``)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        if why is None and not _offline():
+            return HfApi().list_repo_files(repo, revision=revision)
+        local = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except Exception as exc:  # huggingface_hub and its transport raise many types
+        raise _unet_error(repo, revision, exc, why) from None
+    return sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+
+
+def _unet_error(repo: str, revision: str | None, exc: BaseException, why: str | None) -> HubDownloadError:
+    at = f" (revision {revision})" if revision else ""
+    errors, _ = _hf_errors()
+    if why is not None or _offline() or isinstance(exc, errors.LocalEntryNotFoundError):
+        reason = "HF_HUB_OFFLINE is set" if _offline() else (why or "the Hub cannot be reached")
+        hint = "" if _offline() else " (when working offline, set HF_HUB_OFFLINE=1 to use the cache without trying the network)"
+        return HubDownloadError(_scrub(
+            f"cannot get {repo!r}{at}: {reason} and it is not in the local Hugging Face cache. Download it once with "
+            f"network access (e.g. `hf download {repo}`), or pass a local directory{hint}", _current_token()))  # fmt: skip
+    return _fail(HubDownloadError, f"cannot download {repo!r}{at} from {_endpoint()}", exc, None)
+
+
+def _unet_layout(repo: str, listing: list[str], subfolder: str | None) -> tuple[str, str | None]:
+    """``(UNet folder, pipeline folder or None)`` inside the repo, as diffusers would read it."""
+    files = set(listing)
+    if subfolder:
+        unet_dir = subfolder.strip("/")
+        if f"{unet_dir}/config.json" not in files:
+            raise InputError(f"{repo!r} has no {unet_dir}/config.json: --subfolder must name the UNet's folder")
+        parent = unet_dir.rpartition("/")[0]
+        return unet_dir, (parent if f"{parent}/model_index.json".lstrip("/") in files else None)
+    if "config.json" in files:
+        return "", None
+    if "unet/config.json" in files:  # a pipeline repo, or only its unet/ folder
+        return "unet", ("" if "model_index.json" in files else None)
+    raise InputError(f"{repo!r} is neither a diffusers pipeline (model_index.json + unet/) nor a UNet (config.json "
+                     "at its top); if the UNet is in a folder of the repo, name it with --subfolder")  # fmt: skip
+
+
+def _unet_files(repo, listing, unet_dir: str, pipe_dir: str | None, pickles: tuple[str, ...], allow_pickle: bool) -> list[str]:
+    prefix = f"{unet_dir}/" if unet_dir else ""
+    own = [f for f in listing if f.startswith(prefix) and "/" not in f[len(prefix):]]
+    safe = [f for f in own if f.endswith(".safetensors")]
+    pickled = [f for f in own if pickles and f.endswith(pickles)]
+    weights = [f for f in safe if ".fp16." not in f] or safe or (pickled if allow_pickle else [])
+    if not weights:
+        raise InputError(f"{repo!r}: {prefix or 'the top of the repo'} holds no UNet weights (*.safetensors)" + (
+            f", only pickle ones ({pickled[0]}): loading them can run arbitrary code; pass --allow-pickle if you trust them"
+            if pickled else ""))  # fmt: skip
+    wanted = [f for f in own if f.endswith(".json")] + weights
+    if pipe_dir is not None:
+        top = f"{pipe_dir}/" if pipe_dir else ""
+        wanted += [f for f in listing if f == f"{top}model_index.json" or f.startswith(f"{top}scheduler/")]
+    return wanted

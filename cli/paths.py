@@ -17,9 +17,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import click
 
@@ -94,14 +94,17 @@ def _is_bfq(path: Path) -> bool:
     return _starts_with(MAGIC)(path)
 
 
+def _is_plot(path: Path) -> bool:
+    return _is_image(path) or _starts_with(b"%PDF", b"<?xml", b"<svg")(path)
+
+
 KINDS = {
     "bfq": Kind("a .bfq file", ".bfq", _one_of(".bfq"), _is_bfq),
     "recipe": Kind("a bfq recipe", ".json", _one_of(".json"), _json_format("bfq-recipe")),
     "sensitivity": Kind("a bfq sensitivity analysis", ".json", _one_of(".json"), _json_format("bfq-sensitivity")),
     "timestep-table": Kind("a bfq time-step error table", ".json", _one_of(".json"), _json_format("bfq-timestep-errors")),
     "image": Kind("an image", ".png, .jpg, .webp or another image suffix PIL can write", _pil_writes, _is_image),
-    "plot": Kind("a plot", ".png, .pdf or .svg", _one_of(".png", ".pdf", ".svg"),
-                 lambda p: _is_image(p) or _starts_with(b"%PDF", b"<?xml", b"<svg")(p)),  # fmt: skip
+    "plot": Kind("a plot", ".png, .pdf or .svg", _one_of(".png", ".pdf", ".svg"), _is_plot),
 }
 
 
@@ -165,9 +168,9 @@ def check_outputs(ctx: click.Context, inputs: dict[str, str | list[str] | None])
         seen[where] = option
         for path, label in read.items():
             if where == path:
-                raise InputError(f"{option} {value}: this is {label}, which the command reads; write elsewhere")
+                raise InputError(f"{option} {value}: the same file as {label}, which this command reads; write the output elsewhere")
             if path.is_dir() and path in where.parents:
-                raise InputError(f"{option} {value}: inside {label} ({path}), which the command reads; write elsewhere")
+                raise InputError(f"{option} {value}: inside {label} ({path}), which this command reads; write the output elsewhere")
         check_writable(value)
         kind = KINDS[param.type.kind]
         if where.is_file() and not force and not kind.is_kind(where):

@@ -206,7 +206,10 @@ class BfqWriter:
     def _discard(self) -> None:
         if not self._closed:
             self._closed = True
-            self._data.close()
+            try:
+                self._data.close()
+            except OSError:  # flushing data that is thrown away failed (a full disk): nothing to keep
+                pass
             self._data_path.unlink(missing_ok=True)
 
     def __enter__(self):

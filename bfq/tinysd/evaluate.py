@@ -175,20 +175,14 @@ def evaluate(
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
         digits = np.array([p.digit for p in prompts])
         sweep, grids = [], []
-        bar = tqdm(total=len(scales) * len(prompts), desc="eval", unit="image", disable=not progress)
-        for cfg in scales:
-            bar.set_postfix_str(f"cfg {cfg:g}", refresh=False)
-            images = generate(pipe, [p.text for p in prompts], latents, cfg, steps, batch_size, bar)
-            labels, feats = clf(images.mean(-1))
-            sweep.append(
-                dict(
-                    cfg=cfg,
-                    alignment=float((labels == digits).mean()),
-                    fd=frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), clf.mu, clf.sigma),
-                )
-            )
-            grids.append(images.reshape(10, n_per_digit, *images.shape[1:])[:, :grid_columns])
-        bar.close()
+        with tqdm(total=len(scales) * len(prompts), desc="eval", unit="image", disable=not progress) as bar:
+            for cfg in scales:
+                bar.set_postfix_str(f"cfg {cfg:g}", refresh=False)
+                images = generate(pipe, [p.text for p in prompts], latents, cfg, steps, batch_size, bar)
+                labels, feats = clf(images.mean(-1))
+                fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), clf.mu, clf.sigma)
+                sweep.append(dict(cfg=cfg, alignment=float((labels == digits).mean()), fd=fd))
+                grids.append(images.reshape(10, n_per_digit, *images.shape[1:])[:, :grid_columns])
     finally:
         torch.set_num_threads(previous_threads)
     at_default = next(row for row in sweep if row["cfg"] == float(default_cfg))
