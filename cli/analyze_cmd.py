@@ -6,7 +6,7 @@ import functools
 import json
 
 import click
-from bfq_cli.params import Device, Finite
+from bfq_cli.params import Device, Finite, check_recipe_file
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 MODE_HELP = (
@@ -70,6 +70,8 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
     if out is None and timestep_plot is None and timestep_table is None:
         raise click.UsageError("give -o SENS.json, --timestep-plot PNG or --timestep-table JSON")
     check_outputs(click.get_current_context(), {"MODEL": model_paths(model), "--clip": clip, "--timestep-recipe": timestep_recipe})
+    if timestep_plot is not None or timestep_table is not None:
+        check_recipe_file(timestep_recipe, "--timestep-recipe")
     if timestep_plot is not None:
         from bfq.pipeline.plots import require_matplotlib
 

@@ -20,27 +20,34 @@ from bfq.tinysd.evaluate import (
 
 def _resolve(model: str, steps: int | None):
     """``(unet, base, scheduler, steps, note)`` for MODEL: ``tiny-sd``, a ``.bfq`` made from it, or a
-    pipeline directory. A ``.bfq`` with a scheduler-mode time cache is sampled at the steps it was
-    made for (other step counts are refused here, before anything is generated): with the
-    evaluation's DDIM sampler when its timesteps are cached, else with the file's own scheduler."""
+    pipeline directory. Everything is checked before anything is generated: the step count (within
+    the scheduler's training timesteps), the file's origin, and for a ``.bfq`` with a scheduler-mode
+    time cache the steps it was made for (the default; others are refused). Such a file is sampled
+    with the evaluation's DDIM sampler when its timesteps are cached, else with its own scheduler."""
+    from bfq.quant.timecache import scheduler_timesteps
+    from bfq.tinysd.evaluate import ddim_sampler
+
     path = Path(model)
     if model == "tiny-sd" or (path / "model_index.json").is_file():
-        return None, (None if model == "tiny-sd" else path), None, steps or DEFAULT_STEPS, None
+        base = None if model == "tiny-sd" else path
+        steps = steps or DEFAULT_STEPS
+        scheduler_timesteps(ddim_sampler(base), steps)
+        return None, base, None, steps, None
     if not model.endswith(".bfq"):
         raise click.BadParameter("expected 'tiny-sd', a .bfq file made from it, or a StableDiffusionPipeline directory",
                                  param_hint="MODEL")  # fmt: skip
     if not path.is_file():
         raise click.BadParameter(f"no such file: {model}", param_hint="MODEL")
     from bfq.runtime.generate import file_sampler
-    from bfq.tinysd.evaluate import ddim_sampler
 
     sampler = file_sampler(model)
+    _check_made_from_tiny_sd(model, sampler.config)
     steps = steps or sampler.steps or DEFAULT_STEPS
     scheduler, note = None, None
     try:
         sampler.check_steps(steps, ddim_sampler())
     except InputError:
-        if sampler.scheduler is None:
+        if sampler.scheduler is None or sampler.cache_mode != "scheduler":
             raise
         sampler.check_steps(steps)
         scheduler = sampler.scheduler
@@ -51,6 +58,16 @@ def _resolve(model: str, steps: int | None):
     import bfq
 
     return bfq.load_unet(model, dtype=torch.float32), None, scheduler, steps, note
+
+
+def _check_made_from_tiny_sd(model: str, config: dict) -> None:
+    from bfq.tinysd import pipeline_dir
+
+    tiny = json.loads((pipeline_dir() / "unet" / "config.json").read_text())
+    for key in ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels"):
+        if config.get(key) != tiny.get(key):
+            raise InputError(f"{model} was not made from tiny-sd (its UNet's {key} is {config.get(key)}, tiny-sd's "
+                             f"{tiny.get(key)}): bfq eval scores tiny-sd models only")  # fmt: skip
 
 
 @click.command("eval")

@@ -73,6 +73,12 @@ def main():
       bfq quantize tiny-sd --bits 1.99 -o tiny.bfq   # quantize the bundled model
       bfq inspect tiny.bfq                           # what is inside, and how big
       bfq verify tiny.bfq                            # check every checksum, decode everything
+
+    \b
+    Exit status: 0 done; 2 a mistake to fix, told in one line 'bfq: error: ...'
+    on stderr before the heavy work; 130 interrupted (Ctrl-C).
+    Outputs: the suffix must say what is written; an input or a file of another
+    kind is never replaced (--force replaces the latter); folders are created.
     """
 
 

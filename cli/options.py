@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import click
-from bfq_cli.params import Finite, text_file_problem
+from bfq_cli.params import Finite, check_recipe_file, text_file_problem
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS
@@ -159,14 +159,10 @@ def _check_files(model: str, params: dict, configs) -> None:
     """Every file the run will read is read or checked now, and the output policy applied
     (cli/paths.py), so that a mistake is one line before the model is even loaded."""
     from bfq.pipeline.sensitivity import load_sensitivity
-    from bfq.quant.recipe import BUILTIN_RECIPES, Recipe
 
     recipe = params["recipe"]
-    if recipe is not None and recipe not in BUILTIN_RECIPES:
-        if not os.path.isfile(recipe):
-            raise click.BadParameter(f"{recipe!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file",
-                                     param_hint="--recipe")  # fmt: skip
-        Recipe.load(recipe)
+    if recipe is not None:
+        check_recipe_file(recipe, "--recipe")
     if params["sensitivity"] is not None:
         load_sensitivity(params["sensitivity"])
     data = {c.data for c in configs if c.data}

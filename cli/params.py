@@ -1,9 +1,10 @@
-"""Click parameter types that check a value where it is parsed, so a mistake is one line before any
-work: finite numbers, devices that exist on this machine, text files."""
+"""Click parameter types and checks that catch a bad value where it is parsed, so a mistake is one line
+before any work: finite numbers, devices that exist on this machine, text files, recipe files."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import click
 
@@ -72,3 +73,15 @@ def text_file_problem(path: str) -> str | None:
     except OSError as e:
         return f"cannot read {path}: {e.strerror}"
     return None
+
+
+def check_recipe_file(recipe: str, option: str) -> None:
+    """A recipe option names a built-in recipe or a recipe file that reads (RecipeError if not)."""
+    from bfq.quant.recipe import BUILTIN_RECIPES, Recipe
+
+    if recipe in BUILTIN_RECIPES:
+        return
+    if not os.path.isfile(recipe):
+        raise click.BadParameter(f"{recipe!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file",
+                                 param_hint=option)  # fmt: skip
+    Recipe.load(recipe)

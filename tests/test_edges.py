@@ -22,7 +22,6 @@ import torch
 from bfq_cli.main import main
 from click.testing import CliRunner
 
-from bfq.format import open_bfq
 from bfq.pipeline.quantize import quantize
 from tests.helpers import tiny_unet
 from tests.test_allocate import synthetic
@@ -240,8 +239,9 @@ def test_ctrl_c_exits_130_without_a_traceback(tmp_path):
     try:
         seen = ""
         while "eval:" not in seen:  # the progress bar: sampling has started
-            seen += child.stderr.read(1)
-            assert seen or child.poll() is None
+            char = child.stderr.read(1)
+            assert char, f"no progress bar: {seen}"
+            seen += char
         child.send_signal(signal.SIGINT)
         rest = child.communicate(timeout=60)[1]
     finally:
@@ -274,6 +274,19 @@ def test_eval_samples_the_steps_the_file_was_made_for(pipeline_file):
 def test_generate_without_a_known_base_asks_for_base(pipeline_file, tmp_path):
     line = _one_line_error(_cli("generate", pipeline_file, "--prompt", "x", "-o", tmp_path / "g.png"), "pass --base")
     assert "BfqFormatError" not in line and "invalid .bfq" not in line
+
+
+def test_siblings_step_ranges_origins_and_recipes_are_checked_up_front(tiny_file, unet_dir, tmp_path):
+    from bfq.tinysd import pipeline_dir
+
+    grid = quantize(str(unet_dir), tmp_path / "grid.bfq", recipe="uniform-2", time_cache="grid", progress=False).path
+    _one_line_error(_cli("generate", grid, "--base", pipeline_dir(), "--steps", "5000", "--prompt", "x", "-o", tmp_path / "g.png"),
+                    "sampler steps must be an integer in 1..1000", "5000")  # fmt: skip
+    _one_line_error(_cli("eval", "tiny-sd", "--steps", "5000", "--quiet"), "1..1000")
+    _one_line_error(_cli("eval", grid, "--quiet"), "was not made from tiny-sd", "cross_attention_dim")
+    _one_line_error(_cli("analyze", "tiny-sd", "--timestep-table", tmp_path / "t.json", "--timestep-recipe", tiny_file),
+                    "not a text (JSON) file")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.bfq"]
 
 
 # -- 4. one set of defaults -------------------------------------------------------------------------------------

@@ -66,9 +66,9 @@ def pick_recipe(
 
     `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate; the
     error-minimizing allocator by default, since it beat the paper's Alg. 1 on tiny-sd) from a
-    sensitivity analysis: the given file, one cached for this model and these settings, or a new
-    (resumable) proxy analysis, in the cache every command shares. SD-v1.5-shaped models on a CPU-only machine with no analysis at
-    hand get the paper's published recipe.
+    sensitivity analysis: the given file, or the one cached for this model and these settings in the
+    cache every command shares (run, resumably, when missing). SD-v1.5-shaped models on a CPU-only
+    machine with no analysis at hand get the paper's published recipe.
     """
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
@@ -220,7 +220,7 @@ def _finetune(resolved, unet, stage1_steps, stage2_steps, config, stage2_config,
         return None
     unet.cpu()
     return json.dumps({"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "config": _public(config),
-                       "stage2_config": _public(stage2_config or config)})  # fmt: skip
+                       "stage2_config": _public((stage2_config or config).replace(stage="noise"))})  # fmt: skip
 
 
 def _public(config) -> dict:

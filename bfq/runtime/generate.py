@@ -16,7 +16,7 @@ import torch
 from bfq._io import atomic_path
 from bfq._quiet import quiet_libraries
 from bfq.errors import InputError
-from bfq.quant.timecache import check_cached_steps
+from bfq.quant.timecache import check_cached_steps, scheduler_timesteps
 
 DEFAULT_STEPS = 50
 GUTTER = 4  # pixels between the images of a grid
@@ -57,17 +57,23 @@ class FileSampler:
 
     path: str
     source: dict | None
+    config: dict  # the UNet's config
     cache_mode: str | None  # "scheduler", "grid" or None
     cached_timesteps: list[float]
     scheduler: object | None  # the scheduler a scheduler-mode cache was made for (None: unknown)
     steps: int | None  # its step count
 
     def check_steps(self, steps: int, scheduler=None) -> None:
-        """Raise InputError unless sampling ``steps`` steps (with ``scheduler``, default the file's own)
-        only visits cached timesteps; nothing to check for grid mode or no cache."""
+        """Raise InputError unless ``scheduler`` (default: the file's own; None: nothing known yet) can
+        sample ``steps`` steps with this file: 1..its training timesteps, and only cached timesteps
+        for a scheduler-mode cache."""
         scheduler = scheduler or self.scheduler
-        if self.cache_mode == "scheduler" and scheduler is not None:
+        if scheduler is None:
+            return
+        if self.cache_mode == "scheduler":
             check_cached_steps(self.cached_timesteps, scheduler, steps, self.steps)
+        else:
+            scheduler_timesteps(scheduler, steps)
 
     def default_steps(self) -> int:
         return self.steps or DEFAULT_STEPS
@@ -80,10 +86,11 @@ def file_sampler(model: str, revision: str | None = None) -> FileSampler:
 
     path = model if os.path.exists(model) else download_bfq(model, revision=revision)
     with open_bfq(path) as f:
-        source, metadata, cache = f.header.model.get("source"), f.header.metadata, f.header.time_cache
+        model, metadata, cache = f.header.model, f.header.metadata, f.header.time_cache
     scheduler, steps = cached_sampler(metadata)
     mode = cache.mode if cache is not None else None
-    return FileSampler(os.fspath(path), source, mode, list(cache.timesteps) if cache else [], scheduler, steps)
+    timesteps = list(cache.timesteps) if cache else []
+    return FileSampler(os.fspath(path), model.get("source"), model["config"], mode, timesteps, scheduler, steps)
 
 
 def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, revision: str | None = None, sampler: FileSampler | None = None):

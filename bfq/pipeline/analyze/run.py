@@ -269,12 +269,13 @@ def shared_analysis(unet: nn.Module, *, out: str | os.PathLike | None = None, ca
     fp = model_fingerprint(unet, kwargs.get("source"))
     cached = cache_path(fp["fingerprint"], analysis_settings(unet, **kwargs), cache_dir)
     target = Path(out) if out is not None else cached
-    if target != cached and not target.exists() and cached.is_file():
+    copy = target.resolve() != cached.resolve()
+    if copy and not target.exists() and cached.is_file():
         write_text_atomic(target, cached.read_text())
     if log is not None:
         log(_announce(target, cached))
     doc = analyze(unet, out=target, **kwargs)
-    if target != cached:
+    if copy:
         write_text_atomic(cached, json.dumps(doc, indent=1) + "\n")
     return doc, cached
 
