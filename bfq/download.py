@@ -268,10 +268,14 @@ def unreachable() -> str | None:
         return f"cannot connect to {endpoint} ({e.strerror or type(e).__name__})"
 
 
+OFFLINE_HINT = "when working offline, set HF_HUB_OFFLINE=1 so that bfq answers from the cache without trying the network"
+
+
 def not_cached(what: str, why: str) -> HubDownloadError:
     """The error for a Hub file or model that cannot be fetched (``why``) and is not in the cache."""
-    hint = "fetch it once online" if _offline() else "fetch it once online, or set HF_HUB_OFFLINE=1 to work from the cache alone"
-    return HubDownloadError(_scrub(f"cannot get {what}: {why}, and it is not in the local Hugging Face cache; {hint}", _current_token()))
+    hint = "" if _offline() else f" ({OFFLINE_HINT})"
+    message = f"cannot get {what}: {why}, and it is not in the local Hugging Face cache; fetch it once online{hint}"
+    return HubDownloadError(_scrub(message, _current_token()))
 
 
 def _offline() -> bool:
@@ -283,17 +287,18 @@ def _offline() -> bool:
 def _single_bfq(repo: str, revision: str | None, why: str | None = None) -> str:
     from huggingface_hub import HfApi
 
-    at = f" (revision {revision})" if revision else ""
-    try:
-        if why is not None:
-            raise ConnectionError(why)
-        files = [f for f in HfApi().list_repo_files(repo, revision=revision) if f.endswith(".bfq")]
-    except Exception as exc:
-        if not _is_unreachable(exc):
-            raise
+    files = None
+    if why is None:
+        try:
+            files = [f for f in HfApi().list_repo_files(repo, revision=revision) if f.endswith(".bfq")]
+        except Exception as exc:
+            if not _is_unreachable(exc):
+                raise
+            why = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc)
+    if files is None:
         files = _cached_bfq_files(repo, revision)
         if files is None:
-            raise not_cached(repo + at, why or ("offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc))) from None
+            raise not_cached(repo + (f" (revision {revision})" if revision else ""), why)
     if len(files) != 1:
         found = ", ".join(files) if files else "none"
         raise InputError(f"{repo}: expected exactly one .bfq file (found {found}); name it as {repo}/FILE.bfq")
@@ -363,7 +368,7 @@ def _unet_error(repo: str, revision: str | None, exc: BaseException, why: str | 
     errors, _ = _hf_errors()
     if why is not None or _offline() or isinstance(exc, errors.LocalEntryNotFoundError):
         reason = "HF_HUB_OFFLINE is set" if _offline() else (why or "the Hub cannot be reached")
-        hint = "" if _offline() else " (when working offline, set HF_HUB_OFFLINE=1 to use the cache without trying the network)"
+        hint = "" if _offline() else f" ({OFFLINE_HINT})"
         return HubDownloadError(_scrub(
             f"cannot get {repo!r}{at}: {reason} and it is not in the local Hugging Face cache. Download it once with "
             f"network access (e.g. `hf download {repo}`), or pass a local directory{hint}", _current_token()))  # fmt: skip
