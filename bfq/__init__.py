@@ -4,7 +4,7 @@ Reading, writing and inspecting containers needs only numpy and numba: ``import 
 import torch or diffusers. The torch-side entry points are imported lazily on first use.
 """
 
-from bfq.errors import BfqFormatError, RecipeError
+from bfq.errors import BfqFormatError, InputError, OutputError, RecipeError, UserError
 
 __version__ = "0.1.0"
 
@@ -27,4 +27,4 @@ def __getattr__(name):
         raise AttributeError(f"module 'bfq' has no attribute {name!r}") from None
 
 
-__all__ = ["BfqFormatError", "RecipeError", "__version__", *_LAZY]
+__all__ = ["BfqFormatError", "InputError", "OutputError", "RecipeError", "UserError", "__version__", *_LAZY]

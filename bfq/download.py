@@ -1,4 +1,5 @@
-"""Fetch .bfq files from the Hugging Face Hub, and the one-line errors every Hub operation raises.
+"""Fetch .bfq files and diffusers UNets from the Hugging Face Hub, and the one-line errors every
+Hub operation raises.
 
 Repo ids ("user/name", optionally "user/name/path/model.bfq") resolve to files in the Hugging Face
 cache through huggingface_hub's public API, so the cache, revision pinning, offline mode
@@ -14,15 +15,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from bfq.errors import BfqFormatError
+from bfq.errors import InputError, UserError
 
 _NAME = r"[A-Za-z0-9][\w.-]*"
 _REPO_FILE = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:/(?P<file>[\w./-]+\.bfq))?$")
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """A Hub operation failed. The message is one line, says what failed and what state was left,
     and never contains the token."""
 
@@ -217,7 +220,8 @@ def download_bfq(spec: str, *, revision: str | None = None) -> str:
     into the Hugging Face cache when needed. A repo with exactly one .bfq file needs no file name.
 
     Offline (`HF_HUB_OFFLINE=1`) or when the Hub cannot be reached, the cache answers: the revision
-    (branch, tag or commit) must have been fetched before.
+    (branch, tag or commit) must have been fetched before. An unreachable Hub is found out with one
+    connection attempt (:func:`unreachable`), not after huggingface_hub's retries.
 
     Raises:
         HubDownloadError: one line saying why (not found, no access, offline and not cached, ...).
@@ -226,15 +230,52 @@ def download_bfq(spec: str, *, revision: str | None = None) -> str:
 
     repo, filename = parse_repo_id(spec)
     at = f" (revision {revision})" if revision else ""
+    why = unreachable()
     try:
         if filename is None:
-            filename = _single_bfq(repo, revision)
-        return hf_hub_download(repo, filename, revision=revision)
+            filename = _single_bfq(repo, revision, why)
+        return hf_hub_download(repo, filename, revision=revision, local_files_only=why is not None)
     except HubError:
         raise
     except Exception as exc:
+        if why is not None:
+            raise not_cached(spec + at, why) from None
         after = "not in the local Hugging Face cache either" if _is_unreachable(exc) else ""
         raise _fail(HubDownloadError, f"cannot get {spec}{at} from {_endpoint()}", exc, None, after) from None
+
+
+PROBE_SECONDS = 3.0
+
+
+def unreachable() -> str | None:
+    """Why the Hub endpoint (``HF_ENDPOINT``, through the proxy when one is set) cannot be reached
+    now, found with one TCP connection of at most PROBE_SECONDS; None when it can, or in offline mode
+    (huggingface_hub then never tries the network)."""
+    if _offline():
+        return None
+    import urllib.request
+
+    endpoint = _endpoint()
+    url = urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS):
+            return None
+    except OSError as e:
+        return f"cannot connect to {endpoint} ({e.strerror or type(e).__name__})"
+
+
+OFFLINE_HINT = "when working offline, set HF_HUB_OFFLINE=1 so that bfq answers from the cache without trying the network"
+
+
+def not_cached(what: str, why: str) -> HubDownloadError:
+    """The error for a Hub file or model that cannot be fetched (``why``) and is not in the cache."""
+    hint = "" if _offline() else f" ({OFFLINE_HINT})"
+    message = f"cannot get {what}: {why}, and it is not in the local Hugging Face cache; fetch it once online{hint}"
+    return HubDownloadError(_scrub(message, _current_token()))
 
 
 def _offline() -> bool:
@@ -243,23 +284,24 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _single_bfq(repo: str, revision: str | None) -> str:
+def _single_bfq(repo: str, revision: str | None, why: str | None = None) -> str:
     from huggingface_hub import HfApi
 
-    try:
-        files = [f for f in HfApi().list_repo_files(repo, revision=revision) if f.endswith(".bfq")]
-    except Exception as exc:
-        if not _is_unreachable(exc):
-            raise
+    files = None
+    if why is None:
+        try:
+            files = [f for f in HfApi().list_repo_files(repo, revision=revision) if f.endswith(".bfq")]
+        except Exception as exc:
+            if not _is_unreachable(exc):
+                raise
+            why = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc)
+    if files is None:
         files = _cached_bfq_files(repo, revision)
         if files is None:
-            where = "offline mode is on (HF_HUB_OFFLINE=1)" if _offline() else explain(exc)
-            at = f" (revision {revision})" if revision else ""
-            message = f"cannot get {repo}{at}: {where}, and it is not in the local Hugging Face cache; fetch it once online"
-            raise HubDownloadError(_scrub(message, _current_token())) from None
+            raise not_cached(repo + (f" (revision {revision})" if revision else ""), why)
     if len(files) != 1:
         found = ", ".join(files) if files else "none"
-        raise BfqFormatError(f"{repo}: expected exactly one .bfq file (found {found}); name it as {repo}/FILE.bfq")
+        raise InputError(f"{repo}: expected exactly one .bfq file (found {found}); name it as {repo}/FILE.bfq")
     return files[0]
 
 
@@ -274,3 +316,94 @@ def _cached_bfq_files(repo: str, revision: str | None) -> list[str] | None:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.bfq"))
 
 
+
+
+# -- diffusers UNets -----------------------------------------------------------------------------
+
+
+def fetch_unet(repo: str, *, revision: str | None = None, subfolder: str | None = None, cache_dir=None,
+               pickles: tuple[str, ...] = (), allow_pickle: bool = False) -> tuple[Path, str, str | None]:  # fmt: skip
+    """Download what loading the UNet of a Hub repo needs, in the forms a diffusers user passes: a
+    pipeline repo (``model_index.json`` + ``unet/``), a UNet repo (``config.json`` + weights at its
+    top), either with ``subfolder`` naming the UNet's folder, at any ``revision``. Only the UNet's
+    config and weights (safetensors; pickle-based ones, named by their ``pickles`` suffixes, only
+    when there are none and ``allow_pickle``; the full-precision variant when an fp16 one sits beside it) and a pipeline's ``model_index.json``
+    and scheduler are fetched. Offline or when the Hub cannot be reached, the cache answers.
+
+    Returns ``(snapshot folder, UNet folder in it, pipeline folder in it or None)``.
+
+    Raises:
+        HubDownloadError: cannot be fetched (offline and not cached, not found, no access, ...).
+        InputError: the repo holds no UNet where asked.
+    """
+    from huggingface_hub import snapshot_download
+
+    why = unreachable()  # one connection attempt, not huggingface_hub's retries
+    listing = _repo_listing(repo, revision, cache_dir, why)
+    unet_dir, pipe_dir = _unet_layout(repo, listing, subfolder)
+    wanted = _unet_files(repo, listing, unet_dir, pipe_dir, pickles, allow_pickle)
+    try:
+        local = snapshot_download(repo, revision=revision, allow_patterns=wanted, cache_dir=cache_dir, local_files_only=why is not None)
+    except Exception as exc:  # huggingface_hub and its transport raise many types
+        raise _unet_error(repo, revision, exc, why) from None
+    return Path(local), unet_dir, pipe_dir
+
+
+def _repo_listing(repo: str, revision: str | None, cache_dir, why: str | None) -> list[str]:
+    """The repo's file paths at ``revision``: from the Hub, or from the local cache when offline or
+    unreachable (``why``)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        if why is None and not _offline():
+            return HfApi().list_repo_files(repo, revision=revision)
+        local = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except Exception as exc:  # huggingface_hub and its transport raise many types
+        raise _unet_error(repo, revision, exc, why) from None
+    return sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+
+
+def _unet_error(repo: str, revision: str | None, exc: BaseException, why: str | None) -> HubDownloadError:
+    at = f" (revision {revision})" if revision else ""
+    errors, _ = _hf_errors()
+    if why is not None or _offline() or isinstance(exc, errors.LocalEntryNotFoundError):
+        reason = "HF_HUB_OFFLINE is set" if _offline() else (why or "the Hub cannot be reached")
+        hint = "" if _offline() else f" ({OFFLINE_HINT})"
+        return HubDownloadError(_scrub(
+            f"cannot get {repo!r}{at}: {reason} and it is not in the local Hugging Face cache. Download it once with "
+            f"network access (e.g. `hf download {repo}`), or pass a local directory{hint}", _current_token()))  # fmt: skip
+    return _fail(HubDownloadError, f"cannot download {repo!r}{at} from {_endpoint()}", exc, None)
+
+
+def _unet_layout(repo: str, listing: list[str], subfolder: str | None) -> tuple[str, str | None]:
+    """``(UNet folder, pipeline folder or None)`` inside the repo, as diffusers would read it."""
+    files = set(listing)
+    if subfolder:
+        unet_dir = subfolder.strip("/")
+        if f"{unet_dir}/config.json" not in files:
+            raise InputError(f"{repo!r} has no {unet_dir}/config.json: --subfolder must name the UNet's folder")
+        parent = unet_dir.rpartition("/")[0]
+        return unet_dir, (parent if f"{parent}/model_index.json".lstrip("/") in files else None)
+    if "config.json" in files:
+        return "", None
+    if "unet/config.json" in files:  # a pipeline repo, or only its unet/ folder
+        return "unet", ("" if "model_index.json" in files else None)
+    raise InputError(f"{repo!r} is neither a diffusers pipeline (model_index.json + unet/) nor a UNet (config.json "
+                     "at its top); if the UNet is in a folder of the repo, name it with --subfolder")  # fmt: skip
+
+
+def _unet_files(repo, listing, unet_dir: str, pipe_dir: str | None, pickles: tuple[str, ...], allow_pickle: bool) -> list[str]:
+    prefix = f"{unet_dir}/" if unet_dir else ""
+    own = [f for f in listing if f.startswith(prefix) and "/" not in f[len(prefix):]]
+    safe = [f for f in own if f.endswith(".safetensors")]
+    pickled = [f for f in own if pickles and f.endswith(pickles)]
+    weights = [f for f in safe if ".fp16." not in f] or safe or (pickled if allow_pickle else [])
+    if not weights:
+        raise InputError(f"{repo!r}: {prefix or 'the top of the repo'} holds no UNet weights (*.safetensors)" + (
+            f", only pickle ones ({pickled[0]}): loading them can run arbitrary code; pass --allow-pickle if you trust them"
+            if pickled else ""))  # fmt: skip
+    wanted = [f for f in own if f.endswith(".json")] + weights
+    if pipe_dir is not None:
+        top = f"{pipe_dir}/" if pipe_dir else ""
+        wanted += [f for f in listing if f == f"{top}model_index.json" or f.startswith(f"{top}scheduler/")]
+    return wanted

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 
 import click
+from bfq_cli.params import Finite
+from bfq_cli.paths import Output, check_outputs, force_option, model_paths
+
+from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS
 
 METHOD_HELP = (
     "paper: BitsFusion Alg. 1 (size-aware score, threshold bisected to the budget, alignment refinement); "
@@ -14,18 +18,19 @@ METHOD_HELP = (
 
 @click.command("allocate")
 @click.argument("sensitivity", type=click.Path(exists=True, dir_okay=False))
-@click.option("--bits", "budget", type=float, required=True, help="Average bits per weight by the paper's accounting, e.g. 1.99 (never exceeded).")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Recipe JSON to write (for `bfq quantize --recipe`).")
-@click.option("--method", type=click.Choice(["paper", "optimal", "size-only"]), default="paper", show_default=True, help=METHOD_HELP)
-@click.option("--eta", type=click.FloatRange(0), default=0.3, show_default=True, help="Size factor of S = M * N^-eta (paper and size-only).")
+@click.option("--bits", "budget", type=Finite(0, min_open=True), required=True, help="Average bits per weight by the paper's accounting, e.g. 1.99 (never exceeded).")
+@click.option("-o", "--out", type=Output("recipe"), default=None, help="Recipe JSON to write (for `bfq quantize --recipe`).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help=METHOD_HELP)
+@click.option("--eta", type=Finite(0), default=0.3, show_default=True, help="Size factor of S = M * N^-eta (paper and size-only).")
 @click.option("--no-refine", is_flag=True, help="Paper method: skip the +1/+1/+1-bit alignment refinement.")
 @click.option("--metric", default="mse", show_default=True, help="Error metric the allocation uses (paper and optimal).")
 @click.option("--n-time-features", type=click.IntRange(0), default=None, help="N_tf of the accounting (default: the analysis's; set it when exporting with another --steps).")
 @click.option("--model", default=None, help="Check that the analysis was made for MODEL (same layers and weights).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Plot bits per layer across the UNet here (PNG).")
+@click.option("--plot", type=Output("plot"), default=None, help="Plot bits per layer across the UNet here (.png, .pdf or .svg).")
 @click.option("--compare", is_flag=True, help="Also report the other methods at the same budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the allocation summary as JSON.")
-def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_time_features, model, plot, compare, as_json):
+@force_option
+def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_time_features, model, plot, compare, as_json, force):
     """Choose bits per layer so the average bits meet BITS without exceeding it.
 
     The average reported is the paper's accounting, the number `bfq inspect` reports for a file
@@ -34,13 +39,14 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
     \b
     Examples:
       bfq allocate sens.json --bits 1.99 -o recipe.json --plot bits.png
-      bfq allocate sens.json --bits 1.99 --method optimal --compare
+      bfq allocate sens.json --bits 1.99 --method paper --compare
       bfq quantize tiny-sd --recipe recipe.json -o tiny.bfq
     """
     from bfq.pipeline.allocate import allocate
     from bfq.pipeline.plots import plot_allocation, require_matplotlib
     from bfq.pipeline.sensitivity import check_model, load_sensitivity
 
+    check_outputs(click.get_current_context(), {"SENSITIVITY": sensitivity, "--model": model_paths(model) if model else None})
     if plot is not None:
         try:
             require_matplotlib()
@@ -69,7 +75,7 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
     if compare:
         from bfq.pipeline.sensitivity import SensitivityError
 
-        for m in ("paper", "optimal", "size-only"):
+        for m in METHODS:
             if m != method:
                 try:
                     others.append(run(m))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
 
 import click
+from bfq_cli.params import Device, Finite, check_recipe_file
+from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 MODE_HELP = (
     "proxy: error of the noise prediction on a fixed set of latents, prompts and timesteps (fast; for large "
@@ -25,33 +27,35 @@ def _parse_bits(ctx, param, value):
 
 @click.command("analyze")
 @click.argument("model")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Sensitivity JSON to write; an unfinished one with the same model and settings is resumed.")
+@click.option("-o", "--out", type=Output("sensitivity"), help="Sensitivity JSON to write; an unfinished one with the same model and settings is resumed. The analysis is also cached (one per model and settings, $BFQ_CACHE_DIR, shared with `bfq quantize --bits`): a cached one is reused.")
 @click.option("--mode", type=click.Choice(["proxy", "image"]), default="proxy", show_default=True, help=MODE_HELP)
 @click.option("--bits", default="1,2,3", show_default=True, callback=_parse_bits, help="Candidate bit-widths per layer.")
 @click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True, help="Steps of fine-tuning each quantized layer against the full-precision model (the paper's T; 0 = none).")
-@click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="Adam learning rate of that fine-tuning.")
+@click.option("--finetune-lr", type=Finite(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate of that fine-tuning.")
 @click.option("--prompts", "n_prompts", type=click.IntRange(1), default=None, help="Number of fixed prompts (default: tiny-sd 10 proxy / 20 image, else 8).")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="DDIM steps of the sampler that makes the latents (proxy) or images (image).")
 @click.option("--timesteps", "n_timesteps", type=click.IntRange(1), default=4, show_default=True, help="Proxy mode: trajectory states per prompt (evenly spaced steps).")
-@click.option("--guidance", type=float, default=None, help="CFG scale (default: tiny-sd 3.0, else 7.5).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=Finite(0), default=None, help="CFG scale (default: tiny-sd 3.0, else 7.5).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--clip", type=click.Path(file_okay=False, exists=True), default=None, help="Image mode on SD: a local transformers CLIP model directory for the CLIP-score drop (skipped without it).")
 @click.option("--levels", type=click.Choice(["balanced", "plain"]), default="balanced", show_default=True)
 @click.option("--time-cache", type=click.Choice(["scheduler", "grid"]), default="scheduler", show_default=True, help="Which layers a recipe needs (grid keeps and analyses the time projections) and the N_tf of the accounting.")
-@click.option("--cache-steps", type=click.IntRange(1), default=None, help="Sampler steps the exported time cache will hold (N_tf of the accounting; default as `bfq quantize --steps`).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+@click.option("--cache-steps", type=click.IntRange(1, 1000), default=None, help="Sampler steps the exported time cache will hold (N_tf of the accounting; default as `bfq quantize --steps`).")
+@click.option("--device", type=Device(allow_auto=True), default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, mps.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="UNet batch size.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch CPU threads (default: torch's).")
 @click.option("--max-entries", type=click.IntRange(0), default=None, help="Stop after this many new (layer, bits) entries (rerun to resume).")
-@click.option("--timestep-plot", type=click.Path(dir_okay=False), default=None, help="Also run the time-step error analysis (paper Fig. 4) and plot it here (PNG).")
-@click.option("--timestep-table", type=click.Path(dir_okay=False), default=None, help="Write the time-step error table here (JSON).")
+@click.option("--timestep-plot", type=Output("plot"), default=None, help="Also run the time-step error analysis (paper Fig. 4) and plot it here (.png, .pdf or .svg).")
+@click.option("--timestep-table", type=Output("timestep-table"), default=None, help="Write the time-step error table here (JSON).")
 @click.option("--timestep-recipe", default="uniform-2", show_default=True, help="The quantized model of the time-step analysis: a built-in recipe or a recipe JSON file.")
 @click.option("--revision", help="Hub revision for Hub models.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle-based checkpoints (only for files you trust).")
+@click.option("--subfolder", help="The UNet's folder inside MODEL (a Hub repo or a local folder), as diffusers' subfolder=.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@force_option
 def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, steps, n_timesteps, guidance, seed, clip,
                 levels, time_cache, cache_steps, device, batch_size, threads, max_entries, timestep_plot, timestep_table,
-                timestep_recipe, revision, allow_pickle, quiet):  # fmt: skip
+                timestep_recipe, revision, allow_pickle, subfolder, quiet, force):  # fmt: skip
     """Measure how much quantizing each layer of MODEL alone hurts, per candidate bit-width.
 
     Writes a versioned sensitivity JSON (-o) for `bfq allocate`. Rerunning with the same -o skips
@@ -65,6 +69,9 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
     """
     if out is None and timestep_plot is None and timestep_table is None:
         raise click.UsageError("give -o SENS.json, --timestep-plot PNG or --timestep-table JSON")
+    check_outputs(click.get_current_context(), {"MODEL": model_paths(model), "--clip": clip, "--timestep-recipe": timestep_recipe})
+    if timestep_plot is not None or timestep_table is not None:
+        check_recipe_file(timestep_recipe, "--timestep-recipe")
     if timestep_plot is not None:
         from bfq.pipeline.plots import require_matplotlib
 
@@ -74,25 +81,26 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
             raise click.ClickException(str(e)) from None
     import torch
 
-    from bfq.pipeline.analyze import analyze, format_sensitivity, format_timestep_table
+    from bfq.pipeline.analyze import format_sensitivity, format_timestep_table, shared_analysis
     from bfq.pipeline.models import resolve_model
 
     if threads is not None:
         torch.set_num_threads(threads)
-    resolved = resolve_model(model, revision=revision, allow_pickle=allow_pickle)
+    resolved = resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle)
     common = dict(scheduler=resolved.scheduler, base_dir=resolved.base_dir, source=resolved.source)
     if out is not None:
-        sens = analyze(
-            resolved.unet, out=out, mode=mode, bits=bits, levels=levels, time_cache=time_cache, cache_steps=cache_steps,
-            device=device, batch_size=batch_size, progress=not quiet, max_entries=max_entries, seed=seed,
-            n_prompts=n_prompts, steps=steps, guidance=guidance, n_timesteps=n_timesteps, finetune_steps=finetune_steps,
-            finetune_lr=finetune_lr, clip=clip, **common,
+        sens, _ = shared_analysis(
+            resolved.unet, out=out, log=functools.partial(click.echo, err=True), replace=force, mode=mode, bits=bits,
+            levels=levels, time_cache=time_cache, cache_steps=cache_steps, device=device, batch_size=batch_size,
+            progress=not quiet, max_entries=max_entries, seed=seed, n_prompts=n_prompts, steps=steps, guidance=guidance,
+            n_timesteps=n_timesteps, finetune_steps=finetune_steps, finetune_lr=finetune_lr, clip=clip, **common,
         )  # fmt: skip
         click.echo(format_sensitivity(sens))
         click.echo(f"wrote       {out}")
     if timestep_plot is not None or timestep_table is not None:
         import copy
 
+        from bfq._io import write_text_atomic
         from bfq.pipeline.analyze import plot_timestep_errors, timestep_errors
         from bfq.quant.nn import quantize_unet
         from bfq.quant.recipe import resolve_recipe
@@ -105,7 +113,7 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
         click.echo(f"time-step errors of {recipe.name} against the full-precision model:")
         click.echo(format_timestep_table(table))
         if timestep_table is not None:
-            Path(timestep_table).write_text(json.dumps(table, indent=1) + "\n")
+            write_text_atomic(timestep_table, json.dumps(table, indent=1) + "\n")
             click.echo(f"wrote       {timestep_table}")
         if timestep_plot is not None:
             plot_timestep_errors(table, timestep_plot, title=f"{model}: {recipe.name} vs full precision, per timestep")

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 from bfq_cli.options import runtime_option
+from bfq_cli.params import Device, Finite
+from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
+from bfq.errors import InputError
 from bfq.tinysd.evaluate import (
     CFG_SCALES,
     DEFAULT_CFG,
@@ -16,54 +19,89 @@ from bfq.tinysd.evaluate import (
 )
 
 
-def _resolve(model: str, runtime: str):
-    """``(unet, base)`` for MODEL: ``tiny-sd``, a ``.bfq`` made from it, or a pipeline directory."""
-    if model == "tiny-sd":
-        return None, None
+def _resolve(model: str, steps: int | None, runtime: str):
+    """``(unet, base, scheduler, steps, note)`` for MODEL: ``tiny-sd``, a ``.bfq`` made from it, or a
+    pipeline directory. Everything is checked before anything is generated: the step count (within
+    the scheduler's training timesteps), the file's origin, and for a ``.bfq`` with a scheduler-mode
+    time cache the steps it was made for (the default; others are refused). Such a file is sampled
+    with the evaluation's DDIM sampler when its timesteps are cached, else with its own scheduler."""
+    from bfq.quant.timecache import scheduler_timesteps
+    from bfq.tinysd.evaluate import ddim_sampler
+
     path = Path(model)
-    if model.endswith(".bfq"):
-        if not path.is_file():
-            raise click.BadParameter(f"no such file: {model}", param_hint="MODEL")
-        import torch
+    if model == "tiny-sd" or (path / "model_index.json").is_file():
+        base = None if model == "tiny-sd" else path
+        steps = steps or DEFAULT_STEPS
+        scheduler_timesteps(ddim_sampler(base), steps)
+        return None, base, None, steps, None
+    if not model.endswith(".bfq"):
+        raise click.BadParameter("expected 'tiny-sd', a .bfq file made from it, or a StableDiffusionPipeline directory",
+                                 param_hint="MODEL")  # fmt: skip
+    if not path.is_file():
+        raise click.BadParameter(f"no such file: {model}", param_hint="MODEL")
+    from bfq.runtime.generate import file_sampler
 
-        import bfq
+    sampler = file_sampler(model)
+    _check_made_from_tiny_sd(model, sampler.config)
+    steps = steps or sampler.steps or DEFAULT_STEPS
+    scheduler, note = None, None
+    try:
+        sampler.check_steps(steps, ddim_sampler())
+    except InputError:
+        if sampler.scheduler is None or sampler.cache_mode != "scheduler":
+            raise
+        sampler.check_steps(steps)
+        scheduler = sampler.scheduler
+        note = (f"sampling with the file's {type(scheduler).__name__} at {steps} steps, the only timesteps its time cache "
+                "holds; the scores compare with other files made for this sampler, not with DDIM ones")  # fmt: skip
+    import torch
 
-        try:
-            return bfq.load_unet(str(path), dtype=torch.float32, runtime=runtime), None
-        except ValueError as exc:  # BfqFormatError and other bad-input errors
-            raise click.ClickException(f"cannot load {model}: {exc}") from exc
-    if (path / "model_index.json").is_file():
-        return None, path
-    raise click.BadParameter(
-        "expected 'tiny-sd', a .bfq file made from it, or a StableDiffusionPipeline directory",
-        param_hint="MODEL",
-    )
+    import bfq
+
+    return bfq.load_unet(model, dtype=torch.float32, runtime=runtime), None, scheduler, steps, note
+
+
+def _check_made_from_tiny_sd(model: str, config: dict) -> None:
+    from bfq.tinysd import pipeline_dir
+
+    tiny = json.loads((pipeline_dir() / "unet" / "config.json").read_text())
+    for key in ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels"):
+        if config.get(key) != tiny.get(key):
+            raise InputError(f"{model} was not made from tiny-sd (its UNet's {key} is {config.get(key)}, tiny-sd's "
+                             f"{tiny.get(key)}): bfq eval scores tiny-sd models only")  # fmt: skip
 
 
 @click.command("eval")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write a PNG grid of samples here.")
+@click.option("--grid", type=Output("image"), default=None, help="Write an image grid of samples here: a row per digit, a block per CFG scale, labelled.")
 @click.option("--n-per-digit", type=click.IntRange(1), default=DEFAULT_N_PER_DIGIT, show_default=True,
               help="Images per digit and CFG scale.")
-@click.option("--steps", type=click.IntRange(1), default=DEFAULT_STEPS, show_default=True, help="DDIM steps.")
-@click.option("--cfg", "cfg_scales", type=float, multiple=True,
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help=f"Sampler steps [default: {DEFAULT_STEPS}; for a .bfq with a scheduler-mode time cache, the steps it was made for].")
+@click.option("--cfg", "cfg_scales", type=Finite(0), multiple=True,
               help=f"CFG scale of the sweep (repeatable; default {' '.join(map(str, CFG_SCALES))}).")
-@click.option("--default-cfg", type=float, default=DEFAULT_CFG, show_default=True,
+@click.option("--default-cfg", type=Finite(0), default=DEFAULT_CFG, show_default=True,
               help="Scale reported as the headline alignment/fd.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
               help="Torch threads (results are bit-reproducible for a fixed count).")
+@click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @runtime_option
-def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, runtime):
+@force_option
+def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, device, quiet, runtime, force):
     """Score MODEL (tiny-sd or a .bfq made from it) by prompt alignment and Fréchet distance.
 
     Generates 10 x N-PER-DIGIT images from fixed prompts and seeds at each CFG scale, labels
     them with the bundled digit classifier and compares their features with the real digits.
     """
+    check_outputs(click.get_current_context(), {"MODEL": model_paths(model)})
     from bfq.tinysd.evaluate import evaluate, format_report
 
-    unet, base = _resolve(model, runtime)
+    unet, base, scheduler, steps, note = _resolve(model, steps, runtime)
+    if note:
+        click.echo(f"note: {note}", err=True)
     result = evaluate(
         unet,
         base=base,
@@ -74,6 +112,9 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
         seed=seed,
         grid_path=grid,
         threads=threads,
+        device=device,
+        scheduler=scheduler,
+        progress=not quiet,
     )
     result["model"] = model
     if as_json:

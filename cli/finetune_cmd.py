@@ -10,8 +10,9 @@ from bfq_cli.options import quantize_options, run_quantize
 @click.argument("model")
 @quantize_options
 def finetune_cmd(model, **params):
-    """Quantize MODEL's UNet, fine-tune it (BitsFusion Stage I distillation, 1000 steps by default,
-    then Stage II noise prediction) and write a .bfq file.
+    """Quantize MODEL's UNet, fine-tune it and write a .bfq file: BitsFusion Stage I (distillation;
+    1000 steps, lr 1e-4 by default) and, with --stage2-steps N, Stage II (noise prediction; lr 1e-5
+    by default; it needs a large effective batch, --batch-size x --grad-accum, to help).
 
     Runs on the CPU, on one GPU, or on many through Hugging Face accelerate (DDP); checkpoints
     and a JSON-lines log (log.jsonl) go to the work directory (default: OUT with .work instead of

@@ -1,7 +1,9 @@
 """`bfq`: a thin Click layer over the bfq library.
 
-Errors that are the user's to fix (a bad file, a bad recipe, a missing path) print one line and
-exit with status 2; set BFQ_DEBUG=1 to see the traceback instead.
+Exit codes: 0 success; 2 a mistake the user can fix (a bad option value, a bad or missing file, an
+output that would replace something it should not, a Hub failure), printed as one line
+``bfq: error: ...`` on stderr, and caught before the heavy work wherever it can be; 130
+interrupted (Ctrl-C). Set BFQ_DEBUG=1 to see the traceback of a user error instead.
 """
 
 from __future__ import annotations
@@ -12,31 +14,53 @@ import sys
 
 import click
 
-from bfq import BfqFormatError, RecipeError, __version__
+from bfq import BfqFormatError, UserError, __version__
 
-USER_ERRORS = (BfqFormatError, RecipeError, FileNotFoundError, IsADirectoryError, PermissionError)
+USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect
 
 
-def _user_errors():
-    """USER_ERRORS plus the model resolver's, imported only once a command has run."""
-    models = sys.modules.get("bfq.pipeline.models")
-    return USER_ERRORS + ((models.ModelError,) if models else ())
+def describe(exc: BaseException) -> str:
+    """One line for a user error raised by the library."""
+    if isinstance(exc, BfqFormatError):
+        return f"invalid .bfq file: {exc}"
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split())
 
 
 class BfqGroup(click.Group):
-    """Turns user errors into a one-line message instead of a traceback."""
+    """Reports every user error the same way: ``bfq: error: ONE LINE`` on stderr, exit status 2;
+    Ctrl-C exits 130 without a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            if not isinstance(exc, _user_errors()):
+            if not isinstance(exc, USER_ERRORS) or os.environ.get("BFQ_DEBUG"):
                 raise
-            if os.environ.get("BFQ_DEBUG"):
-                raise
-            name = type(exc).__name__
-            click.echo(f"bfq: error: {name}: {exc}", err=True)
-            ctx.exit(2)
+            raise click.ClickException(describe(exc)) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            message = " ".join(e.format_message().split())
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                message += f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"bfq: error: {message}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.Abort as e:
+            interrupted = isinstance(e.__cause__ or e.__context__, KeyboardInterrupt)
+            click.echo("bfq: interrupted" if interrupted else "bfq: aborted", err=True)
+            sys.exit(EXIT_INTERRUPTED if interrupted else 1)
+        except KeyboardInterrupt:
+            click.echo("bfq: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=BfqGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,6 +73,12 @@ def main():
       bfq quantize tiny-sd --bits 1.99 -o tiny.bfq   # quantize the bundled model
       bfq inspect tiny.bfq                           # what is inside, and how big
       bfq verify tiny.bfq                            # check every checksum, decode everything
+
+    \b
+    Exit status: 0 done; 2 a mistake to fix, told in one line 'bfq: error: ...'
+    on stderr before the heavy work; 130 interrupted (Ctrl-C).
+    Outputs: the suffix must say what is written; an input or a file of another
+    kind is never replaced (--force replaces the latter); folders are created.
     """
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
+from bfq_cli.params import Finite, check_recipe_file, text_file_problem
+from bfq_cli.paths import Output, check_outputs, force_option, model_paths
+
+from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS
 
 TIME_CACHE_HELP = (
     "scheduler: store each ResNet's time features for exactly the sampler's timesteps (the paper's; "
@@ -22,22 +27,24 @@ runtime_option = click.option(
 )  # fmt: skip
 
 _QUANTIZE_OPTIONS = (
-    click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically)."),
-    click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (cached per model) and an allocator."),
-    click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="optimal", show_default=True, help="With --bits: the error-minimizing knapsack (best on tiny-sd), the paper's Alg. 1, or layer size alone."),
-    click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: reuse or run a proxy analysis)."),
+    click.option("-o", "--out", required=True, type=Output("bfq"), help="Output .bfq file (written atomically; missing folders are created)."),
+    click.option("--bits", type=Finite(0, min_open=True), help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (one per model and settings, cached and shared with `bfq analyze`) and an allocator."),
+    click.option("--allocator", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help="With --bits: optimal, the error-minimizing knapsack (best on tiny-sd); paper, the paper's Alg. 1; or size-only, by layer size alone."),
+    click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: the cached analysis of this model, run if missing)."),
     click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits."),
     click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization."),
     click.option("--levels", type=click.Choice(["balanced", "plain"]), default=None, help="Level set (default: the recipe's, balanced 2^n+1)."),
     click.option("--time-cache", type=click.Choice(["scheduler", "grid"]), default="scheduler", show_default=True, help=TIME_CACHE_HELP),
-    click.option("--steps", type=int, default=None, help="Sampler steps the scheduler cache is made for (default 50; tiny-sd: its evaluation's 20)."),
+    click.option("--steps", type=click.IntRange(1), default=None, help="Sampler steps the scheduler cache is made for, at most the scheduler's training timesteps (default 50; tiny-sd: its evaluation's 20)."),
     click.option("--time-proj-bits", type=click.IntRange(1, 8), default=None, help="Bits of the time projections in grid mode (default 4)."),
     click.option("--scale-dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True),
     click.option("--dense-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True, help="Precision of biases and norms."),
-    click.option("--work-dir", type=click.Path(file_okay=False), help="Keep intermediate results (scales, sensitivity analysis, fine-tuning checkpoints and log.jsonl) here; a rerun with the same settings resumes [default when fine-tuning: OUT with .work instead of .bfq]."),
+    click.option("--work-dir", type=click.Path(file_okay=False), help="Keep intermediate results (initialized scales, fine-tuning checkpoints and log.jsonl) here; a rerun with the same settings resumes; one run at a time (locked) [default when fine-tuning: OUT with .work instead of .bfq]."),
     click.option("--revision", help="Hub revision (branch, tag or commit) for Hub models."),
+    click.option("--subfolder", help="The UNet's folder inside MODEL (a Hub repo or a local folder), as diffusers' subfolder= (e.g. unet)."),
     click.option("--allow-pickle", is_flag=True, help="Allow pickle-based checkpoints (.ckpt/.bin). Only for files you trust."),
     click.option("--quiet", is_flag=True, help="No progress bars."),
+    force_option,
 )
 
 # (option name, FinetuneConfig field, click kwargs). Defaults are None: an option that is not given
@@ -46,13 +53,13 @@ _CONFIG_OPTIONS = (
     ("--data", "data", dict(help="Training data: tiny-sd-digits (tiny-sd's default), folder:PATH (images + .txt captions, "
                                  "encoded by the model's VAE and text encoder) or prompts:FILE (one prompt a line; "
                                  "latents are teacher samples).")),
-    ("--lr", "lr", dict(type=float, help="AdamW learning rate, constant [default: 1e-5].")),
+    ("--lr", "lr", dict(type=Finite(0, min_open=True), help="AdamW learning rate, constant [default: 1e-4 for Stage I, 1e-5 for Stage II, the measured best on tiny-sd].")),
     ("--batch-size", "batch_size", dict(type=click.IntRange(1), help="Examples per micro-batch and process [default: 16].")),
     ("--grad-accum", "grad_accum", dict(type=click.IntRange(1), help="Micro-batches per optimizer step [default: 1].")),
     ("--t-sampling", "t_sampling", dict(type=click.Choice(["beta", "uniform"]),
                                         help="Timestep sampling: Beta(3,1) over the training timesteps (paper) or uniform [default: beta].")),
-    ("--feat-weight", "feat_weight", dict(type=click.FloatRange(0), help="Stage I feature-distillation weight lambda; 0 turns it off [default: 0.01].")),
-    ("--uncond-prob", "uncond_prob", dict(type=click.FloatRange(0, 1), help="Probability of training on the empty prompt [default: 0.1].")),
+    ("--feat-weight", "feat_weight", dict(type=Finite(0), help="Stage I feature-distillation weight lambda; 0 turns it off [default: 0.01].")),
+    ("--uncond-prob", "uncond_prob", dict(type=Finite(0, 1), help="Probability of training on the empty prompt [default: 0.1].")),
     ("--mixed-precision", "mixed_precision", dict(type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")),
     ("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", dict(default=None, help="Recompute activations to save memory.")),
     ("--checkpoint-every", "checkpoint_every", dict(type=click.IntRange(0), help="Save a resumable checkpoint every N steps (and at the end; 0: only at the end) [default: 500].")),
@@ -67,7 +74,7 @@ _CONFIG_OPTIONS = (
 )
 _STEP_OPTIONS = (
     ("--stage1-steps", dict(type=click.IntRange(0), default=None, help="Stage I (distillation) optimizer steps [default: 0 for quantize, 1000 for finetune].")),
-    ("--stage2-steps", dict(type=click.IntRange(0), default=None, help="Stage II (noise-prediction) optimizer steps [default: 0].")),
+    ("--stage2-steps", dict(type=click.IntRange(0), default=None, help="Stage II (noise-prediction) optimizer steps [default: 0: Stage II helps only at a large effective batch, see README].")),
     ("--finetune-config", dict(type=click.Path(exists=True, dir_okay=False),
                                help='JSON file of fine-tuning settings; "stage1"/"stage2" objects hold per-stage ones. Options override it.')),
 )
@@ -126,6 +133,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     if params["bits"] is None and params["recipe"] is None:
         raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
     s1, s2, c1, c2 = finetune_settings(params, default_stage1_steps=default_stage1_steps, quiet=params["quiet"])
+    _check_files(model, params, (c1, c2) if s1 or s2 else ())
     work_dir = params["work_dir"]
     if work_dir is None and (s1 or s2):  # training resumes from checkpoints kept there
         work_dir = str(Path(params["out"]).with_suffix(".work"))
@@ -136,9 +144,9 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
             levels=params["levels"], time_cache=params["time_cache"], steps=steps,
             time_proj_bits=params["time_proj_bits"], scale_dtype=params["scale_dtype"],
             dense_dtype=params["dense_dtype"], work_dir=work_dir, revision=params["revision"],
-            allow_pickle=params["allow_pickle"], progress=not params["quiet"], allocator=params["allocator"],
-            sensitivity=params["sensitivity"], stage1_steps=s1, stage2_steps=s2, finetune_config=c1,
-            finetune_stage2_config=c2, log=functools.partial(click.echo, err=True),
+            subfolder=params["subfolder"], allow_pickle=params["allow_pickle"], progress=not params["quiet"],
+            allocator=params["allocator"], sensitivity=params["sensitivity"], stage1_steps=s1, stage2_steps=s2,
+            finetune_config=c1, finetune_stage2_config=c2, log=functools.partial(click.echo, err=True),
         )  # fmt: skip
     except ValueError as exc:
         if type(exc) is not ValueError:  # BfqFormatError, RecipeError, ModelError: the group reports them
@@ -153,6 +161,32 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     if s1 or s2:
         click.echo(f"log         {Path(work_dir) / 'finetune'}")
     click.echo(f"wrote       {result.path}")
+
+
+def _check_files(model: str, params: dict, configs) -> None:
+    """Every file the run will read is read or checked now, and the output policy applied
+    (cli/paths.py), so that a mistake is one line before the model is even loaded."""
+    from bfq.pipeline.sensitivity import load_sensitivity
+
+    recipe = params["recipe"]
+    if recipe is not None:
+        check_recipe_file(recipe, "--recipe")
+    if params["sensitivity"] is not None:
+        load_sensitivity(params["sensitivity"])
+    data = {c.data for c in configs if c.data}
+    for spec in data:
+        kind, _, path = spec.partition(":")
+        if kind == "folder" and not os.path.isdir(path):
+            raise click.BadParameter(f"{spec}: no such folder", param_hint="--data")
+        if kind == "prompts" and text_file_problem(path):
+            raise click.BadParameter(f"{spec}: {text_file_problem(path)}", param_hint="--data")
+    for prompts in {c.eval_prompts for c in configs if c.eval_prompts}:
+        if text_file_problem(prompts):
+            raise click.BadParameter(text_file_problem(prompts), param_hint="--eval-prompts")
+    reads = {"MODEL": model_paths(model), "--recipe": recipe, "--sensitivity": params["sensitivity"],
+             "--finetune-config": params["finetune_config"], "--data": [d.partition(":")[2] for d in data],
+             "--eval-prompts": [c.eval_prompts for c in configs], "--eval-clip": [c.eval_clip for c in configs]}  # fmt: skip
+    check_outputs(click.get_current_context(), reads)
 
 
 def _default_steps(model: str) -> int:

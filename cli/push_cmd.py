@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from bfq_cli.options import runtime_option
+from bfq_cli.params import Device
 
 
 @click.command("push")
@@ -15,9 +16,9 @@ from bfq_cli.options import runtime_option
 @click.option("-m", "--message", "commit_message", help="Commit message.")
 @click.option("--preview", is_flag=True, help="Generate a small image grid with the model and show it on the model card.")
 @click.option("--preview-prompt", "preview_prompts", multiple=True, help="Prompt of the preview (repeat for several; implies --preview).")
-@click.option("--preview-steps", type=click.IntRange(1, 1000), help="Sampler steps of the preview (default: the cached scheduler's, else 50).")
+@click.option("--preview-steps", type=click.IntRange(1, 1000), help="Sampler steps of the preview (default: the steps a scheduler-mode time cache was made for, the only ones it can sample; else 50).")
 @click.option("--base", help="Pipeline (directory or Hub id) with the VAE and text encoder for the preview. Default: the model's source.")
-@click.option("--device", help="Device of the preview generation (default: cuda when available).")
+@click.option("--device", type=Device(), help="Device of the preview generation: cpu, cuda, cuda:N or mps (default: cuda when available).")
 @runtime_option
 def push_cmd(file, repo_id, private, revision, filename, commit_message, preview, preview_prompts, preview_steps, base, device,
              runtime):  # fmt: skip
@@ -35,14 +36,16 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     Example:
       bfq push tiny.bfq --repo you/tiny-sd-2bit --preview
     """
-    from bfq.hub import HubError, push
+    from bfq.hub import push
 
-    try:
-        result = push(file, repo_id, private=private, revision=revision, preview=preview or bool(preview_prompts),
-                      commit_message=commit_message, filename=filename, preview_prompts=list(preview_prompts) or None,
-                      preview_base=base, preview_steps=preview_steps, preview_device=device, preview_runtime=runtime)  # fmt: skip
-    except HubError as exc:
-        raise click.ClickException(str(exc)) from None
+    if preview_steps is not None:  # refuse a step count the file cannot sample before any upload
+        from bfq.runtime.generate import file_sampler
+
+        file_sampler(file).check_steps(preview_steps)
+    result = push(file, repo_id, private=private, revision=revision, preview=preview or bool(preview_prompts),
+                  commit_message=commit_message, filename=filename, preview_prompts=list(preview_prompts) or None,
+                  preview_base=base, preview_steps=preview_steps, preview_device=device,
+                  preview_runtime=runtime)  # fmt: skip
     where = result["repo_url"]
     if result["up_to_date"]:
         click.echo(f"up to date: {where} already has {', '.join(result['skipped'])}; nothing uploaded, no commit")

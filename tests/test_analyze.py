@@ -286,13 +286,14 @@ def test_recipe_for_budget_caches_and_checks(pipe_cache, tmp_path, monkeypatch):
     r, cache, cached, recipe, why = pipe_cache
     kw = dict(resolved=r, n_time_features=1234, cache_dir=cache, analysis_options=PIPE_OPTS, progress=False)
     assert summarize(recipe, r.unet, "scheduler", 1234)["avg_bits"] <= 4.0
-    assert "paper allocation for 4 bits" in why and "proxy mode" in why and str(cached) in why
+    assert "optimal allocation for 4 bits" in why and "proxy mode" in why  # optimal: DEFAULT_ALLOCATOR
+    assert f"cached as {cached.name}" in why and str(cached.parent) not in why  # nothing local in a .bfq's note
     # a second call reuses the cache (running the model would fail now)
     monkeypatch.setattr(_Context, "build_proxy", lambda self: (_ for _ in ()).throw(AssertionError("reran")))
     again, _ = recipe_for_budget(r.unet, 4.0, **kw)
     assert again.bits == recipe.bits
-    opt, why = recipe_for_budget(r.unet, 4.0, method="optimal", **kw)
-    assert "optimal" in why and summarize(opt, r.unet, "scheduler", 1234)["avg_bits"] <= 4.0
+    paper, why = recipe_for_budget(r.unet, 4.0, method="paper", **kw)
+    assert "paper" in why and summarize(paper, r.unet, "scheduler", 1234)["avg_bits"] <= 4.0
     # given file from another model, NaN errors, impossible budget: clear errors
     doc = json.loads(cached.read_text())
     other = tmp_path / "other.json"

@@ -74,7 +74,9 @@ def test_reduced_evaluation_structure_grid_and_report(fp32_result):
     assert result["alignment"] >= 0.7  # fp32 tiny-sd, even at 8 steps and 30 images
     from PIL import Image
 
-    assert Image.open(grid).size == (3 * (2 + 3 * 18), 3 * (2 + 10 * 18))
+    from bfq.tinysd.evaluate import LABEL_BAND
+
+    assert Image.open(grid).size == (3 * (2 + 3 * 18), 3 * (2 + 10 * 18) + LABEL_BAND)  # a band for the scale labels
     assert "alignment" in format_report(result)
 
 

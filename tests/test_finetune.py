@@ -108,7 +108,10 @@ def test_config_file_stages_and_validation(tmp_path):
     assert (c2.stage, c2.lr, c2.feat_weight, c2.seed) == ("noise", 5e-6, 0.01, 7)
     assert FinetuneConfig.from_dict(c1.to_dict()) == c1
     defaults = FinetuneConfig()
-    assert (defaults.lr, defaults.uncond_prob, defaults.feat_weight, defaults.t_sampling) == (1e-5, 0.1, 0.01, "beta")
+    assert (defaults.lr, defaults.uncond_prob, defaults.feat_weight, defaults.t_sampling) == (None, 0.1, 0.01, "beta")
+    assert (defaults.stage_lr, defaults.replace(stage="noise").stage_lr, c1.stage_lr) == (1e-4, 1e-5, 2e-5)
+    with pytest.raises(ValueError, match="lr must be a finite number or null, got 'fast'"):
+        FinetuneConfig.from_dict({"lr": "fast"})
     with pytest.raises(ValueError, match="unknown key"):
         FinetuneConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(ValueError, match="t_sampling"):
@@ -442,13 +445,13 @@ def test_finetune_options_decorator_for_other_commands(tmp_path):
     @finetune_options
     def cmd(**params):
         s1, s2, c1, c2 = finetune_settings(params)
-        click.echo(json.dumps([s1, s2, c1.stage, c1.lr, c2.stage, c2.lr, c1.t_sampling, c1.batch_size]))
+        click.echo(json.dumps([s1, s2, c1.stage, c1.stage_lr, c2.stage, c2.stage_lr, c1.t_sampling, c1.batch_size]))
 
     cfg = tmp_path / "ft.json"
     cfg.write_text(json.dumps({"batch_size": 8, "stage2": {"lr": 2e-6}}))
     r = CliRunner().invoke(cmd, ["--stage1-steps", "5", "--t-sampling", "uniform", "--finetune-config", str(cfg)])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output) == [5, 0, "distill", 1e-5, "noise", 2e-6, "uniform", 8]
+    assert json.loads(r.output) == [5, 0, "distill", 1e-4, "noise", 2e-6, "uniform", 8]
     assert json.loads(CliRunner().invoke(cmd, []).output)[:2] == [0, 0]
 
 

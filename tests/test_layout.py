@@ -28,7 +28,7 @@ LAYERS = {
     "runtime": {"format", "quant", "tinysd"},
     "hub": {"format", "quant", "tinysd", "runtime"},
 }
-BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq.download"}
+BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq._quiet", "bfq.download"}
 # Stages of bfq.pipeline in the order a user runs them: a stage imports only earlier ones.
 STAGES = [("models", "plots", "sensitivity"), ("analyze",), ("allocate",), ("finetune",), ("export",), ("quantize",)]
 

@@ -108,19 +108,39 @@ def test_bare_unet_dir_needs_grid(unet_dir, tmp_path):
     assert not (tmp_path / "x.bfq").exists()
 
 
-def test_bits_budget_allocates_from_an_analysis(unet_dir, tmp_path):
+def test_bits_budget_allocates_from_an_analysis(unet_dir, tmp_path, monkeypatch):
+    """One analysis per model and settings, in the shared cache (not per work directory), announced
+    when it is computed and when it is reused; `bfq analyze` with those settings reuses it too."""
+    monkeypatch.setenv("BFQ_CACHE_DIR", str(tmp_path / "cache"))
+    said = []
     # grid mode on this tiny UNet: the time MLP kept in fp16 costs ~0.2 bits per weight
-    work = tmp_path / "work"
-    result = quantize(str(unet_dir), tmp_path / "b.bfq", bits=5.0, time_cache="grid", work_dir=work, progress=False)
+    result = quantize(str(unet_dir), tmp_path / "b.bfq", bits=5.0, time_cache="grid", work_dir=tmp_path / "w1",
+                      progress=False, log=said.append)  # fmt: skip
     assert result.summary["avg_bits"] <= 5.0
     assert len(set(result.recipe.bits.values())) > 1  # a mixed-precision allocation, not a uniform recipe
     from bfq.format.inspect import summarize
 
     summary = summarize(result.path)
     assert summary["avg_bits"] == pytest.approx(result.summary["avg_bits"], abs=1e-12)
-    assert any((work / "analysis").iterdir())  # the analysis is cached for the next budget
-    again = quantize(str(unet_dir), tmp_path / "c.bfq", bits=4.5, time_cache="grid", work_dir=work, allocator="optimal", progress=False)
+    with open_bfq(result.path) as f:  # nothing local in a file that may be published: the analysis by name
+        header = json.dumps({"model": f.header.model, "metadata": f.header.metadata})
+    assert str(tmp_path) not in header and str(unet_dir) not in header
+    (cached,) = (tmp_path / "cache" / "sensitivity").glob("sensitivity-*.json")
+    assert said[0].startswith("sensitivity analysis: computing it") and cached.name in said[0]
+    assert not (tmp_path / "w1" / "analysis").exists()
+    said.clear()
+    again = quantize(str(unet_dir), tmp_path / "c.bfq", bits=4.5, time_cache="grid", work_dir=tmp_path / "w2",
+                     progress=False, log=said.append)  # fmt: skip
     assert again.summary["avg_bits"] <= 4.5
+    assert said == [f"sensitivity analysis: reusing {cached} ({_entries(cached)} entries, complete)"]
+    r = CliRunner().invoke(main, ["analyze", str(unet_dir), "--time-cache", "grid", "-o", str(tmp_path / "s.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"reusing {tmp_path / 's.json'}" in r.stderr and json.loads((tmp_path / "s.json").read_text()) == json.loads(cached.read_text())
+
+
+def _entries(sens_path) -> int:
+    doc = json.loads(sens_path.read_text())
+    return sum(len(e["errors"]) for e in doc["layers"].values() if "errors" in e)
 
 
 def test_work_dir_resume_gives_identical_file(unet_dir, tmp_path):

@@ -24,7 +24,7 @@ TOP_LEVEL_KEYS = frozenset({"producer", "model", "metadata", "layers", "tensors"
 MODEL_KEYS = frozenset({"class_name", "config", "source"})
 # model.source, closed per kind: key -> (JSON type, required); "kind" itself is required
 SOURCE_KINDS = {
-    "hub": {"repo": (str, True), "revision": (str, False)},
+    "hub": {"repo": (str, True), "revision": (str, False), "subfolder": (str, False)},
     "file": {"sha256": (str, True), "name": (str, False)},
     "builtin": {"name": (str, True), "seed": (int, False)},
 }

@@ -75,7 +75,8 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
 
 
 def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
-    """Human-readable report: model, per-layer table, totals."""
+    """Human-readable report: model, per-layer table (``max_rows`` rows; all for None, no table for
+    0), totals."""
     lines = [
         f"file        {summary['file']}  ({summary['file_bytes']:,} bytes, {summary['file_bytes'] / 1e6:.2f} MB)",
         f"producer    {summary['producer']}",
@@ -86,14 +87,8 @@ def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
     cache = summary["time_cache"]
     if cache:
         lines.append(f"time cache  {cache['mode']}: {cache['timesteps']} timesteps, {cache['values']:,} values, {cache['bytes']:,} bytes")
-    width = max([len(r["name"]) for r in summary["layers"]] + [5])
-    lines += ["", f"{'layer':<{width}}  {'shape':<18} {'bits':>4} {'levels':>6} {'bytes':>12} {'bits/w':>7}"]
-    rows = summary["layers"] if max_rows is None else summary["layers"][:max_rows]
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['name']:<{width}}  {shape:<18} {r['bits']:>4} {r['num_levels']:>6} {r['bytes']:>12,} {r['bits_per_weight']:>7.3f}")
-    if len(rows) < len(summary["layers"]):
-        lines.append(f"... {len(summary['layers']) - len(rows)} more layers (--all shows them)")
+    if max_rows != 0:
+        lines += _layer_table(summary, max_rows)
     lines += [
         "",
         "bits        " + "  ".join(f"{b}-bit: {n}" for b, n in layer_bits_histogram(summary).items()),
@@ -113,6 +108,18 @@ def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
 def is_weight(tensor: Dense) -> bool:
     """A dense tensor the accounting counts as a weight (FORMAT.md §2.4): `*.weight`, >= 2 dims."""
     return tensor.name.endswith(".weight") and len(tensor.shape) >= 2
+
+
+def _layer_table(summary: dict, max_rows: int | None) -> list[str]:
+    width = max([len(r["name"]) for r in summary["layers"]] + [5])
+    lines = ["", f"{'layer':<{width}}  {'shape':<18} {'bits':>4} {'levels':>6} {'bytes':>12} {'bits/w':>7}"]
+    rows = summary["layers"] if max_rows is None else summary["layers"][:max_rows]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<{width}}  {shape:<18} {r['bits']:>4} {r['num_levels']:>6} {r['bytes']:>12,} {r['bits_per_weight']:>7.3f}")
+    if len(rows) < len(summary["layers"]):
+        lines.append(f"... {len(summary['layers']) - len(rows)} more layers (--all shows them)")
+    return lines
 
 
 def _source(source) -> str:

@@ -1,5 +1,7 @@
 """Write .bfq files: `BfqWriter` streams blocks to a temporary file as they are added and renames
-the finished file into place, so an interrupted write never touches an existing file."""
+the finished file into place, so an interrupted write never touches an existing file. The file gets
+the permissions the umask gives (``0o666 & ~umask``); an OS error (read-only file system, full disk,
+a file where a folder should be) is a one-line `bfq.errors.OutputError` naming the path."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from bfq._io import make_parents, new_file_mode, output_error
 from bfq.format import pack
 from bfq.format.constants import (
     DENSE_DTYPES,
@@ -54,8 +57,11 @@ class BfqWriter:
             "tensors": [],
         }
         self._names: set[str] = set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent)
+        make_parents(self.path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent)
+        except OSError as e:
+            raise output_error(self.path, e) from None
         self._data = os.fdopen(fd, "w+b")
         self._data_path = Path(tmp)
         self._end = 0
@@ -66,10 +72,12 @@ class BfqWriter:
         if len(view) == 0:
             raise ValueError("empty blocks are not allowed")
         pad = align_up(self._end) - self._end
-        if pad:
-            self._data.write(b"\0" * pad)
         offset = self._end + pad
-        self._data.write(view)
+        try:
+            self._data.write(b"\0" * pad)
+            self._data.write(view)
+        except OSError as e:
+            raise output_error(self.path, e) from None
         self._end = offset + len(view)
         return {"offset": offset, "length": len(view), "crc32": _crc32(view)}
 
@@ -162,26 +170,34 @@ class BfqWriter:
                 raise ValueError("internal error: the blocks do not tile the data written")
             if len(raw) > MAX_HEADER_BYTES:
                 raise ValueError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(_PREAMBLE.pack(MAGIC, VERSION, _crc32(raw), len(raw)))
-                    out.write(raw)
-                    out.write(b"\0" * (align_up(PREAMBLE_SIZE + len(raw)) - PREAMBLE_SIZE - len(raw)))
-                    self._data.flush()
-                    self._data.seek(0)
-                    while chunk := self._data.read(16 << 20):
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-                _fsync_dir(self.path.parent)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+                self._write_file(raw)
+            except OSError as e:
+                raise output_error(self.path, e) from None
         finally:
             self._discard()
         return self.path
+
+    def _write_file(self, raw: bytes) -> None:
+        """Preamble, header and data into a temporary file beside `path`, renamed over it."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            os.fchmod(fd, new_file_mode())
+            with os.fdopen(fd, "wb") as out:
+                out.write(_PREAMBLE.pack(MAGIC, VERSION, _crc32(raw), len(raw)))
+                out.write(raw)
+                out.write(b"\0" * (align_up(PREAMBLE_SIZE + len(raw)) - PREAMBLE_SIZE - len(raw)))
+                self._data.flush()
+                self._data.seek(0)
+                while chunk := self._data.read(16 << 20):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
         """Drop everything written so far; `path` is left as it was."""
@@ -190,7 +206,10 @@ class BfqWriter:
     def _discard(self) -> None:
         if not self._closed:
             self._closed = True
-            self._data.close()
+            try:
+                self._data.close()
+            except OSError:  # flushing data that is thrown away failed (a full disk): nothing to keep
+                pass
             self._data_path.unlink(missing_ok=True)
 
     def __enter__(self):

@@ -62,6 +62,9 @@ RECIPE_VERSION = 1
 DEFAULT_ETA = 0.3
 DEFAULT_PERCENTILES = (90.0, 95.0, 98.0)
 METHODS = ("paper", "optimal", "size-only")
+# The allocator every entry point uses unless told otherwise (`bfq allocate --method`, `bfq quantize
+# --allocator`, quantize(), recipe_for_budget()): the best measured on tiny-sd (README, Results).
+DEFAULT_ALLOCATOR = "optimal"
 ALIGN_METRICS = ("align_drop", "guidance_err")  # in order of preference for the paper's refinement
 
 
@@ -504,7 +507,7 @@ def allocate_optimal(sens, budget: float, *, metric: str = "mse", resolution: in
     return _result(prob, "optimal", budget, plan_bits, metric, details, notes)
 
 
-def allocate(sens, budget: float, method: str = "paper", **kwargs) -> Allocation:
+def allocate(sens, budget: float, method: str = DEFAULT_ALLOCATOR, **kwargs) -> Allocation:
     """Dispatch to :func:`allocate_paper`, :func:`allocate_optimal` or :func:`allocate_size_only`."""
     if method == "paper":
         return allocate_paper(sens, budget, **kwargs)

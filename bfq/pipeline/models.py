@@ -5,9 +5,12 @@ Accepted inputs of :func:`resolve_model`:
 * ``tiny-sd``: the bundled trained pipeline (:func:`bfq.tinysd.pipeline_dir`);
 * ``sd15-random``: an SD-v1.5-shaped UNet with random weights (:func:`build_sd15_random`), no download;
 * ``sd15``: ``stable-diffusion-v1-5/stable-diffusion-v1-5`` from the Hub (UNet + scheduler only);
-  any other ``owner/name`` that is not a local path is treated as a Hub repo id too;
+  any other ``owner/name`` that is not a local path is treated as a Hub repo id too, in the forms a
+  diffusers user passes: a pipeline repo (``model_index.json`` + ``unet/``), a UNet repo
+  (``config.json`` + weights at the top), either with ``subfolder=`` naming the UNet's folder, at
+  any ``revision``; only the files needed are downloaded (the UNet, the scheduler);
 * a local diffusers pipeline directory (``model_index.json`` + ``unet/``);
-* a bare UNet directory (``config.json`` + weights);
+* a bare UNet directory (``config.json`` + weights), or a folder holding one (``subfolder=``);
 * a single-file checkpoint: ``.safetensors`` (original-SD layout through diffusers'
   ``from_single_file``, or a diffusers-layout SD-v1.5 state dict). Pickle-based files (``.ckpt``,
   ``.bin``, ``.pt``, ``.pth``) are refused unless ``allow_pickle=True``; even then they are read
@@ -29,17 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from bfq.errors import InputError
+
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_N_PARAMS = 859_520_964
 SD15_N_LINEAR_CONV_WEIGHTS = 859_077_120
 BUILTIN_MODELS = ("tiny-sd", "sd15-random", "sd15")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["model_index.json", "scheduler/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
-_HUB_PICKLE_PATTERNS = ["unet/diffusion_pytorch_model.bin"]
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model name or path cannot be resolved or loaded (message says why and what to do)."""
 
 
@@ -217,7 +220,7 @@ def _load_unet_dir(unet_dir: Path, allow_pickle: bool):
     variant = "fp16" if all(".fp16." in p.name for p in files) else None
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            unet_dir, torch_dtype=torch.float32, use_safetensors=use_safetensors, variant=variant, local_files_only=True
+            unet_dir, use_safetensors=use_safetensors, variant=variant, local_files_only=True
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"cannot load the UNet in {unet_dir}: {e}") from None
@@ -245,29 +248,19 @@ def _resolve_pipeline(pipe_dir: Path, allow_pickle: bool):
     return unet, _load_scheduler(pipe_dir), files
 
 
-def _resolve_hub(repo: str, revision: str | None, allow_pickle: bool, cache_dir) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def _resolve_hub(repo: str, revision: str | None, subfolder: str | None, allow_pickle: bool, cache_dir) -> ResolvedModel:
+    from bfq.download import HubError, fetch_unet
 
-    patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
     try:
-        local = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, cache_dir=cache_dir))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise ModelError(
-            f"cannot get {repo!r}: {why} and it is not in the local Hugging Face cache. "
-            "Download it once with network access (e.g. `huggingface-cli download "
-            f"{repo} --include 'unet/*' 'scheduler/*' model_index.json`), or pass a local pipeline directory"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelError(f"cannot download {repo!r} from the Hub: {e}") from None
-    if not (local / "unet" / "config.json").is_file():
-        raise ModelError(f"{repo!r} has no unet/config.json: not a diffusers Stable Diffusion pipeline")
-    unet, files = _load_unet_dir(local / "unet", allow_pickle)
-    scheduler = _load_scheduler(local) if (local / "model_index.json").is_file() else None
-    source = {"kind": "hub", "repo": repo, "revision": local.name}
-    return ResolvedModel(unet, scheduler, source, base_dir=local, name=repo)
+        local, unet_dir, pipe_dir = fetch_unet(repo, revision=revision, subfolder=subfolder, cache_dir=cache_dir,
+                                               pickles=PICKLE_SUFFIXES, allow_pickle=allow_pickle)  # fmt: skip
+    except (HubError, InputError) as e:
+        raise ModelError(str(e)) from None
+    unet, _ = _load_unet_dir(local / unet_dir, allow_pickle)
+    scheduler = _load_scheduler(local / pipe_dir) if pipe_dir is not None else None
+    source = {"kind": "hub", "repo": repo, "revision": local.name, **({"subfolder": subfolder} if subfolder else {})}
+    base = local / pipe_dir if pipe_dir is not None else None
+    return ResolvedModel(unet, scheduler, source, base_dir=base, name=repo)
 
 
 def _read_checkpoint(path: Path, allow_pickle: bool) -> dict:
@@ -317,18 +310,29 @@ def _unet_from_checkpoint(ckpt: dict, path: Path):
         if kind == "v1":  # SD-v1.x: use the bundled config, so no Hub access is needed
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps(sd15_config()))
-                unet = UNet2DConditionModel.from_single_file(ckpt, config=tmp, torch_dtype=torch.float32)
+                unet = UNet2DConditionModel.from_single_file(ckpt, config=tmp)
         else:
-            unet = UNet2DConditionModel.from_single_file(ckpt, torch_dtype=torch.float32)
+            unet = UNet2DConditionModel.from_single_file(ckpt)
     except Exception as e:
         raise ModelError(f"{path.name}: diffusers cannot load a UNet from this checkpoint ({e})") from None
     return unet.float().eval()
+
+
+def _resolve_local_subfolder(path: Path, subfolder: str, allow_pickle: bool, name: str) -> ResolvedModel:
+    unet_dir = path / subfolder
+    if not (unet_dir / "config.json").is_file():
+        raise ModelError(f"{unet_dir} has no config.json: --subfolder must name the UNet's folder inside {path}")
+    unet, files = _load_unet_dir(unet_dir, allow_pickle)
+    pipeline = (path / "model_index.json").is_file()
+    source = {"kind": "file", "name": path.name, "sha256": _sha256_files(files)}
+    return ResolvedModel(unet, _load_scheduler(path) if pipeline else None, source, base_dir=path if pipeline else None, name=name)
 
 
 def resolve_model(
     name_or_path: str | os.PathLike,
     *,
     revision: str | None = None,
+    subfolder: str | None = None,
     allow_pickle: bool = False,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
@@ -338,6 +342,7 @@ def resolve_model(
     Args:
         name_or_path: "tiny-sd", "sd15-random", "sd15", a Hub repo id, or a local path.
         revision: Hub revision (branch, tag or commit) for Hub models.
+        subfolder: the UNet's folder inside a Hub repo or a local folder (as diffusers' ``subfolder=``).
         allow_pickle: allow pickle-based weights (.ckpt/.bin/.pt/.pth); off by default.
         seed: seed of "sd15-random".
         cache_dir: Hugging Face cache directory (default: huggingface_hub's).
@@ -361,8 +366,10 @@ def resolve_model(
         unet, scheduler, _ = _resolve_pipeline(base, allow_pickle=False)
         return ResolvedModel(unet, scheduler, {"kind": "builtin", "name": name}, base_dir=base, name=name)
     if name == "sd15":
-        return _resolve_hub(SD15_REPO, revision, allow_pickle, cache_dir)
+        return _resolve_hub(SD15_REPO, revision, subfolder, allow_pickle, cache_dir)
     path = Path(name).expanduser()
+    if subfolder and path.is_dir():
+        return _resolve_local_subfolder(path, subfolder, allow_pickle, name)
     if path.is_dir():
         if (path / "model_index.json").is_file() and (path / "unet").is_dir():
             unet, scheduler, files = _resolve_pipeline(path, allow_pickle)
@@ -382,7 +389,7 @@ def resolve_model(
         source = {"kind": "file", "name": path.name, "sha256": _sha256_files([path])}
         return ResolvedModel(unet, None, source, name=name)
     if _REPO_ID.match(name) and not name.startswith((".", "~")):
-        return _resolve_hub(name, revision, allow_pickle, cache_dir)
+        return _resolve_hub(name, revision, subfolder, allow_pickle, cache_dir)
     raise ModelError(
         f"unknown model {name!r}: use one of {', '.join(BUILTIN_MODELS)}, a Hub repo id, a diffusers "
         "pipeline or UNet directory, or a .safetensors checkpoint"

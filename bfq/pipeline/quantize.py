@@ -13,16 +13,17 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bfq._io import atomic_path
+from bfq._io import atomic_path, locked_dir
 from bfq.errors import RecipeError
 from bfq.pipeline import models
-from bfq.pipeline.allocate import METHODS, allocate
-from bfq.pipeline.analyze import analysis_cache_path, analyze
+from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS, allocate
+from bfq.pipeline.analyze import analysis_cache_path, shared_analysis
 from bfq.pipeline.export import export_unet, sampler_metadata
 from bfq.pipeline.sensitivity import (
     SensitivityError,
@@ -56,42 +57,40 @@ def pick_recipe(
     time_proj_bits: int | None,
     n_time_features: int,
     resolved: models.ResolvedModel | None = None,
-    allocator: str = "optimal",
+    allocator: str = DEFAULT_ALLOCATOR,
     sensitivity: str | os.PathLike | None = None,
-    work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
     `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate; the
     error-minimizing allocator by default, since it beat the paper's Alg. 1 on tiny-sd) from a
-    sensitivity analysis: the given file, one cached for this model and these settings, or a new
-    (resumable) proxy analysis. SD-v1.5-shaped models on a CPU-only machine with no analysis at
-    hand get the paper's published recipe.
+    sensitivity analysis: the given file, or the one cached for this model and these settings in the
+    cache every command shares (run, resumably, when missing). SD-v1.5-shaped models on a CPU-only
+    machine with no analysis at hand get the paper's published recipe.
     """
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
-    cache_dir = Path(work_dir) / "analysis" if work_dir else None
     if sensitivity is None and not torch.cuda.is_available():
         shortcut = _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features)
-        cached = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels, cache_dir=cache_dir)
+        cached = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels)
         if shortcut is not None and not cached.is_file():
             return shortcut
     return recipe_for_budget(
         unet, bits, sensitivity=sensitivity, method=allocator, resolved=resolved, time_cache=time_cache,
-        n_time_features=n_time_features, levels=levels, time_proj_bits=time_proj_bits,
-        cache_dir=cache_dir, progress=progress,
+        n_time_features=n_time_features, levels=levels, time_proj_bits=time_proj_bits, progress=progress, log=log,
     )  # fmt: skip
 
 
-def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "paper", resolved=None,
+def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DEFAULT_ALLOCATOR, resolved=None,
                       time_cache: str = "scheduler", n_time_features: int, levels: str | None = None,
                       time_proj_bits: int | None = None, cache_dir=None, mode: str = "proxy",
                       analysis_options: Mapping | None = None, progress: bool = True,
-                      allocator_options: Mapping | None = None):  # fmt: skip
+                      allocator_options: Mapping | None = None, log: Callable[[str], None] | None = None):  # fmt: skip
     """The recipe for ``bfq quantize MODEL --bits B``: analysis (reused or run), allocation, checks.
 
     Args:
@@ -107,11 +106,12 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "p
         time_cache, n_time_features, levels, time_proj_bits: as in ``bfq quantize`` (``n_time_features``
             = N_tf of the cache that will be exported, so the accounting matches ``bfq inspect``).
             In grid mode ``time_proj_bits`` fixes the time projections; without it they are allocated.
-        cache_dir: where analyses are cached (default :func:`default_cache_dir`); the lead passes the
-            ``--work-dir`` when there is one.
+        cache_dir: where analyses are cached (default :func:`bfq.pipeline.sensitivity.default_cache_dir`:
+            the cache ``bfq analyze`` shares).
         mode: analysis mode when one has to be run ("proxy" or "image").
         analysis_options: extra keyword arguments for :func:`bfq.pipeline.analyze.analyze`.
         allocator_options: extra keyword arguments for the allocator (e.g. ``{"eta": 0.3}``).
+        log: told whether the analysis is reused, resumed or computed, and where it is cached.
     Returns:
         ``(recipe, why)``: a validated :class:`bfq.quant.recipe.Recipe` and one sentence for the notes.
     Raises:
@@ -130,17 +130,14 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "p
         sens = load_sensitivity(sensitivity)
         where = "the sensitivity file" if isinstance(sensitivity, Mapping) else f"sensitivity file {os.fspath(sensitivity)}"
         check_model(sens, fp, where=where)
-        origin = "given" if isinstance(sensitivity, Mapping) else os.fspath(sensitivity)
+        origin = "given" if isinstance(sensitivity, Mapping) else Path(sensitivity).name
     else:
-        opts = dict(analysis_options or {})
-        scheduler = getattr(resolved, "scheduler", None)
-        base_dir = getattr(resolved, "base_dir", None)
-        path = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels, cache_dir=cache_dir,
-                                   mode=mode, analysis_options=opts, fingerprint=fp)  # fmt: skip
-        sens = analyze(unet, out=path, mode=mode, levels=levels, time_cache=time_cache, scheduler=scheduler,
-                          base_dir=base_dir, source=source, n_time_features=n_time_features, progress=progress,
-                          **opts)  # fmt: skip
-        origin = str(path)
+        sens, path = shared_analysis(
+            unet, cache_dir=cache_dir, log=log, mode=mode, levels=levels, time_cache=time_cache,
+            scheduler=getattr(resolved, "scheduler", None), base_dir=getattr(resolved, "base_dir", None), source=source,
+            n_time_features=n_time_features, progress=progress, **dict(analysis_options or {}),
+        )  # fmt: skip
+        origin = f"cached as {path.name}"
     if sens["accounting"]["levels"] != levels:
         raise SensitivityError(
             f"the sensitivity analysis measured {sens['accounting']['levels']} levels, but {levels} levels were asked for"
@@ -222,8 +219,20 @@ def _finetune(resolved, unet, stage1_steps, stage2_steps, config, stage2_config,
     if not is_main_process(config.cpu):
         return None
     unet.cpu()
-    return json.dumps({"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "config": config.to_dict(),
-                       "stage2_config": (stage2_config or config).to_dict()})  # fmt: skip
+    return json.dumps({"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "config": _public(config),
+                       "stage2_config": _public((stage2_config or config).replace(stage="noise"))})  # fmt: skip
+
+
+def _public(config) -> dict:
+    """A fine-tuning config for a file that may be published: the paths it names (data folder,
+    prompt file, CLIP model) reduced to their last component, nothing local; the learning rate used."""
+    out = config.to_dict() | {"lr": config.stage_lr}
+    for key in ("data", "eval_clip", "eval_prompts"):
+        value = out.get(key)
+        if isinstance(value, str) and (os.sep in value or "/" in value):
+            kind, colon, path = value.partition(":") if key == "data" else ("", "", value)
+            out[key] = f"{kind}{colon}{Path(path).name}"
+    return out
 
 
 def quantize(
@@ -241,9 +250,10 @@ def quantize(
     dense_dtype: str = "f32",
     work_dir: str | os.PathLike | None = None,
     revision: str | None = None,
+    subfolder: str | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
-    allocator: str = "optimal",
+    allocator: str = DEFAULT_ALLOCATOR,
     sensitivity: str | os.PathLike | None = None,
     stage1_steps: int = 0,
     stage2_steps: int = 0,
@@ -253,58 +263,59 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize `model` (see bfq.pipeline.models.resolve_model) and write `out`.
 
-    `work_dir`, when given, keeps the initialized scales, the sensitivity analysis and the
-    fine-tuning checkpoints, so that a rerun with the same settings resumes where it stopped.
+    `work_dir`, when given, keeps the initialized scales and the fine-tuning checkpoints, so that a
+    rerun with the same settings resumes where it stopped; it is locked for the run (a second run
+    on it is refused, naming the first). Sensitivity analyses live in the shared cache
+    (:func:`bfq.pipeline.analyze.shared_analysis`), announced through `log`.
     `stage1_steps`/`stage2_steps` > 0 fine-tune the initialized model before the export
     (bfq.pipeline.finetune.run_finetune_stages with `finetune_config`/`finetune_stage2_config`, both
     bfq.pipeline.finetune.FinetuneConfig). Under `accelerate launch` only the main process exports; the
     others return a result whose `path` is None.
     """
-    seconds = {}
-    t0 = time.perf_counter()
-    resolved = models.resolve_model(model, revision=revision, allow_pickle=allow_pickle)
-    unet = resolved.unet
-    seconds["load"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    cache = compute_time_cache(resolved, time_cache, steps)
-    n_tf = sum(t.size for t in cache["tables"].values())
-    plan, why = pick_recipe(
-        unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits,
-        n_time_features=n_tf, resolved=resolved, allocator=allocator, sensitivity=sensitivity, work_dir=work_dir,
-        progress=progress,
-    )  # fmt: skip
-    summary = recipes.summarize(plan, unet, time_cache, n_tf)
-    seconds["time_cache"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    settings = {"source": resolved.source, "recipe": plan.to_json(), "init": init, "scale_dtype": scale_dtype}
-    resumed = _init_layers(unet, plan, init=init, scale_dtype=scale_dtype, work_dir=Path(work_dir) if work_dir else None, settings=settings, progress=progress)
-    seconds["initialize"] = time.perf_counter() - t0
-
-    metadata = {"init": init, "recipe_note": why}
-    if stage1_steps or stage2_steps:
+    with ExitStack() as stack:
+        if work_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # one lock per run, not per rank
+            stack.enter_context(locked_dir(work_dir))
+        seconds = {}
         t0 = time.perf_counter()
-        record = _finetune(resolved, unet, stage1_steps, stage2_steps, finetune_config, finetune_stage2_config,
-                           work_dir=work_dir, progress=progress, log=log)  # fmt: skip
-        seconds["finetune"] = time.perf_counter() - t0
-        if record is None:  # another rank of a multi-process run: the main one exports
-            return QuantizeResult(None, plan, summary, seconds, [why])
-        metadata["finetune"] = record
+        resolved = models.resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle)
+        unet = resolved.unet
+        seconds["load"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if resolved.scheduler is not None and time_cache == "scheduler":
-        metadata.update(sampler_metadata(resolved.scheduler, steps))
-    path = export_unet(
-        unet,
-        out,
-        source=resolved.source,
-        time_cache=cache,
-        recipe={**summary, "notes": plan.notes or ""},
-        metadata=metadata,
-        dense_dtype=dense_dtype,
-        progress=progress,
-    )
-    seconds["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache = compute_time_cache(resolved, time_cache, steps)
+        n_tf = sum(t.size for t in cache["tables"].values())
+        seconds["time_cache"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        plan, why = pick_recipe(
+            unet, bits=bits, recipe=recipe, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits,
+            n_time_features=n_tf, resolved=resolved, allocator=allocator, sensitivity=sensitivity, progress=progress,
+            log=log,
+        )  # fmt: skip
+        summary = recipes.summarize(plan, unet, time_cache, n_tf)
+        seconds["recipe"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        settings = {"source": resolved.source, "recipe": plan.to_json(), "init": init, "scale_dtype": scale_dtype}
+        resumed = _init_layers(unet, plan, init=init, scale_dtype=scale_dtype, work_dir=Path(work_dir) if work_dir else None,
+                               settings=settings, progress=progress)  # fmt: skip
+        seconds["initialize"] = time.perf_counter() - t0
+
+        metadata = {"init": init, "recipe_note": why}
+        if stage1_steps or stage2_steps:
+            t0 = time.perf_counter()
+            record = _finetune(resolved, unet, stage1_steps, stage2_steps, finetune_config, finetune_stage2_config,
+                               work_dir=work_dir, progress=progress, log=log)  # fmt: skip
+            seconds["finetune"] = time.perf_counter() - t0
+            if record is None:  # another rank of a multi-process run: the main one exports
+                return QuantizeResult(None, plan, summary, seconds, [why])
+            metadata["finetune"] = record
+
+        t0 = time.perf_counter()
+        if resolved.scheduler is not None and time_cache == "scheduler":
+            metadata.update(sampler_metadata(resolved.scheduler, steps))
+        path = export_unet(unet, out, source=resolved.source, time_cache=cache, recipe={**summary, "notes": plan.notes or ""},
+                           metadata=metadata, dense_dtype=dense_dtype, progress=progress)  # fmt: skip
+        seconds["export"] = time.perf_counter() - t0
     notes = [why] + (["initialized scales reused from the work directory"] if resumed else [])
     return QuantizeResult(Path(path), plan, summary, seconds, notes)

@@ -31,11 +31,20 @@ pass them to ``install_scheduler_cache`` again).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from bfq.errors import InputError
+from bfq.quant.time_modules import (
+    _CachedTimeFeatures,
+    _GridTimeEmbedding,
+    _TimeEmbeddingPlaceholder,
+    _TimeState,
+    unique_timesteps,
+)
 
 MODES = ("scheduler", "grid")
 DEFAULT_STEPS = 50  # sampler steps a scheduler cache is made for by default: the paper's PNDM-50
@@ -100,29 +109,34 @@ def n_time_features(unet: nn.Module, mode: str, n_timesteps: int) -> int:
     return sum(unet.get_parameter(n).numel() for n in time_mlp_weight_names(unet))
 
 
-def unique_timesteps(timesteps: Iterable | torch.Tensor | np.ndarray) -> list[float]:
-    """The distinct timesteps in first-seen order, as Python floats (PNDM's 51 steps give 50)."""
-    if isinstance(timesteps, (torch.Tensor, np.ndarray)):
-        timesteps = np.asarray(torch.as_tensor(timesteps).detach().cpu().double()).reshape(-1).tolist()
-    out, seen = [], set()
-    for t in timesteps:
-        t = float(t)
-        if not np.isfinite(t):
-            raise ValueError(f"timesteps must be finite, got {t}")
-        if t not in seen:
-            seen.add(t)
-            out.append(t)
-    if not out:
-        raise ValueError("no timesteps given")
-    return out
-
-
 def scheduler_timesteps(scheduler, num_inference_steps: int) -> list[float]:
     """``unique_timesteps`` of a diffusers scheduler after ``set_timesteps(num_inference_steps)``
-    (on a copy: the scheduler passed in is not changed)."""
+    (on a copy: the scheduler passed in is not changed).
+
+    Raises:
+        InputError: ``num_inference_steps`` is not in 1..num_train_timesteps.
+    """
+    n_train = int(scheduler.config.num_train_timesteps)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= n_train:
+        raise InputError(f"sampler steps must be an integer in 1..{n_train} (the scheduler's training timesteps), "
+                         f"got {num_inference_steps!r}")  # fmt: skip
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps)
     return unique_timesteps(sched.timesteps)
+
+
+def check_cached_steps(cached: Sequence[float], scheduler, steps: int, cached_steps: int | None = None) -> None:
+    """Raise :class:`InputError` unless every timestep ``scheduler`` visits in ``steps`` steps is in a
+    scheduler-mode cache holding ``cached`` (made for ``cached_steps`` steps of that scheduler): the
+    check that lets a command refuse a step count up front instead of failing mid-sampling."""
+    missing = set(scheduler_timesteps(scheduler, steps)) - {float(t) for t in cached}
+    if missing:
+        made_for = f"{type(scheduler).__name__} at {cached_steps} steps" if cached_steps else f"{len(cached)} timesteps"
+        use = f"use --steps {cached_steps}" if cached_steps else f"use the step count it was made for ({len(cached)})"
+        raise InputError(
+            f"this file's time cache (scheduler mode) holds the time features of {made_for} only, so it cannot sample "
+            f"{steps} steps: {use}, or make a file for any step count with `bfq quantize ... --time-cache grid`"
+        )
 
 
 def time_cache_mode(unet: nn.Module) -> str | None:
@@ -138,11 +152,6 @@ def time_cache_mode(unet: nn.Module) -> str | None:
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"time cache mode must be one of {MODES}, got {mode!r}")
-
-
-def _summary(values: Sequence[float], limit: int = 8) -> str:
-    txt = ", ".join(f"{v:g}" for v in values[:limit])
-    return f"[{txt}, ... ({len(values)} in all)]" if len(values) > limit else f"[{txt}]"
 
 
 def _refuse_if_unsupported(unet: nn.Module, mode: str) -> None:
@@ -162,111 +171,6 @@ def _refuse_if_unsupported(unet: nn.Module, mode: str) -> None:
             )
         if not resnets_with_time_proj(unet):
             raise ValueError("this UNet has no ResnetBlock2D with time_emb_proj to cache")
-
-
-# ------------------------------------------------------------------------------ runtime modules
-
-
-class _TimeState:
-    """Per-UNet state shared by the replaced modules: the exact timesteps of the current call."""
-
-    def __init__(self, keys: Sequence[float] | None = None):
-        self.t: torch.Tensor | None = None  # float64 [B], CPU
-        self.keys = None if keys is None else torch.tensor(list(keys), dtype=torch.float64)
-        self._rows: torch.Tensor | None = None
-        self._rows_on: dict = {}
-
-    def pre_hook(self, module, args, kwargs):
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-        if timestep is None:
-            raise ValueError("the UNet was called without a timestep")
-        t = torch.as_tensor(timestep).detach().to("cpu", torch.float64).reshape(-1)
-        batch = sample.shape[0]
-        if t.numel() not in (1, batch):
-            raise ValueError(f"{t.numel()} timesteps for a batch of {batch}")
-        self.t = t.expand(batch).contiguous()
-        self._rows, self._rows_on = None, {}
-        if self.keys is not None:
-            match = self.t[:, None] == self.keys[None, :]
-            found = match.any(1)
-            if not bool(found.all()):
-                missing = unique_timesteps(self.t[~found])
-                raise ValueError(
-                    f"timestep(s) {_summary(missing)} are not in the time-feature cache; "
-                    f"cached timesteps: {_summary(self.keys.tolist())}. Rebuild the cache for this "
-                    "scheduler and step count, or use the grid time cache"
-                )
-            self._rows = match.to(torch.int8).argmax(1)
-
-    def current(self) -> torch.Tensor:
-        if self.t is None:
-            raise RuntimeError("time cache used outside a UNet forward call")
-        return self.t
-
-    def rows(self, device: torch.device) -> torch.Tensor:
-        self.current()
-        key = str(device)
-        if key not in self._rows_on:
-            self._rows_on[key] = self._rows.to(device)
-        return self._rows_on[key]
-
-
-class _TimeEmbeddingPlaceholder(nn.Module):
-    """Scheduler mode's ``time_embedding``: no weights, returns an empty ``[B, 0]`` embedding."""
-
-    def __init__(self, state: _TimeState):
-        super().__init__()
-        self._state = state
-
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        if condition is not None:
-            raise ValueError("timestep_cond is not supported with a time-feature cache")
-        return sample[:, :0]
-
-
-class _CachedTimeFeatures(nn.Module):
-    """Scheduler mode's ``time_emb_proj``: returns the cached fp16 row of each batch element."""
-
-    def __init__(self, state: _TimeState, features: torch.Tensor):
-        super().__init__()
-        self._state = state
-        self.register_buffer("features", features)
-
-    def forward(self, temb: torch.Tensor) -> torch.Tensor:
-        rows = self._state.rows(self.features.device)
-        if rows.shape[0] != temb.shape[0]:
-            raise RuntimeError(f"time cache: batch {temb.shape[0]} but {rows.shape[0]} timesteps recorded")
-        return self.features.index_select(0, rows).to(temb.dtype)
-
-    def extra_repr(self) -> str:
-        return f"timesteps={self.features.shape[0]}, dim={self.features.shape[1]}"
-
-
-class _GridTimeEmbedding(nn.Module):
-    """Grid mode's ``time_embedding`` (bfq 0.1 files): rows of a table, linearly interpolated at fractional t."""
-
-    def __init__(self, state: _TimeState, table: torch.Tensor):
-        super().__init__()
-        self._state = state
-        self.register_buffer("table", table)
-
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        if condition is not None:
-            raise ValueError("timestep_cond is not supported with a time-feature cache")
-        t = self._state.current()
-        n = self.table.shape[0]
-        if bool(((t < 0) | (t > n - 1)).any()):
-            raise ValueError(f"timestep(s) {_summary(unique_timesteps(t))} outside the cached grid 0..{n - 1}")
-        i0 = t.floor().clamp(max=max(n - 2, 0))
-        frac = (t - i0).to(torch.float32)[:, None].to(self.table.device)
-        i0 = i0.long().to(self.table.device)
-        i1 = (i0 + 1).clamp(max=n - 1)
-        lo, hi = self.table.index_select(0, i0).float(), self.table.index_select(0, i1).float()
-        return (lo * (1 - frac) + hi * frac).to(sample.dtype)
-
-    def extra_repr(self) -> str:
-        return f"grid={self.table.shape[0]}, dim={self.table.shape[1]}"
 
 
 # --------------------------------------------------------------------------- compute and install

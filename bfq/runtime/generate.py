@@ -1,16 +1,26 @@
-"""Generate images with a quantized UNet inside its base Stable Diffusion pipeline."""
+"""Generate images with a quantized UNet inside its base Stable Diffusion pipeline.
+
+A file with a scheduler-mode time cache holds time features for one sampler and step count only:
+sampling defaults to them, and any other step count is refused before anything is loaded.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bfq.errors import BfqFormatError
+from bfq._io import atomic_path
+from bfq._quiet import quiet_libraries
+from bfq.errors import InputError
+from bfq.quant.timecache import check_cached_steps, scheduler_timesteps
 
 DEFAULT_STEPS = 50
+GUTTER = 4  # pixels between the images of a grid
+GUTTER_COLOR = (255, 255, 255)
 
 
 def base_pipeline_for(source: dict | None) -> str:
@@ -22,8 +32,9 @@ def base_pipeline_for(source: dict | None) -> str:
         return str(pipeline_dir())
     if source.get("kind") == "hub" and source.get("repo"):
         return source["repo"]
-    raise BfqFormatError(
-        f"model.source {source!r} names no pipeline to take the VAE and text encoder from; pass --base DIR_OR_ID"
+    raise InputError(
+        f"the file does not say which pipeline it was made from (model.source {source or 'absent'}), so the "
+        "VAE and text encoder are unknown: pass --base DIR_OR_REPO (a Stable Diffusion pipeline)"
     )
 
 
@@ -40,48 +51,115 @@ def cached_sampler(metadata: dict):
     return cls.from_config(spec["config"]), int(metadata.get("num_inference_steps", DEFAULT_STEPS))
 
 
-def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, revision: str | None = None,
-                  runtime: str = "auto"):  # fmt: skip
-    """A StableDiffusionPipeline with the quantized UNet of `model`, and its default step count.
-    `runtime` is :func:`bfq.load_unet`'s ("auto": packed on the CPU, dense on accelerators)."""
-    from diffusers import StableDiffusionPipeline
+@dataclass
+class FileSampler:
+    """What a .bfq file says about sampling with it."""
 
-    import bfq
+    path: str
+    source: dict | None
+    config: dict  # the UNet's config
+    cache_mode: str | None  # "scheduler", "grid" or None
+    cached_timesteps: list[float]
+    scheduler: object | None  # the scheduler a scheduler-mode cache was made for (None: unknown)
+    steps: int | None  # its step count
+
+    def check_steps(self, steps: int, scheduler=None) -> None:
+        """Raise InputError unless ``scheduler`` (default: the file's own; None: nothing known yet) can
+        sample ``steps`` steps with this file: 1..its training timesteps, and only cached timesteps
+        for a scheduler-mode cache."""
+        scheduler = scheduler or self.scheduler
+        if scheduler is None:
+            return
+        if self.cache_mode == "scheduler":
+            check_cached_steps(self.cached_timesteps, scheduler, steps, self.steps)
+        else:
+            scheduler_timesteps(scheduler, steps)
+
+    def default_steps(self) -> int:
+        return self.steps or DEFAULT_STEPS
+
+
+def file_sampler(model: str, revision: str | None = None) -> FileSampler:
+    """Read (without decoding any layer) the sampling facts of a .bfq path or Hub repo id."""
     from bfq.download import download_bfq
     from bfq.format import open_bfq
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     path = model if os.path.exists(model) else download_bfq(model, revision=revision)
     with open_bfq(path) as f:
-        source, metadata = f.header.model.get("source"), f.header.metadata
-    unet = bfq.load_unet(path, device=device, dtype=dtype, runtime=runtime)
-    pipe = StableDiffusionPipeline.from_pretrained(base or base_pipeline_for(source), unet=unet, torch_dtype=dtype, safety_checker=None)
+        model, metadata, cache = f.header.model, f.header.metadata, f.header.time_cache
     scheduler, steps = cached_sampler(metadata)
-    if scheduler is not None:
-        pipe.scheduler = scheduler
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), steps
+    mode = cache.mode if cache is not None else None
+    timesteps = list(cache.timesteps) if cache else []
+    return FileSampler(os.fspath(path), model.get("source"), model["config"], mode, timesteps, scheduler, steps)
 
 
-def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_images=1, steps=None, guidance=7.5, seed=0, device=None, revision=None, runtime="auto") -> Path:
-    """Generate `num_images` per prompt and save them as one PNG grid (a row per prompt)."""
+def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, revision: str | None = None,
+                  sampler: FileSampler | None = None, runtime: str = "auto"):  # fmt: skip
+    """A StableDiffusionPipeline with the quantized UNet of `model`, and its default step count.
+    `runtime` is :func:`bfq.load_unet`'s ("auto": packed on the CPU, dense on accelerators)."""
+    import bfq
+
+    sampler = sampler or file_sampler(model, revision)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    base = base or base_pipeline_for(sampler.source)
+    unet = bfq.load_unet(sampler.path, device=device, dtype=dtype, runtime=runtime)
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, safety_checker=None)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot load the base pipeline {base} (VAE, text encoder): {exc}; pass --base "
+                             "DIR_OR_REPO naming a Stable Diffusion pipeline") from None  # fmt: skip
+        if sampler.scheduler is not None:
+            pipe.scheduler = sampler.scheduler
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device, dtype) if dtype != torch.float32 else pipe.to(device)
+    return pipe, sampler.steps
+
+
+def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_images=1, steps=None, guidance=7.5, seed=0,
+             device=None, revision=None, runtime="auto") -> Path:  # fmt: skip
+    """Generate `num_images` per prompt and save them as one image grid (a row per prompt, gutters
+    between images). The step count defaults to the one a scheduler-mode time cache was made for;
+    another one is refused before the pipeline is loaded."""
+    image_format = _pil_format(out)
+    sampler = file_sampler(model, revision)
+    steps = steps or sampler.default_steps()
+    sampler.check_steps(steps)
+    pipe, _ = load_pipeline(model, base=base, device=device, revision=revision, sampler=sampler, runtime=runtime)
+    sampler.check_steps(steps, pipe.scheduler)  # a file that does not name its scheduler: the base's
+    generator = torch.Generator("cpu").manual_seed(seed)
+    rows = [pipe([prompt] * num_images, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
+            for prompt in prompts]  # fmt: skip
+    grid = image_grid(rows)
+    with atomic_path(out) as tmp:
+        grid.save(tmp, format=image_format)
+    return Path(out)
+
+
+def image_grid(rows: list[list], gutter: int = GUTTER):
+    """One image of equally sized images, a row per list, ``gutter`` pixels between them; images
+    smaller than 128 px (tiny-sd: 16 px) are enlarged to be seen."""
     from PIL import Image
 
-    pipe, cached_steps = load_pipeline(model, base=base, device=device, revision=revision, runtime=runtime)
-    steps = steps or cached_steps or DEFAULT_STEPS
-    generator = torch.Generator("cpu").manual_seed(seed)
-    rows = []
-    for prompt in prompts:
-        result = pipe([prompt] * num_images, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
-        rows.append(result.images)
-    zoom = max(1, 128 // rows[0][0].size[0])  # small models (tiny-sd: 16 px) are enlarged to be seen
-    rows = [[image.resize((image.width * zoom, image.height * zoom), Image.NEAREST) for image in images] for images in rows]
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * num_images, h * len(rows)))
+    w0, h0 = rows[0][0].size
+    zoom = max(1, 128 // w0)
+    w, h = w0 * zoom, h0 * zoom
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gutter, len(rows) * h + (len(rows) - 1) * gutter), GUTTER_COLOR)
     for r, images in enumerate(rows):
         for c, image in enumerate(images):
-            grid.paste(image, (c * w, r * h))
-    out = Path(out)
-    grid.save(out)
-    return out
+            grid.paste(image.resize((w, h), Image.NEAREST), (c * (w + gutter), r * (h + gutter)))
+    return grid
+
+
+def _pil_format(path) -> str:
+    from PIL import Image
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        raise InputError(f"{path}: cannot write an image with the suffix {suffix or '(none)'}; use .png, .jpg or .webp")
+    return Image.registered_extensions()[suffix]

@@ -40,14 +40,16 @@ def load_pipeline(torch_dtype=None, unet=None, directory=None):
         >>> image = pipe("a handwritten digit seven", num_inference_steps=20).images[0]
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from bfq._quiet import quiet_libraries
 
     kwargs = {} if unet is None else {"unet": unet}
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(directory or pipeline_dir()), local_files_only=True, **kwargs)
     if torch_dtype is not None and torch_dtype != torch.float32:  # the weights are stored in fp32
-        kwargs["torch_dtype"] = torch_dtype
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(directory or pipeline_dir()), local_files_only=True, **kwargs
-    )
+        pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

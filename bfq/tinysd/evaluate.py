@@ -53,15 +53,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
 
 
-def _pipeline(unet, base):
-    """The pipeline at ``base`` with ``unet`` swapped in and the evaluation's DDIM sampler.
+def ddim_sampler(base=None):
+    """The evaluation's sampler: DDIM (``eta=0``, no sample clipping) on the noise schedule of the
+    pipeline at ``base`` (default: the bundled tiny-sd)."""
+    from diffusers import DDIMScheduler
+
+    from bfq.tinysd import pipeline_dir
+
+    config = DDIMScheduler.load_config(str(Path(base or pipeline_dir()) / "scheduler"))
+    return DDIMScheduler.from_config(config, clip_sample=False)
+
+
+def _pipeline(unet, base, scheduler=None):
+    """The pipeline at ``base`` with ``unet`` swapped in and ``scheduler`` (default :func:`ddim_sampler`).
 
     Everything runs in float32: a UNet with half-precision weights is evaluated as a float32 copy.
     """
     import copy
 
     import torch
-    from diffusers import DDIMScheduler
 
     from bfq.tinysd import load_pipeline
 
@@ -69,13 +79,14 @@ def _pipeline(unet, base):
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         unet = copy.deepcopy(unet).float()
     pipe = load_pipeline(unet=unet, directory=base)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.scheduler = copy.deepcopy(scheduler) if scheduler is not None else ddim_sampler(base)
     pipe.unet.eval()
     return pipe
 
 
-def generate(pipe, prompts: list[str], latents, cfg: float, steps: int, batch_size: int = 250) -> np.ndarray:
-    """Images ``N x H x W x 3`` in [0, 1] for ``prompts`` from the given initial ``latents``."""
+def generate(pipe, prompts: list[str], latents, cfg: float, steps: int, batch_size: int = 250, bar=None) -> np.ndarray:
+    """Images ``N x H x W x 3`` in [0, 1] for ``prompts`` from the given initial ``latents``;
+    ``bar`` (a tqdm bar) advances by the images of each batch."""
     import torch
 
     out = []
@@ -90,6 +101,8 @@ def generate(pipe, prompts: list[str], latents, cfg: float, steps: int, batch_si
                 output_type="np",
             )
             out.append(np.asarray(result.images, dtype=np.float32))
+            if bar is not None:
+                bar.update(len(out[-1]))
     return np.concatenate(out)
 
 
@@ -108,6 +121,8 @@ def evaluate(
     threads: int | None = 1,
     classifier=None,
     device: str = "cpu",
+    scheduler=None,
+    progress: bool = False,
 ) -> dict:
     """Score a tiny-sd UNet: alignment and Fréchet distance at each CFG scale.
 
@@ -121,12 +136,15 @@ def evaluate(
         n_per_digit: images per digit and scale (10x that many per scale).
         steps: DDIM steps.
         seed: seeds the prompts' templates and the initial latents.
-        grid_path: if given, a PNG grid is written there: one row per digit, ``grid_columns``
-            samples for each scale, scales left to right.
+        grid_path: if given, an image grid is written there: one row per digit, ``grid_columns``
+            samples for each scale, scales left to right, each labelled with its scale.
         batch_size: prompts per pipeline call.
         threads: torch threads while evaluating (restored afterwards); None leaves it alone.
         classifier: a loaded :class:`bfq.tinysd.classifier.Classifier` (default: the bundled one).
         device: where the pipeline runs (the initial latents are drawn on the CPU either way).
+        scheduler: the sampler (default :func:`ddim_sampler`; a UNet whose scheduler-mode time
+            cache holds other timesteps needs the scheduler it was made for).
+        progress: show a progress bar (images generated, with ETA) on stderr.
     Returns:
         ``{"alignment", "fd", "default_cfg", "sweep": [{"cfg", "alignment", "fd"}, ...],
         "settings": {...}, "seconds"}``.
@@ -136,6 +154,7 @@ def evaluate(
         >>> r["alignment"], r["fd"]
     """
     import torch
+    from tqdm.auto import tqdm
 
     from bfq.tinysd import pipeline_dir
     from bfq.tinysd.classifier import load_classifier
@@ -149,29 +168,26 @@ def evaluate(
         base = Path(base or pipeline_dir())
         scales = sorted(set(float(c) for c in cfg_scales) | {float(default_cfg)})
         clf = classifier or load_classifier()
-        pipe = _pipeline(unet, base).to(device)
+        pipe = _pipeline(unet, base, scheduler).to(device)
         prompts = eval_prompts(n_per_digit, seed)
         size = pipe.unet.config.sample_size
         shape = (len(prompts), pipe.unet.config.in_channels, size, size)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
         digits = np.array([p.digit for p in prompts])
         sweep, grids = [], []
-        for cfg in scales:
-            images = generate(pipe, [p.text for p in prompts], latents, cfg, steps, batch_size)
-            labels, feats = clf(images.mean(-1))
-            sweep.append(
-                dict(
-                    cfg=cfg,
-                    alignment=float((labels == digits).mean()),
-                    fd=frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), clf.mu, clf.sigma),
-                )
-            )
-            grids.append(images.reshape(10, n_per_digit, *images.shape[1:])[:, :grid_columns])
+        with tqdm(total=len(scales) * len(prompts), desc="eval", unit="image", disable=not progress) as bar:
+            for cfg in scales:
+                bar.set_postfix_str(f"cfg {cfg:g}", refresh=False)
+                images = generate(pipe, [p.text for p in prompts], latents, cfg, steps, batch_size, bar)
+                labels, feats = clf(images.mean(-1))
+                fd = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), clf.mu, clf.sigma)
+                sweep.append(dict(cfg=cfg, alignment=float((labels == digits).mean()), fd=fd))
+                grids.append(images.reshape(10, n_per_digit, *images.shape[1:])[:, :grid_columns])
     finally:
         torch.set_num_threads(previous_threads)
     at_default = next(row for row in sweep if row["cfg"] == float(default_cfg))
     if grid_path is not None:
-        save_grid(grids, grid_path)
+        save_grid(grids, grid_path, labels=[f"cfg {c:g}" for c in scales])
     return dict(
         alignment=at_default["alignment"],
         fd=at_default["fd"],
@@ -182,7 +198,7 @@ def evaluate(
             n_per_digit=n_per_digit,
             images_per_scale=len(prompts),
             steps=steps,
-            sampler="DDIM eta=0",
+            sampler="DDIM eta=0" if scheduler is None else type(scheduler).__name__,
             seed=seed,
             threads=threads,
         ),
@@ -190,13 +206,17 @@ def evaluate(
     )
 
 
-def save_grid(blocks, path, zoom: int = 3, gap: int = 2) -> Path:
-    """Write sample blocks (each ``rows x cols x H x W x 3`` in [0, 1]) side by side as one PNG.
+def save_grid(blocks, path, zoom: int = 3, gap: int = 2, labels=None) -> Path:
+    """Write sample blocks (each ``rows x cols x H x W x 3`` in [0, 1]) side by side as one image,
+    atomically (missing folders are created).
 
     Pixels are enlarged ``zoom`` times (nearest neighbour); blocks and images are separated by
-    mid-gray gaps of ``gap`` pixels.
+    mid-gray gaps of ``gap`` pixels; ``labels`` (one per block, e.g. its CFG scale) are written in a
+    band above the blocks.
     """
     from PIL import Image
+
+    from bfq._io import atomic_path
 
     tiles = []
     for block in blocks:
@@ -210,10 +230,32 @@ def save_grid(blocks, path, zoom: int = 3, gap: int = 2) -> Path:
     sep = np.full((tiles[0].shape[0], 2 * gap, 3), 0.2, np.float32)
     grid = np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1)
     grid = np.kron(grid, np.ones((zoom, zoom, 1), np.float32))
+    image = Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8))
+    if labels:
+        image = _label_blocks(image, [t.shape[1] * zoom for t in tiles], 2 * gap * zoom, labels)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path
+
+
+LABEL_BAND = 14  # pixels above the blocks for their labels
+LABEL_INK = (0, 0, 0)
+
+
+def _label_blocks(image, widths: list[int], sep: int, labels: list[str]):
+    """``image`` with a white band on top holding ``labels[i]`` centred over the block of ``widths[i]``."""
+    from PIL import Image, ImageDraw
+
+    out = Image.new("RGB", (image.width, image.height + LABEL_BAND), (255, 255, 255))
+    out.paste(image, (0, LABEL_BAND))
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for width, label in zip(widths, labels):
+        left, top, right, bottom = draw.textbbox((0, 0), label)
+        draw.text((x + (width - (right - left)) // 2, (LABEL_BAND - (bottom - top)) // 2 - top), label, fill=LABEL_INK)
+        x += width + sep
+    return out
 
 
 def format_report(result: dict, title: str = "") -> str:

@@ -10,6 +10,7 @@ from bfq.pipeline.analyze.run import (
     analyze,
     analyze_model,
     format_sensitivity,
+    shared_analysis,
 )
 from bfq.pipeline.analyze.settings import (
     DEFAULT_BITS,
@@ -28,5 +29,5 @@ from bfq.pipeline.sensitivity import model_fingerprint
 __all__ = [
     "DEFAULT_BITS", "DEFAULT_PROMPTS", "MODES", "analysis_cache_path", "analysis_settings", "analyze", "analyze_model",
     "format_sensitivity", "format_timestep_table", "model_fingerprint", "plot_timestep_errors",
-    "prefer_workqueue_threads", "timestep_errors",
+    "prefer_workqueue_threads", "shared_analysis", "timestep_errors",
 ]

@@ -48,7 +48,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +99,8 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
             bits: Sequence[int] = DEFAULT_BITS, levels: str = "balanced", time_cache: str = "scheduler",
             scheduler=None, base_dir=None, source: Mapping | None = None, n_time_features: int | None = None,
             cache_steps: int | None = None, device: str = "auto", batch_size: int | None = None,
-            progress: bool = True, max_entries: int | None = None, **settings_kwargs) -> dict:  # fmt: skip
+            progress: bool = True, max_entries: int | None = None, replace: bool = False,
+            **settings_kwargs) -> dict:  # fmt: skip
     """Measure every quantizable layer's sensitivity; returns the ``bfq-sensitivity`` object.
 
     Args:
@@ -121,6 +122,8 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
         progress: tqdm bar (entries, with ETA).
         max_entries: stop after this many new entries (for tests and time-boxed runs; the file is
             resumable).
+        replace: an existing ``out`` that this run cannot resume (another kind of file, another model
+            or other settings) is replaced instead of refused (it is overwritten at the first write).
         **settings_kwargs: seed, n_prompts, steps, guidance, n_timesteps, finetune_steps, finetune_lr,
             finetune_batch, prompts, clip, init_iters, scale_dtype (see :func:`analysis_settings`).
     Raises:
@@ -153,19 +156,10 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
     out = Path(out) if out is not None else None
     if out is not None and out.exists():
         try:
-            old = load_sensitivity(out)
-        except SensitivityError as e:
-            raise SensitivityError(f"{out} exists but is not a sensitivity file this run can resume ({e}); "
-                                   "delete it or choose another output") from None  # fmt: skip
-        if old["model"].get("fingerprint") != fp["fingerprint"]:
-            raise SensitivityError(f"{out} exists and was made for another model; delete it or choose another output")
-        if old["settings"] != json.loads(json.dumps(settings)):
-            diff = _diff_keys(old["settings"], json.loads(json.dumps(settings)))
-            raise SensitivityError(f"{out} exists and was made with other settings (differ: {', '.join(diff)}); "
-                                   "delete it or choose another output")  # fmt: skip
-        if list(old["layers"]) != list(layers):
-            raise SensitivityError(f"{out} exists but lists other layers; delete it or choose another output")
-        doc = old
+            doc = _resumable(out, fp, settings, layers)
+        except SensitivityError:
+            if not replace:
+                raise
         doc["accounting"] = accounting
     todo = [(n, b) for n, e in doc["layers"].items() if "errors" in e for b in settings["bits"] if str(b) not in e["errors"]]
     if not todo:
@@ -242,6 +236,61 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
     doc["complete"] = all(str(b) in e["errors"] for e in doc["layers"].values() if "errors" in e for b in settings["bits"])
     _write(doc, out)
     return doc
+
+
+def _resumable(out: Path, fp: dict, settings: dict, layers: dict) -> dict:
+    """The analysis in ``out`` when this run (model ``fp``, ``settings``, ``layers``) can resume it."""
+    try:
+        old = load_sensitivity(out)
+    except SensitivityError as e:
+        raise SensitivityError(f"{out} exists but is not a sensitivity file this run can resume ({e}); "
+                               "delete it or choose another output") from None  # fmt: skip
+    if old["model"].get("fingerprint") != fp["fingerprint"]:
+        raise SensitivityError(f"{out} exists and was made for another model; delete it or choose another output")
+    mine = json.loads(json.dumps(settings))
+    if old["settings"] != mine:
+        raise SensitivityError(f"{out} exists and was made with other settings (differ: {', '.join(_diff_keys(old['settings'], mine))}); "
+                               "delete it or choose another output")  # fmt: skip
+    if list(old["layers"]) != list(layers):
+        raise SensitivityError(f"{out} exists but lists other layers; delete it or choose another output")
+    return old
+
+
+def shared_analysis(unet: nn.Module, *, out: str | os.PathLike | None = None, cache_dir=None,
+                    log: Callable[[str], None] | None = None, **kwargs) -> tuple[dict, Path]:  # fmt: skip
+    """:func:`analyze` through the one cache every command shares: an analysis per model (its
+    fingerprint) and settings, in ``cache_dir`` (default :func:`bfq.pipeline.sensitivity.default_cache_dir`,
+    ``$BFQ_CACHE_DIR``). ``bfq analyze -o FILE`` starts from (and then refreshes) the cached copy,
+    ``bfq quantize --bits`` works on the cache itself; a partial analysis is resumed either way.
+    ``log`` is told whether the analysis is reused, resumed or computed, and where it is cached.
+
+    Returns ``(analysis, cache path)``; ``kwargs`` are :func:`analyze`'s.
+    """
+    fp = model_fingerprint(unet, kwargs.get("source"))
+    cached = cache_path(fp["fingerprint"], analysis_settings(unet, **kwargs), cache_dir)
+    target = Path(out) if out is not None else cached
+    copy = target.resolve() != cached.resolve()
+    if copy and not target.exists() and cached.is_file():
+        write_text_atomic(target, cached.read_text())
+    if log is not None:
+        log(_announce(target, cached))
+    doc = analyze(unet, out=target, **kwargs)
+    if copy:
+        write_text_atomic(cached, json.dumps(doc, indent=1) + "\n")
+    return doc, cached
+
+
+def _announce(target: Path, cached: Path) -> str:
+    where = f"cached in {cached.parent} as {cached.name}, shared by `bfq analyze` and `bfq quantize --bits`"
+    try:
+        doc = json.loads(target.read_text())
+        layers = [e for e in doc["layers"].values() if "errors" in e]
+        done, total = sum(len(e["errors"]) for e in layers), len(layers) * len(doc["settings"]["bits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"sensitivity analysis: computing it (one entry per layer and bit-width; {where})"
+    if done == total:
+        return f"sensitivity analysis: reusing {target} ({total} entries, complete)"
+    return f"sensitivity analysis: resuming {target} ({done}/{total} entries done; {where})"
 
 
 def analyze_model(model: str | os.PathLike, *, revision: str | None = None, allow_pickle: bool = False,

@@ -14,6 +14,8 @@ from bfq.pipeline.analyze.measure import _Context, _ddim, _predict, _sample
 from bfq.pipeline.analyze.settings import analysis_settings
 from bfq.pipeline.sensitivity import SensitivityError
 
+TIMESTEP_TABLE_FORMAT = "bfq-timestep-errors"  # the "format" of the table (what `bfq analyze --timestep-table` writes)
+
 
 def timestep_errors(fp_unet: nn.Module, q_unet: nn.Module, *, timesteps: Sequence[int] | None = None,
                     n_timesteps: int = 20, n_prompts: int = 8, seed: int = 0, scheduler=None, base_dir=None,
@@ -61,7 +63,7 @@ def timestep_errors(fp_unet: nn.Module, q_unet: nn.Module, *, timesteps: Sequenc
     finally:
         fp_unet.to(devices[0])
         q_unet.to(devices[1])
-    return {"timesteps": timesteps, **rows,
+    return {"format": TIMESTEP_TABLE_FORMAT, "timesteps": timesteps, **rows,
             "settings": {k: settings[k] for k in ("seed", "n_prompts", "conditioning", "steps", "guidance", "scheduler")}}  # fmt: skip
 
 

@@ -30,7 +30,7 @@ class RunLog:
     def losses(self, step: int, sums: dict, n: int, samples: int, dt: float) -> dict:
         """Log the mean of each summed loss over ``n`` micro-batches (and the ranks); returns the row."""
         means = {k: float(self.acc.reduce(v.reshape(1).to(self.acc.device), "mean")) / n for k, v in sorted(sums.items())}
-        row = {"stage": self.cfg.stage, "step": step, **means, "lr": self.cfg.lr,
+        row = {"stage": self.cfg.stage, "step": step, **means, "lr": self.cfg.stage_lr,
                "samples_per_s": samples / max(dt, 1e-9), "time": round(time.time(), 3)}  # fmt: skip
         self.write(row)
         self._scalars(step, means)

@@ -13,7 +13,7 @@ Both stages draw ``t = min(T-1, floor(T*u))`` with ``u ~ Beta(3, 1)`` over the s
 ``num_train_timesteps`` T (``t_sampling="uniform"`` for the ablation), noise clean latents with a
 ``DDPMScheduler`` built from the pipeline's scheduler config, and train the latent weights and the
 scales (LSQ straight-through estimator) plus, with ``train_dense``, biases and norms, with AdamW at a
-constant learning rate (1e-5). The time layers (``time_embedding`` and every ``time_emb_proj`` that
+constant learning rate (by default 1e-4 in Stage I, 1e-5 in Stage II: ``STAGE_LR``). The time layers (``time_embedding`` and every ``time_emb_proj`` that
 is not a quantized layer) stay in floating point and frozen, so training covers every t in 0..T-1
 through the normal time path and the time cache computed at export is exactly the untrained one.
 
@@ -150,7 +150,7 @@ class _Trainer:
         if cfg.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
             student.enable_gradient_checkpointing()
         self.params = [p for _, p in self.named]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.stage_lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay)  # fmt: skip
         self.checkpoints = Checkpoints(acc, self.run_dir, cfg) if self.run_dir is not None else None
         self.start, scaler_state = self.checkpoints.resume(student, self.opt, self.log_fn) if self.checkpoints else (0, None)

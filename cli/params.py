@@ -1,0 +1,87 @@
+"""Click parameter types and checks that catch a bad value where it is parsed, so a mistake is one line
+before any work: finite numbers, devices that exist on this machine, text files, recipe files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import click
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+class Finite(click.FloatRange):
+    """A float in an optional range that is also finite (click's FloatRange lets NaN through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device this machine can run on, or None when it is."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        return f"{name!r} is not a device: use cpu, cuda, cuda:N or mps"
+    if device.type == "cpu":
+        return None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[device.type]
+    if backend is None or not backend.is_available():
+        return f"{name}: this machine has no {device.type} device that torch {torch.__version__} can use; use cpu"
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        return f"{name}: this machine has {count} {device.type} device(s), numbered from 0"
+    return None
+
+
+class Device(click.ParamType):
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``); ``auto`` too when allowed."""
+
+    name = "device"
+
+    def __init__(self, allow_auto: bool = False):
+        self.allow_auto = allow_auto
+
+    def convert(self, value, param, ctx):
+        if self.allow_auto and value == "auto":
+            return value
+        problem = device_problem(str(value))
+        if problem:
+            self.fail(problem, param, ctx)
+        return str(value)
+
+
+def text_file_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable UTF-8 text file, or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read(1 << 16)
+    except FileNotFoundError:
+        return f"no such file: {path}"
+    except IsADirectoryError:
+        return f"{path} is a folder, not a file"
+    except UnicodeDecodeError:
+        return f"{path} is not a text file"
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    return None
+
+
+def check_recipe_file(recipe: str, option: str) -> None:
+    """A recipe option names a built-in recipe or a recipe file that reads (RecipeError if not)."""
+    from bfq.quant.recipe import BUILTIN_RECIPES, Recipe
+
+    if recipe in BUILTIN_RECIPES:
+        return
+    if not os.path.isfile(recipe):
+        raise click.BadParameter(f"{recipe!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file",
+                                 param_hint=option)  # fmt: skip
+    Recipe.load(recipe)
