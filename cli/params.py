@@ -8,8 +8,6 @@ import os
 
 import click
 
-DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-
 
 class Finite(click.FloatRange):
     """A float in an optional range that is also finite (click's FloatRange lets NaN through)."""
@@ -19,27 +17,6 @@ class Finite(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
-
-
-def device_problem(name: str) -> str | None:
-    """Why ``name`` is not a device this machine can run on, or None when it is."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        device = None
-    if device is None or device.type not in DEVICE_TYPES:
-        return f"{name!r} is not a device: use cpu, cuda, cuda:N or mps"
-    if device.type == "cpu":
-        return None
-    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[device.type]
-    if backend is None or not backend.is_available():
-        return f"{name}: this machine has no {device.type} device that torch {torch.__version__} can use; use cpu"
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        return f"{name}: this machine has {count} {device.type} device(s), numbered from 0"
-    return None
 
 
 class Device(click.ParamType):
@@ -53,6 +30,8 @@ class Device(click.ParamType):
     def convert(self, value, param, ctx):
         if self.allow_auto and value == "auto":
             return value
+        from bfq.runtime.load import device_problem
+
         problem = device_problem(str(value))
         if problem:
             self.fail(problem, param, ctx)

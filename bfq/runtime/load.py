@@ -28,6 +28,7 @@ from bfq.runtime.packed import PACKED_TYPES, Workspace
 RUNTIMES = ("auto", "packed", "dense")
 _DECODE_AS = {torch.float32: ("float32", torch.float32), torch.float16: ("float16", torch.int16), torch.bfloat16: ("bfloat16", torch.int16)}
 _SCALE_BITS_AS = {"f16": np.int16, "f32": np.int32}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def load_unet(
@@ -95,21 +96,31 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return runtime
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, or a ValueError naming it when this machine does not have it."""
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device this machine can run on, or None when it is."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
-    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
-    if dev.type == "cpu" or dev.type == "meta":
-        return dev
-    module = backend.get(dev.type)
-    if module is None or not module.is_available():
-        raise ValueError(f"device {str(device)!r} is not available on this machine (try 'cpu')")
-    if dev.type in ("cuda", "xpu") and dev.index is not None and dev.index >= module.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {module.device_count()} {dev.type} device(s)")
-    return dev
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        return f"{name!r} is not a device: use cpu, cuda, cuda:N or mps"
+    if device.type == "cpu":
+        return None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[device.type]
+    if backend is None or not backend.is_available():
+        return f"{name}: this machine has no {device.type} device that torch {torch.__version__} can use; use cpu"
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        return f"{name}: this machine has {count} {device.type} device(s), numbered from 0"
+    return None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError saying why this machine cannot run on it."""
+    problem = device_problem(str(device))
+    if problem:
+        raise ValueError(f"device {problem}")
+    return torch.device(device)
 
 
 def _resolve(source, revision) -> str:
