@@ -62,6 +62,7 @@ RECIPE_VERSION = 1
 DEFAULT_ETA = 0.3
 DEFAULT_PERCENTILES = (90.0, 95.0, 98.0)
 METHODS = ("paper", "optimal", "size-only")
+DEFAULT_ALLOCATOR = "optimal"  # `bfq allocate --method` and `bfq quantize --allocator`
 ALIGN_METRICS = ("align_drop", "guidance_err")  # in order of preference for the paper's refinement
 
 
