@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS
+
 TIME_CACHE_HELP = (
     "scheduler: store each ResNet's time features for exactly the sampler's timesteps (the paper's; "
     "smallest, tied to --steps); grid: store the time embedding for all training timesteps and keep "
@@ -16,7 +18,7 @@ TIME_CACHE_HELP = (
 _QUANTIZE_OPTIONS = (
     click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output .bfq file (written atomically)."),
     click.option("--bits", type=float, help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (cached per model) and an allocator."),
-    click.option("--allocator", type=click.Choice(["paper", "optimal", "size-only"]), default="optimal", show_default=True, help="With --bits: the error-minimizing knapsack (best on tiny-sd), the paper's Alg. 1, or layer size alone."),
+    click.option("--allocator", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help="With --bits: the knapsack on error + alignment drop (optimal-align), on error alone (optimal), the paper's Alg. 1, or layer size alone (see `bfq allocate --help`)."),
     click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: reuse or run a proxy analysis)."),
     click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits."),
     click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization."),
