@@ -103,7 +103,7 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = "p
         sensitivity: a sensitivity file (path) or object to use; None runs the analysis, or reuses
             the one cached in ``cache_dir`` for this model's fingerprint and these settings (a partial
             one is resumed).
-        method: "paper" (Alg. 1), "optimal" or "size-only".
+        method: one of ``bfq.pipeline.allocate.METHODS`` ("paper" is Alg. 1).
         resolved: the :class:`bfq.pipeline.models.ResolvedModel` (scheduler, pipeline directory and source give
             the analysis its sampler and text conditioning); None analyses the bare UNet (seeded random
             text embeddings, SD's scheduler).
