@@ -157,23 +157,20 @@ class _Store:
     FIELDS = ("mean", "std", "ehs")
 
     def __init__(self, path: Path | None, key: str, n: int, shapes: dict[str, tuple]):
-        self.path, self.key, self.n = path, key, n
-        progress = read_json_file(path / "progress.json", ValueError, "encoding progress") if self._has_progress() else None
-        if progress is not None and progress.get("key") == key and progress.get("n") == n:
-            self.done = int(progress["done"])
-            self.arrays = {f: np.load(path / f"{f}.npy", mmap_mode="r+") for f in self.FIELDS}
-            return
-        self.done = 0
+        self.path, self.key, self.n, self.done = path, key, n, 0
         if path is None:
             self.arrays = {f: np.empty((n, *shapes[f]), np.float32) for f in self.FIELDS}
+            return
+        record = path / "progress.json"
+        progress = read_json_file(record, ValueError, "encoding progress") if record.is_file() else {}
+        if progress.get("key") == key and progress.get("n") == n:
+            self.done = int(progress["done"])
+            self.arrays = {f: np.load(path / f"{f}.npy", mmap_mode="r+") for f in self.FIELDS}
             return
         path.mkdir(parents=True, exist_ok=True)
         self.arrays = {f: np.lib.format.open_memmap(path / f"{f}.npy", "w+", np.float32, (n, *shapes[f]))
                        for f in self.FIELDS}  # fmt: skip
         self.mark(0)
-
-    def _has_progress(self) -> bool:
-        return self.path is not None and (self.path / "progress.json").is_file()
 
     def write(self, start: int, values: dict[str, torch.Tensor]) -> None:
         for f in self.FIELDS:
@@ -187,7 +184,8 @@ class _Store:
     def mark(self, done: int) -> None:
         self.done = done
         if self.path is not None:
-            write_text_atomic(self.path / "progress.json", json.dumps({"key": self.key, "n": self.n, "done": done}) + "\n")
+            record = {"key": self.key, "n": self.n, "done": done}
+            write_text_atomic(self.path / "progress.json", json.dumps(record) + "\n")
 
     def read_only(self) -> dict[str, np.ndarray]:
         if self.path is None:
@@ -211,10 +209,7 @@ def encode_folder(pairs, pipeline_dir, *, size: int, device="cpu", cache_dir=Non
     if store.done < len(pairs):
         if log and store.done:
             log(f"continuing the encoding of {len(pairs)} examples at {store.done} ({path})")
-        vae = load_vae(pipeline_dir, device)
-        _encode_chunks(pairs, store, vae, tokenizer, text_encoder, size, chunk)
-        del vae
-    del text_encoder
+        _encode_chunks(pairs, store, load_vae(pipeline_dir, device), tokenizer, text_encoder, size, chunk)
     arrays = store.read_only()
     return EncodedFolder(arrays["mean"], arrays["std"], arrays["ehs"], uncond, path)
 
