@@ -52,6 +52,7 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=float, default=1.99)
+    parser.add_argument("--allocator", default="optimal", help="the allocator of --bits (the published table: optimal)")
     parser.add_argument("--stage1-steps", type=int, default=400)
     parser.add_argument("--stage2-steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-5)
@@ -78,7 +79,8 @@ def main():
             if wanted and i not in wanted:
                 continue
             path = work_dir / f"row{i}.bfq"
-            done = quantize("tiny-sd", path, bits=args.bits, steps=DEFAULT_STEPS, work_dir=work_dir, progress=False,
+            done = quantize("tiny-sd", path, bits=args.bits, allocator=args.allocator, steps=DEFAULT_STEPS,
+                            work_dir=work_dir, progress=False,
                             stage1_steps=s1, stage2_steps=s2, finetune_config=base.replace(**settings),
                             finetune_stage2_config=stage2)  # fmt: skip
             scores = _scores(bfq.load_unet(path, dtype=torch.float32), metric, seeds)

@@ -8,11 +8,13 @@ import click
 from bfq_cli.params import Finite
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
-from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS
+from bfq.pipeline.allocate import DEFAULT_ALIGN_WEIGHT, DEFAULT_ALLOCATOR, METHODS
 
 METHOD_HELP = (
     "paper: BitsFusion Alg. 1 (size-aware score, threshold bisected to the budget, alignment refinement); "
-    "optimal: least summed measured error within the budget (knapsack DP); size-only: bits by layer size alone."
+    "optimal: least summed measured error within the budget (knapsack DP); optimal-align: the same knapsack on "
+    "error + alignment drop (align_drop, or guidance_err in proxy mode), each normalised; size-only: bits by "
+    "layer size alone."
 )
 
 
@@ -21,16 +23,18 @@ METHOD_HELP = (
 @click.option("--bits", "budget", type=Finite(0, min_open=True), required=True, help="Average bits per weight by the paper's accounting, e.g. 1.99 (never exceeded).")
 @click.option("-o", "--out", type=Output("recipe"), default=None, help="Recipe JSON to write (for `bfq quantize --recipe`).")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help=METHOD_HELP)
+@click.option("--align-weight", type=Finite(0, min_open=True), default=DEFAULT_ALIGN_WEIGHT, show_default=True, help="optimal-align: weight of the normalised alignment drop against the normalised error.")
 @click.option("--eta", type=Finite(0), default=0.3, show_default=True, help="Size factor of S = M * N^-eta (paper and size-only).")
 @click.option("--no-refine", is_flag=True, help="Paper method: skip the +1/+1/+1-bit alignment refinement.")
-@click.option("--metric", default="mse", show_default=True, help="Error metric the allocation uses (paper and optimal).")
+@click.option("--metric", default="mse", show_default=True, help="Error metric the allocation uses (paper, optimal, optimal-align).")
 @click.option("--n-time-features", type=click.IntRange(0), default=None, help="N_tf of the accounting (default: the analysis's; set it when exporting with another --steps).")
 @click.option("--model", default=None, help="Check that the analysis was made for MODEL (same layers and weights).")
 @click.option("--plot", type=Output("plot"), default=None, help="Plot bits per layer across the UNet here (.png, .pdf or .svg).")
 @click.option("--compare", is_flag=True, help="Also report the other methods at the same budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the allocation summary as JSON.")
 @force_option
-def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_time_features, model, plot, compare, as_json, force):
+def allocate_cmd(sensitivity, budget, out, method, align_weight, eta, no_refine, metric, n_time_features, model, plot, compare,
+                 as_json, force):  # fmt: skip
     """Choose bits per layer so the average bits meet BITS without exceeding it.
 
     The average reported is the paper's accounting, the number `bfq inspect` reports for a file
@@ -64,8 +68,10 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
         kwargs = {"n_time_features": n_time_features}
         if m in ("paper", "size-only"):
             kwargs["eta"] = eta
-        if m in ("paper", "optimal"):
+        if m != "size-only":
             kwargs["metric"] = metric
+        if m == "optimal-align":
+            kwargs["align_weight"] = align_weight
         if m == "paper" and no_refine:
             kwargs["align_metric"] = None
         return allocate(sens, budget, m, **kwargs)
@@ -94,7 +100,7 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
         click.echo(_report(alloc))
         for o in others:
             if isinstance(o, tuple):
-                click.echo(f"compare     {o[0]:<9}  cannot meet the budget: {o[1]}")
+                click.echo(f"compare     {o[0]:<13}  cannot meet the budget: {o[1]}")
             else:
                 click.echo(f"compare     {_one_line(o)}")
     if out is not None and not as_json:
@@ -105,7 +111,7 @@ def allocate_cmd(sensitivity, budget, out, method, eta, no_refine, metric, n_tim
 
 def _one_line(a) -> str:
     err = "n/a (bit-widths above those analysed)" if a.predicted_error is None else f"{a.predicted_error:.6g}"
-    return f"{a.method:<9}  {a.avg_bits:.6f} bits  summed {a.details['metric']} {err}  layers by bits {a.summary()['layers_by_bits']}"
+    return f"{a.method:<13}  {a.avg_bits:.6f} bits  summed {a.details['metric']} {err}  layers by bits {a.summary()['layers_by_bits']}"
 
 
 def _report(a) -> str:
@@ -122,9 +128,15 @@ def _report(a) -> str:
     if a.method in ("paper", "size-only"):
         extra = f", refinement by {d['align_metric']} on {d['refined_layers']} layers" if d.get("align_metric") else ""
         lines.append(f"threshold   S_o = {d['threshold']:.6g} (eta {d['eta']:g}, {d['bisection_steps']} bisection steps{extra})")
-    if a.method == "optimal":
-        lines.append(f"optimality  summed {d['metric']} {d['objective']:.6g}; Lagrangian lower bound {d['lower_bound']:.6g} "
+    if a.method in ("optimal", "optimal-align"):
+        what = f"summed {d['metric']}"
+        if d.get("align_metric"):
+            what = f"{what} + {d['align_weight']:g} x summed {d['align_metric']} (each normalised)"
+        lines.append(f"optimality  {what} {d['objective']:.6g}; Lagrangian lower bound {d['lower_bound']:.6g} "
                      f"(gap {100 * d['relative_gap']:.2f}%)")  # fmt: skip
+        if d.get("align_metric"):
+            lines.append(f"predicted   summed {d['metric']} {a.predicted_error:.6g}, summed {d['align_metric']} "
+                         f"{d['predicted_align']:.6g} (drops below 0 counted as 0)")
     elif a.predicted_error is not None:
         lines.append(f"predicted   summed {d['metric']} {a.predicted_error:.6g}")
     if d.get("note"):

@@ -29,7 +29,7 @@ runtime_option = click.option(
 _QUANTIZE_OPTIONS = (
     click.option("-o", "--out", required=True, type=Output("bfq"), help="Output .bfq file (written atomically; missing folders are created)."),
     click.option("--bits", type=Finite(0, min_open=True), help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (one per model and settings, cached and shared with `bfq analyze`) and an allocator."),
-    click.option("--allocator", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help="With --bits: optimal, the error-minimizing knapsack (best on tiny-sd); paper, the paper's Alg. 1; or size-only, by layer size alone."),
+    click.option("--allocator", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help="With --bits: the knapsack on error + alignment drop (optimal-align), on error alone (optimal), the paper's Alg. 1, or layer size alone (see `bfq allocate --help`)."),
     click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: the cached analysis of this model, run if missing)."),
     click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits."),
     click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization."),

@@ -17,7 +17,13 @@ import pytest
 from click.testing import CliRunner
 
 from bfq.format.constants import bits_per_level_ideal
-from bfq.pipeline.allocate import allocate, allocate_optimal, allocate_paper, allocate_size_only
+from bfq.pipeline.allocate import (
+    DEFAULT_ALLOCATOR,
+    allocate,
+    allocate_optimal,
+    allocate_paper,
+    allocate_size_only,
+)
 from bfq.pipeline.plots import unet_order
 from bfq.pipeline.sensitivity import SensitivityError, check_model, load_sensitivity
 
@@ -191,6 +197,69 @@ def test_optimal_beats_or_ties_every_other_feasible_plan():
     assert opt.details["relative_gap"] < 0.05
 
 
+def _starved_to_k(seed: int = 3, n_layers: int = 6) -> tuple[dict, str]:
+    """A sensitivity file with one small "cross-attention to_k" whose image error is tiny at every
+    bit-width but whose alignment drop at 1 and 2 bits is the largest of all (the paper's Obs. 2)."""
+    sens = synthetic(seed, n_layers=n_layers)
+    name = _names(sens)[0]
+    sens["layers"][name]["n_weights"] = 256
+    for b, drop in (("1", 0.2), ("2", 0.05), ("3", 0.001)):
+        sens["layers"][name]["errors"][b] = {"mse": 1e-6 / int(b), "align_drop": drop}
+    return sens, name
+
+
+def test_default_allocator_protects_the_layer_mse_misses():
+    """Issue 14 defect 4: the error-only knapsack gives such a layer the fewest bits; the default
+    (the knapsack on error + alignment drop) spends bits on it."""
+    sens, to_k = _starved_to_k()
+    lo, hi = _budget_range(sens)
+    budget = lo + 0.3 * (hi - lo)
+    mse_only = allocate_optimal(sens, budget)
+    assert mse_only.bits[to_k] == 1
+    default = allocate(sens, budget)
+    assert DEFAULT_ALLOCATOR == "optimal-align" and default.method == "optimal-align"
+    assert default.bits[to_k] == 3 and default.avg_bits <= budget
+    assert default.details["align_metric"] == "align_drop"
+    assert default.details["predicted_align"] < mse_only.details.get("predicted_align", 0.2)
+    assert default.predicted_error >= mse_only.predicted_error  # it pays in image error, as it should
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_optimal_align_matches_brute_force_on_its_objective(seed):
+    sens = synthetic(200 + seed, n_layers=6)
+    names = _names(sens)
+    mse = {n: {b: e["mse"] for b, e in sens["layers"][n]["errors"].items()} for n in names}
+    drop = {n: {b: max(e["align_drop"], 0.0) for b, e in sens["layers"][n]["errors"].items()} for n in names}
+    norm_m, norm_a = sum(mse[n]["1"] for n in names), sum(drop[n]["1"] for n in names)
+    for n in names:
+        for b in mse[n]:
+            sens["layers"][n]["errors"][b]["combined"] = mse[n][b] / norm_m + 2.0 * drop[n][b] / norm_a
+    lo, hi = _budget_range(sens)
+    for budget in np.random.default_rng(seed).uniform(lo, hi, 3):
+        a = allocate(sens, float(budget), "optimal-align", align_weight=2.0, resolution=50000)
+        assert a.avg_bits <= budget
+        assert a.details["objective"] == pytest.approx(_brute_optimum(sens, budget, "combined"), rel=1e-9)
+
+
+def test_optimal_align_without_an_alignment_measure_says_so():
+    sens = synthetic(4, align=False)
+    lo, hi = _budget_range(sens)
+    a = allocate(sens, (lo + hi) / 2, "optimal-align")
+    b = allocate_optimal(sens, (lo + hi) / 2)
+    assert a.method == "optimal" and a.bits == b.bits and "mse alone" in a.details["note"]
+    with pytest.raises(SensitivityError, match="align_weight"):
+        allocate(sens, (lo + hi) / 2, "optimal-align", align_weight=0)
+
+
+def test_one_default_allocator_for_allocate_and_quantize():
+    from bfq_cli.allocate_cmd import allocate_cmd
+    from bfq_cli.main import main
+
+    defaults = {p.name: p.default for p in allocate_cmd.params}
+    quantize_defaults = {p.name: p.default for p in main.commands["quantize"].params}
+    assert defaults["method"] == quantize_defaults["allocator"] == DEFAULT_ALLOCATOR
+
+
 def test_size_only_gives_small_layers_more_bits():
     sizes = [16, 64, 256, 1024, 4096, 16384, 65536, 262144]
     sens = synthetic(1, n_layers=len(sizes), sizes=sizes)
@@ -298,6 +367,7 @@ def test_cli_allocate_writes_recipe_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     from bfq_cli.main import main
 
+    from bfq.pipeline.allocate import DEFAULT_ALLOCATOR
     from bfq.quant.recipe import Recipe
 
     sens = synthetic(5, n_layers=12)
@@ -309,14 +379,14 @@ def test_cli_allocate_writes_recipe_and_plot(tmp_path):
     out, plot = tmp_path / "recipe.json", tmp_path / "bits.png"
     r = runner.invoke(main, ["allocate", str(path), "--bits", str(budget), "-o", str(out), "--plot", str(plot), "--compare"])
     assert r.exit_code == 0, r.output
-    assert "by the paper's accounting" in r.output and "compare     paper" in r.output  # optimal is the default
+    assert "by the paper's accounting" in r.output and "compare     paper" in r.output
     recipe = Recipe.load(out)
+    assert recipe.name == f"alloc-{DEFAULT_ALLOCATOR}-{budget:g}"  # the default method, as bfq quantize's
     jsonschema.validate(json.loads(out.read_text()), RECIPE_SCHEMA)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = runner.invoke(main, ["allocate", str(path), "--bits", str(budget), "--method", "optimal", "--json"])
     summary = json.loads(r.output)
     assert summary["avg_bits"] <= budget and summary["method"] == "optimal"
-    assert recipe.name == f"alloc-optimal-{budget:g}"
 
 
 def test_cli_allocate_bad_input_writes_nothing(tmp_path):

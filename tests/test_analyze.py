@@ -281,12 +281,13 @@ def test_cli_analyze_allocate_quantize_inspect_agree(small_pipeline, pipe_cache,
 
 
 def test_recipe_for_budget_caches_and_checks(pipe_cache, tmp_path, monkeypatch):
+    from bfq.pipeline.allocate import DEFAULT_ALLOCATOR
     from bfq.quant.recipe import summarize
 
     r, cache, cached, recipe, why = pipe_cache
     kw = dict(resolved=r, n_time_features=1234, cache_dir=cache, analysis_options=PIPE_OPTS, progress=False)
     assert summarize(recipe, r.unet, "scheduler", 1234)["avg_bits"] <= 4.0
-    assert "optimal allocation for 4 bits" in why and "proxy mode" in why  # optimal: DEFAULT_ALLOCATOR
+    assert f"{DEFAULT_ALLOCATOR} allocation for 4 bits" in why and "proxy mode" in why
     assert f"cached as {cached.name}" in why and str(cached.parent) not in why  # nothing local in a .bfq's note
     # a second call reuses the cache (running the model would fail now)
     monkeypatch.setattr(_Context, "build_proxy", lambda self: (_ for _ in ()).throw(AssertionError("reran")))

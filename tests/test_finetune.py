@@ -155,6 +155,34 @@ def test_stage1_loss_falls_on_tiny_unet(tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+def test_evaluation_retains_no_feature_activations(monkeypatch):
+    """Issue 14 defect 1: forwards outside the loss (a 50-forward evaluation) must not leave block
+    outputs in the feature-distillation hooks (they used to: 4 blocks x 50 = 200 tensors)."""
+    from bfq.pipeline.finetune import losses
+
+    hooks = []
+    init = losses._FeatureHooks.__init__
+
+    def tracking_init(self, unet):
+        init(self, unet)
+        hooks.append(self)
+
+    monkeypatch.setattr(losses._FeatureHooks, "__init__", tracking_init)
+    retained = []
+
+    def eval_fn(unet):
+        x, c = torch.randn(2, 4, 8, 8), torch.randn(2, SEQ, DIM)
+        for _ in range(50):
+            unet(x, 10, c)
+        retained.append(sum(len(h.outputs) for h in hooks))
+        return {"retained": retained[-1]}
+
+    student, teacher, source = make_setup()
+    finetune(student, teacher, source, fast_config(steps=2, eval_every=1), eval_fn=eval_fn)
+    assert len(hooks) == 2 and len(retained) == 3  # student and teacher hooks; evaluations at steps 0, 1, 2
+    assert retained == [0, 0, 0]
+
+
 def test_text_dropout_replaces_the_text_by_the_unconditional_embedding():
     """With uncond_prob = 1 the text embeddings never reach the UNet: changing them changes nothing."""
     runs = []

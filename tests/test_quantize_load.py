@@ -186,3 +186,38 @@ def test_load_rejects_mismatched_config(unet_dir, tmp_path):
                 w.add_layer(name, f.read_codes(name), f.read_scales(name), f.layers[name].bits)
     with pytest.raises(BfqFormatError):
         bfq.load_unet(bad)
+
+
+@pytest.mark.parametrize(
+    ("bits", "time_cache", "allocator", "shortcut"),
+    [
+        (1.99, "scheduler", None, True),  # the paper's own budget and the default allocator
+        (1.99, "scheduler", "paper", True),
+        (1.99, "scheduler", "size-only", False),  # another allocator was asked for
+        (3.0, "scheduler", None, False),  # issue 14 defect 2: used to get the 1.99-bit recipe
+        (4.0, "scheduler", None, False),
+        (2.0, "scheduler", None, False),
+        (2.5, "grid", None, False),  # the paper's recipe is 2.468 bits in grid mode
+    ],
+)
+def test_sd15_on_cpu_uses_the_paper_recipe_only_for_its_own_budget(monkeypatch, bits, time_cache, allocator, shortcut):
+    """An SD-v1.5-shaped UNet (meta device) on a CPU-only machine without an analysis: the paper's
+    recipe only for the paper's budget; anything else reaches the allocator with what was asked."""
+    from bfq.pipeline import quantize as q
+    from bfq.pipeline.allocate import DEFAULT_ALLOCATOR
+    from bfq.pipeline.models import build_meta_unet, sd15_config
+
+    calls = []
+    monkeypatch.setattr(q.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(q, "analysis_cache_path", lambda *a, **kw: q.Path("no-such-analysis.json"))
+    monkeypatch.setattr(q, "recipe_for_budget", lambda unet, budget, **kw: calls.append((budget, kw["method"])) or ("allocated", "why"))
+    unet = build_meta_unet(sd15_config())
+    n_tf = 20160 * (50 if time_cache == "scheduler" else 1000)
+    kwargs = {} if allocator is None else {"allocator": allocator}
+    plan, why = q.pick_recipe(unet, bits=bits, recipe=None, time_cache=time_cache, levels=None, time_proj_bits=None,
+                              n_time_features=n_tf, **kwargs)  # fmt: skip
+    if shortcut:
+        assert plan.name == "bitsfusion-sd15" and not calls
+        assert "paper's own budget" in why and "1.9885 bits" in why
+    else:
+        assert plan == "allocated" and calls == [(bits, allocator or DEFAULT_ALLOCATOR)]

@@ -14,7 +14,8 @@ computed exactly as :func:`bfq.quant.recipe.average_bits` and ``bfq inspect`` co
 same order, same N_w = every Linear/Conv weight of the original UNet, same N_tf), so the number an
 allocator prints is the number ``bfq inspect`` prints for the file exported with its recipe.
 
-Three allocators:
+Three allocators (four methods; :data:`DEFAULT_ALLOCATOR` is what ``bfq allocate --method`` and
+``bfq quantize --allocator`` use unless told otherwise):
 
 * :func:`allocate_paper`: Alg. 1. ``S_{i,b} = M_{i,b} · N_i^-η`` (η = 0.3); ``b_i`` = the smallest
   candidate with ``S_{i,b} < S_o``, else ``max(candidates) + 1`` (4); then +1 bit for layers whose
@@ -27,6 +28,12 @@ Three allocators:
   into ``resolution`` units (costs rounded *up*, so the result is always feasible), followed by a
   greedy pass that spends what the rounding left over. It also reports the Lagrangian lower bound
   on the optimum, so the optimality gap of the answer is known. The paper has no such allocator.
+  Method ``"optimal"`` minimises the error alone. Method ``"optimal-align"`` minimises
+  ``Σ M/ΣM_1 + w · Σ A⁺/ΣA⁺_1`` with A the alignment drop (``align_drop``: CLIP score or digit
+  classifier, image mode; ``guidance_err``: proxy mode), each sum normalised by its value with every
+  layer at the fewest bits: the paper's Observation 2 is that the image error misses layers
+  (cross-attention ``to_k``) whose quantization hurts text alignment, which Alg. 1 handles with
+  its refinement step and an error-only knapsack cannot see.
 * :func:`allocate_size_only`: a baseline that sees layer sizes but no measurements: Alg. 1 with
   ``M_{i,b}`` replaced by ``4^-b`` (the error a Gaussian-like layer would have) and no refinement, so
   small layers get more bits and large ones fewer.
@@ -61,10 +68,11 @@ RECIPE_FORMAT = "bfq-recipe"  # = bfq.quant.recipe.RECIPE_FORMAT (not imported: 
 RECIPE_VERSION = 1
 DEFAULT_ETA = 0.3
 DEFAULT_PERCENTILES = (90.0, 95.0, 98.0)
-METHODS = ("paper", "optimal", "size-only")
+METHODS = ("paper", "optimal", "optimal-align", "size-only")
 # The allocator every entry point uses unless told otherwise (`bfq allocate --method`, `bfq quantize
 # --allocator`, quantize(), recipe_for_budget()): the best measured on tiny-sd (README, Results).
-DEFAULT_ALLOCATOR = "optimal"
+DEFAULT_ALLOCATOR = "optimal-align"
+DEFAULT_ALIGN_WEIGHT = 0.5  # chosen on tiny-sd: weights 0.1-0.5 keep FD within 3% of the error-only plan, 1 costs +56%
 ALIGN_METRICS = ("align_drop", "guidance_err")  # in order of preference for the paper's refinement
 
 
@@ -300,15 +308,19 @@ def _threshold_search(prob: _Problem, S: np.ndarray, add: np.ndarray, max_bits: 
     return bits_at(j), s_o, steps
 
 
-def _pick_align_metric(prob: _Problem, align_metric: str | None, top: int) -> str | None:
+def _pick_align_metric(prob: _Problem, align_metric: str | None, bits: int | list[int]) -> str | None:
+    """``align_metric``, checked to be measured at ``bits`` for every layer; "auto": the first of
+    :data:`ALIGN_METRICS` that is, or None."""
+    bits = [bits] if isinstance(bits, int) else list(bits)
     if align_metric is None:
         return None
     if align_metric != "auto":
-        if not prob.has_metric(align_metric, top):
-            raise SensitivityError(f"the sensitivity analysis has no {align_metric!r} at {top} bits for every layer")
+        missing = [b for b in bits if not prob.has_metric(align_metric, b)]
+        if missing:
+            raise SensitivityError(f"the sensitivity analysis has no {align_metric!r} at {missing[0]} bits for every layer")
         return align_metric
     for m in ALIGN_METRICS:
-        if prob.has_metric(m, top):
+        if all(prob.has_metric(m, b) for b in bits):
             return m
     return None
 
@@ -421,22 +433,49 @@ def _lagrangian_bound(E: np.ndarray, W: np.ndarray, slack: float) -> tuple[float
     return best, best_lam
 
 
-def allocate_optimal(sens, budget: float, *, metric: str = "mse", resolution: int = 20000,
+def _alignment_objective(prob: _Problem, metric: str, align: str, weight: float) -> tuple[np.ndarray, dict]:
+    """``M / ΣM_1 + weight · A⁺ / ΣA⁺_1``: the error and the alignment drop (negative drops are
+    measurement noise, counted as none), each divided by its sum over the layers at the smallest
+    candidate, so ``weight`` 1 makes "all layers at the fewest bits" cost as much in either."""
+    M, A = prob.matrix(metric), np.maximum(prob.matrix(align), 0.0)
+    norm_m, norm_a = float(M[:, 0].sum()), float(A[:, 0].sum())
+    E = M / norm_m if norm_m > 0 else M
+    if norm_a > 0:
+        E = E + weight * A / norm_a
+    return E, {"align_metric": align, "align_weight": weight, "norm": {metric: norm_m, align: norm_a}}
+
+
+def allocate_optimal(sens, budget: float, *, metric: str = "mse", align_metric: str | None = None,
+                     align_weight: float = DEFAULT_ALIGN_WEIGHT, resolution: int = 20000,
                      fixed: Mapping[str, int] | None = None, n_time_features: int | None = None,
                      need_layers: list[str] | None = None) -> Allocation:  # fmt: skip
-    """Minimise the summed measured error ``Σ_i M_{i,b_i}`` subject to ``avg_bits <= budget``.
+    """Minimise the summed measured error ``Σ_i M_{i,b_i}`` subject to ``avg_bits <= budget``, or,
+    with ``align_metric``, the error plus ``align_weight`` times the alignment drop (each summed
+    over the layers and normalised, see :func:`_alignment_objective`).
 
     Each layer picks one of the measured bit-widths (a multiple-choice knapsack). Exact dynamic
     programming over the slack ``budget·N_w − cost(all layers at the smallest candidate)`` cut into
     ``resolution`` units with each layer's extra cost rounded *up* (so the result never exceeds the
     budget, and is optimal for the rounded costs), then a greedy pass spends the exact slack that
     rounding left. ``details`` holds the Lagrangian lower bound and the resulting optimality gap.
+
+    Args:
+        align_metric: "align_drop" (image mode), "guidance_err" (proxy mode), "auto" (the first of
+            those the analysis has at every candidate; none: the error alone, said in the notes)
+            or None (the error alone).
+        align_weight: weight of the alignment term (> 0).
     """
     prob = _problem(sens, fixed=fixed, n_time_features=n_time_features, need_layers=need_layers)
     _check_budget(prob, budget)
     if not (_is_int(resolution) and resolution >= 1):
         raise SensitivityError(f"resolution must be a positive integer, got {resolution!r}")
-    E = prob.matrix(metric)
+    if not (_is_number(align_weight) and align_weight > 0):
+        raise SensitivityError(f"align_weight must be a number > 0, got {align_weight!r}")
+    align = _pick_align_metric(prob, align_metric, prob.cand)
+    if align is None:
+        E, objective = prob.matrix(metric), {}
+    else:
+        E, objective = _alignment_objective(prob, metric, align, float(align_weight))
     cand = np.array(prob.cand)
     per_weight = np.array([bits_per_level_ideal(int(b), prob.levels) for b in cand])
     C = prob.n[:, None] * per_weight[None, :]
@@ -501,18 +540,29 @@ def allocate_optimal(sens, budget: float, *, metric: str = "mse", resolution: in
     bound, lam = _lagrangian_bound(E, W, slack)
     details = {"resolution": R, "greedy_steps": greedy_steps, "objective": total, "lower_bound": bound,
                "lagrange_multiplier": lam, "gap": total - bound,
-               "relative_gap": (total - bound) / total if total > 0 else 0.0}  # fmt: skip
-    notes = (f"optimal allocation: least summed {metric} over bit-widths {prob.cand} within the budget (DP at "
+               "relative_gap": (total - bound) / total if total > 0 else 0.0, **objective}  # fmt: skip
+    if align is None:
+        method, what = "optimal", f"summed {metric}"
+        if align_metric == "auto":
+            details["note"] = f"the analysis has no {' or '.join(ALIGN_METRICS)} at every candidate: {metric} alone"
+    else:
+        method = "optimal-align"
+        what = f"normalised summed {metric} + {align_weight:g} x normalised summed {align}"
+        details["predicted_align"] = float(np.maximum(prob.matrix(align), 0.0)[np.arange(L), pick].sum())
+    notes = (f"optimal allocation: least {what} over bit-widths {prob.cand} within the budget (DP at "
              f"{R} units + greedy fill; Lagrangian bound {bound:.6g}), conv_in/conv_out 8-bit")
-    return _result(prob, "optimal", budget, plan_bits, metric, details, notes)
+    return _result(prob, method, budget, plan_bits, metric, details, notes)
 
 
 def allocate(sens, budget: float, method: str = DEFAULT_ALLOCATOR, **kwargs) -> Allocation:
-    """Dispatch to :func:`allocate_paper`, :func:`allocate_optimal` or :func:`allocate_size_only`."""
+    """Dispatch to :func:`allocate_paper`, :func:`allocate_optimal` (``"optimal"``: the error alone;
+    ``"optimal-align"``: with the alignment drop, ``align_metric="auto"``) or :func:`allocate_size_only`."""
     if method == "paper":
         return allocate_paper(sens, budget, **kwargs)
     if method == "optimal":
         return allocate_optimal(sens, budget, **kwargs)
+    if method == "optimal-align":
+        return allocate_optimal(sens, budget, **{"align_metric": "auto", **kwargs})
     if method == "size-only":
         return allocate_size_only(sens, budget, **kwargs)
     raise SensitivityError(f"unknown allocation method {method!r}; one of {', '.join(METHODS)}")

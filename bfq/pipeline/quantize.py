@@ -64,22 +64,26 @@ def pick_recipe(
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
-    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate; the
-    error-minimizing allocator by default, since it beat the paper's Alg. 1 on tiny-sd) from a
-    sensitivity analysis: the given file, or the one cached for this model and these settings in the
-    cache every command shares (run, resumably, when missing). SD-v1.5-shaped models on a CPU-only
-    machine with no analysis at hand get the paper's published recipe.
+    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate;
+    `DEFAULT_ALLOCATOR` unless `allocator` says otherwise) from a sensitivity analysis: the given
+    file, or the one cached for this model and these settings in the cache every command shares
+    (run, resumably, when missing). One exception: an SD-v1.5-shaped model on a CPU-only machine
+    with no analysis at hand, asked for the paper's own budget (the average its App. H recipe
+    reaches with these settings, 1.99 with the scheduler cache) with the default or the paper's
+    allocator, gets that published recipe; any other budget or allocator runs the allocation it
+    asks for.
     """
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
-    if sensitivity is None and not torch.cuda.is_available():
+    if sensitivity is None and allocator in ("paper", DEFAULT_ALLOCATOR) and not torch.cuda.is_available():
         shortcut = _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features)
-        cached = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels)
-        if shortcut is not None and not cached.is_file():
-            return shortcut
+        if shortcut is not None:
+            cached = analysis_cache_path(unet, resolved=resolved, time_cache=time_cache, levels=levels)
+            if not cached.is_file():
+                return shortcut
     return recipe_for_budget(
         unet, bits, sensitivity=sensitivity, method=allocator, resolved=resolved, time_cache=time_cache,
         n_time_features=n_time_features, levels=levels, time_proj_bits=time_proj_bits, progress=progress, log=log,
@@ -99,7 +103,7 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
         sensitivity: a sensitivity file (path) or object to use; None runs the analysis, or reuses
             the one cached in ``cache_dir`` for this model's fingerprint and these settings (a partial
             one is resumed).
-        method: "paper" (Alg. 1), "optimal" or "size-only".
+        method: one of ``bfq.pipeline.allocate.METHODS`` ("paper" is Alg. 1).
         resolved: the :class:`bfq.pipeline.models.ResolvedModel` (scheduler, pipeline directory and source give
             the analysis its sampler and text conditioning); None analyses the bare UNet (seeded random
             text embeddings, SD's scheduler).
@@ -154,19 +158,26 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
     return recipe, why
 
 
+PAPER_BUDGET_TOLERANCE = 0.005  # the paper prints its 1.9885 bits as "1.99"
+
+
 def _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features):
     """The paper's own App. H recipe for SD-v1.5-shaped models on CPU-only machines, where a
-    sensitivity analysis of 768 candidates would take days; None for other models."""
+    sensitivity analysis of 768 candidates would take days, when ``bits`` is the paper's own
+    budget: the recipe's average with these settings, to the two decimals the paper prints
+    (1.9885 -> 1.99 with the scheduler cache). None for other models and other budgets: the recipe
+    was made for one budget and says nothing about where bits should go at another."""
     try:
         sd = recipes.resolve_recipe("bitsfusion-sd15", unet, time_cache, time_proj_bits, levels)
     except RecipeError:
         return None
     avg = recipes.summarize(sd, unet, time_cache, n_time_features)["avg_bits"]
-    if avg > bits + 0.005:  # the paper's 1.9885 is its "1.99"
+    if abs(avg - bits) > PAPER_BUDGET_TOLERANCE:
         return None
     return sd, (
-        f"SD-v1.5 layers and no GPU: using the paper's bitsfusion-sd15 recipe ({avg:.4f} bits) instead of "
-        "running a sensitivity analysis here; pass --sensitivity FILE (from `bfq analyze` on a GPU) to allocate"
+        f"SD-v1.5 layers, no GPU and the paper's own budget: using the paper's bitsfusion-sd15 recipe "
+        f"({avg:.4f} bits) instead of running a sensitivity analysis here (days on a CPU; other budgets and "
+        "allocators run one); pass --sensitivity FILE (from `bfq analyze` on a GPU) to allocate from one"
     )
 
 

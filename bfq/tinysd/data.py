@@ -99,3 +99,21 @@ def real_gray_images(size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """All real digits as grayscale ``(1797, size, size)`` float32 in [0, 1] (1 = white), and labels."""
     ink, labels = load_digits_images(size)
     return (1.0 - ink).astype(np.float32), labels
+
+
+def write_digit_folder(folder, n: int, size: int = IMAGE_SIZE, seed: int = 0) -> list[int]:
+    """The first ``n`` digits as an image-caption folder (``digit-00000.png`` + ``.txt``, dark ink on
+    white, one caption drawn per image), the layout ``--data folder:PATH`` reads; returns the labels."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ink, labels = load_digits_images(size)
+    rng = random.Random(seed)
+    for i in range(n):
+        gray = np.round((1.0 - ink[i]) * 255).astype(np.uint8)
+        Image.fromarray(gray).convert("RGB").save(folder / f"digit-{i:05d}.png")
+        (folder / f"digit-{i:05d}.txt").write_text(caption(int(labels[i]), rng) + "\n")
+    return [int(v) for v in labels[:n]]

@@ -16,8 +16,9 @@ reads exactly the batches it would have read without interruption, without repla
 before:
 
 * :func:`tinysd_digits`: the bundled tiny-sd's digits, encoded by its VAE, with its captions;
-* :func:`image_caption_folder`: ``NAME.png|jpg|... + NAME.txt`` pairs, encoded by a pipeline's
-  VAE and text encoder;
+* :func:`image_caption_folder`: ``NAME.png|jpg|... + NAME.txt`` pairs, encoded once by a pipeline's
+  VAE and text encoder on the training device (cached in the work directory,
+  :mod:`bfq.pipeline.finetune.encoding`);
 * :func:`prompt_batches`: prompts alone (a list, or a text file with one prompt a line);
 * :class:`TensorBatches`: tensors already in memory.
 
@@ -28,15 +29,24 @@ before:
 from __future__ import annotations
 
 import abc
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from bfq.pipeline.finetune.encoding import (
+    EncodedFolder,
+    encode_folder,
+    encode_images,
+    encode_text,
+    folder_pairs,
+    image_resolution,
+    load_text_encoder,
+    load_vae,
+)
+
 DATA_KINDS = ("tiny-sd-digits", "folder:PATH", "prompts:FILE")
 
 
@@ -134,64 +144,6 @@ def _check_sizes(n: int, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-# ------------------------------------------------------------------------- pipeline components
-
-
-def load_text_encoder(pipeline_dir: str | os.PathLike, device="cpu"):
-    """``(tokenizer, text_encoder)`` of a diffusers Stable Diffusion pipeline directory (eval, frozen)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    base = Path(pipeline_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
-    encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder"), local_files_only=True)
-    return tokenizer, encoder.to(device).eval().requires_grad_(False)
-
-
-def load_vae(pipeline_dir: str | os.PathLike, device="cpu"):
-    """The ``AutoencoderKL`` of a pipeline directory (eval, frozen, float32)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(Path(pipeline_dir) / "vae"), local_files_only=True)
-    return vae.float().to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """``[N, S, D]`` float32 CPU embeddings of ``prompts``, as Stable Diffusion computes them
-    (padded to the tokenizer's ``model_max_length``, last hidden state)."""
-    device = next(text_encoder.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(
-            list(prompts[i : i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(device)  # fmt: skip
-        out.append(text_encoder(ids)[0].float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, std)`` of the VAE posterior of ``images`` (``[N, 3, H, W]`` in [-1, 1]), both times
-    the VAE's ``scaling_factor``, float32 on the CPU."""
-    device = next(vae.parameters()).device
-    scale = float(vae.config.scaling_factor)
-    means, stds = [], []
-    for i in range(0, len(images), batch_size):
-        post = vae.encode(images[i : i + batch_size].to(device, torch.float32)).latent_dist
-        means.append(post.mean.cpu() * scale)
-        stds.append(post.std.cpu() * scale)
-    return torch.cat(means), torch.cat(stds)
-
-
-def image_resolution(pipeline_dir: str | os.PathLike) -> int:
-    """The pixel size the pipeline's UNet was trained at: ``unet.sample_size * 2^(VAE levels - 1)``."""
-    base = Path(pipeline_dir)
-    unet_cfg = json.loads((base / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((base / "vae" / "config.json").read_text())
-    return int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-
-
 # ----------------------------------------------------------------------------------- tiny-sd
 
 
@@ -249,72 +201,45 @@ def tinysd_digits(pipeline_dir: str | os.PathLike | None = None, *, batch_size: 
 # ------------------------------------------------------------------------------ folders, prompts
 
 
-def folder_pairs(folder: str | os.PathLike) -> list[tuple[Path, str]]:
-    """``(image path, caption)`` for every image in ``folder`` that has a ``.txt`` caption next to
-    it (same stem), sorted by file name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such data folder: {folder}")
-    pairs = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.with_suffix(".txt").is_file():
-            pairs.append((path, path.with_suffix(".txt").read_text(encoding="utf-8").strip()))
-    if not pairs:
-        raise FileNotFoundError(f"{folder}: no image files with a .txt caption next to them")
-    return pairs
-
-
-def _load_image(path: Path, size: int) -> torch.Tensor:
-    """``[3, size, size]`` in [-1, 1]: RGB, resized (shorter side) and center-cropped."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
 class FolderBatches(IndexedBatches):
-    """Image-caption pairs encoded on demand (VAE posterior sample, text embedding); see
-    :func:`image_caption_folder`."""
+    """Image-caption pairs, encoded once (:func:`bfq.pipeline.finetune.encoding.encode_folder`): batch
+    ``i`` is a VAE posterior sample of each example (noise from the batch's own generator) and its
+    text embedding. See :func:`image_caption_folder`."""
 
-    def __init__(self, pairs, tokenizer, text_encoder, vae, size: int, *, batch_size: int, seed: int):
+    def __init__(self, encoded: EncodedFolder, *, batch_size: int, seed: int):
         super().__init__()
-        _check_sizes(len(pairs), batch_size)
-        self.pairs, self.tokenizer, self.text_encoder, self.vae, self.size = pairs, tokenizer, text_encoder, vae, size
-        self.uncond = encode_text(tokenizer, text_encoder, [""])[0]
-        self.n, self.batch_size, self.seed = len(pairs), int(batch_size), int(seed)
+        _check_sizes(len(encoded.mean), batch_size)
+        self.encoded, self.uncond = encoded, encoded.uncond
+        self.n, self.batch_size, self.seed = len(encoded.mean), int(batch_size), int(seed)
 
     def _make(self, i, idx):
-        chosen = [self.pairs[int(j)] for j in idx]
-        images = torch.stack([_load_image(p, self.size) for p, _ in chosen])
-        mean, std = encode_images(self.vae, images)
+        rows = idx.numpy()
+        mean = torch.from_numpy(np.asarray(self.encoded.mean[rows]))
+        std = torch.from_numpy(np.asarray(self.encoded.std[rows]))
         z = mean + std * torch.randn(mean.shape, generator=self.generator(i))
-        ehs = encode_text(self.tokenizer, self.text_encoder, [c for _, c in chosen])
+        ehs = torch.from_numpy(np.asarray(self.encoded.ehs[rows]))
         return {"encoder_hidden_states": ehs, "uncond_hidden_states": self.uncond, "latents": z}
 
 
 def image_caption_folder(folder, pipeline_dir, *, batch_size: int = 16, seed: int = 0, resolution: int | None = None,
-                         device="cpu") -> FolderBatches:  # fmt: skip
-    """Batches from a folder of images with ``.txt`` captions (``cat.png`` + ``cat.txt``).
+                         device="cpu", cache_dir=None, log=None) -> FolderBatches:  # fmt: skip
+    """Batches from a folder of images with ``.txt`` captions (``cat.png`` + ``cat.txt``), every
+    example encoded once before the first batch.
 
     Args:
         folder: the data folder.
         pipeline_dir: a Stable Diffusion pipeline directory whose VAE, tokenizer and text encoder
             encode the data.
         resolution: image size in pixels (default: what the pipeline's UNet was trained at).
-        device: where the VAE and text encoder run.
+        device: where the VAE and text encoder run (the training device).
+        cache_dir: keep the encoded examples here (one subfolder per dataset; an interrupted
+            encoding continues, a finished one is reused); None: in memory only.
+        log: receives a line when an interrupted encoding continues.
     """
     pairs = folder_pairs(folder)
-    tokenizer, encoder = load_text_encoder(pipeline_dir, device)
     size = resolution or image_resolution(pipeline_dir)
-    return FolderBatches(pairs, tokenizer, encoder, load_vae(pipeline_dir, device), size, batch_size=batch_size, seed=seed)
+    encoded = encode_folder(pairs, pipeline_dir, size=size, device=device, cache_dir=cache_dir, log=log)
+    return FolderBatches(encoded, batch_size=batch_size, seed=seed)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -338,7 +263,7 @@ def prompt_batches(prompts, pipeline_dir, *, batch_size: int = 16, seed: int = 0
 
 
 def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, batch_size: int = 16, seed: int = 0,
-                device="cpu") -> IndexedBatches:  # fmt: skip
+                device="cpu", cache_dir=None, log=None) -> IndexedBatches:  # fmt: skip
     """A batch source from a ``--data`` string.
 
     Args:
@@ -346,6 +271,8 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
             built-in data (tiny-sd's digits for ``model_name == "tiny-sd"``).
         model_name: the model's name (``bfq.pipeline.models.ResolvedModel.name``).
         pipeline_dir: the pipeline whose VAE/text encoder encode folder and prompt data.
+        device: where the VAE and text encoder run.
+        cache_dir, log: for folder data, as in :func:`image_caption_folder`.
 
     Raises:
         ValueError: an unknown spec, or a spec that needs a pipeline directory the model lacks.
@@ -368,5 +295,6 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
             "(model_index.json + unet/ vae/ text_encoder/ tokenizer/) as the model"
         )
     if kind == "folder":
-        return image_caption_folder(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device)
+        return image_caption_folder(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device,
+                                    cache_dir=cache_dir, log=log)  # fmt: skip
     return prompt_batches(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device)

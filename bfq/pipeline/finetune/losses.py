@@ -3,6 +3,7 @@ for feature distillation, teacher samples for prompts-only data, and :class:`Sta
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -90,17 +91,30 @@ def noise_scheduler_from(scheduler_or_config=None):
 
 
 class _FeatureHooks:
-    """Collects the hidden-state output of every ``down_blocks[i]`` and ``up_blocks[i]``."""
+    """Collects the hidden-state output of every ``down_blocks[i]`` and ``up_blocks[i]``, but only
+    inside :meth:`collecting`: any other forward (an evaluation, teacher sampling, a checkpoint
+    recomputation) retains nothing."""
 
     def __init__(self, unet: nn.Module):
         self.outputs: list[torch.Tensor] = []
+        self.active = False
         blocks = list(getattr(unet, "down_blocks", [])) + list(getattr(unet, "up_blocks", []))
         if not blocks:
             raise ValueError("feature distillation needs a UNet with down_blocks/up_blocks")
         self.handles = [b.register_forward_hook(self._hook) for b in blocks]
 
     def _hook(self, module, args, output):
-        self.outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+        if self.active:
+            self.outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """Collect the block outputs of the forwards run inside this block (earlier ones are dropped)."""
+        self.outputs, self.active = [], True
+        try:
+            yield
+        finally:
+            self.active = False
 
     def take(self) -> list[torch.Tensor]:
         out, self.outputs = self.outputs, []
@@ -109,6 +123,7 @@ class _FeatureHooks:
     def remove(self):
         for h in self.handles:
             h.remove()
+        self.outputs, self.active = [], False
 
 
 @torch.no_grad()
@@ -150,6 +165,10 @@ class StageLoss:
             for h in self.hooks:
                 h.remove()
 
+    def _collecting(self, which: int):
+        """Feature hooks of the student (0) or the teacher (1) collecting, if feature distillation is on."""
+        return self.hooks[which].collecting() if self.hooks else contextlib.nullcontext()
+
     def __call__(self, model: nn.Module, batch: dict, index: int) -> tuple[torch.Tensor, dict]:
         cfg, dev = self.cfg, self.acc.device
         tag = _STAGE_TAG[cfg.stage]
@@ -173,17 +192,13 @@ class StageLoss:
         if bool(drop.any()):
             ehs = torch.where(drop[:, None, None], uncond.expand_as(ehs), ehs)
         zt = self.noise_sched.add_noise(x0, noise, t)
-        if self.hooks:
-            self.hooks[0].take()
-        with self.acc.autocast():
+        with self._collecting(0), self.acc.autocast():
             pred = model(zt, t, ehs).sample.float()
         if cfg.stage == "noise":
             target = noise if self.prediction == "epsilon" else self.noise_sched.get_velocity(x0, noise, t)
             loss = F.mse_loss(pred, target)
             return loss, {"loss_noise": loss.detach()}
-        with torch.no_grad(), self.acc.autocast():
-            if self.hooks:
-                self.hooks[1].take()
+        with torch.no_grad(), self._collecting(1), self.acc.autocast():
             target = self.teacher(zt, t, ehs).sample.float()
         l_noise = F.mse_loss(pred, target)
         parts = {"loss_noise": l_noise.detach()}

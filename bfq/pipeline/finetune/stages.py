@@ -14,7 +14,7 @@ from torch import nn
 
 from bfq.pipeline.finetune.config import FinetuneConfig
 from bfq.pipeline.finetune.losses import float_teacher
-from bfq.pipeline.finetune.trainer import finetune
+from bfq.pipeline.finetune.trainer import _partial_state, finetune
 from bfq.quant.nn import iter_quantized
 
 
@@ -59,7 +59,8 @@ def run_finetune_stages(
             tiny-sd; other models need ``folder:PATH`` or ``prompts:FILE``, or ``batches``).
         work_dir: checkpoints go to ``work_dir/finetune/stage{1,2}-<key>`` (the key hashes the
             model, the recipe, the initial scales and the training settings), so a killed run
-            resumes and a finished stage is not run again. None: no checkpoints.
+            resumes and a finished stage is not run again; encoded folder data to
+            ``work_dir/finetune/data/<key>``. None: no checkpoints, folder data encoded in memory.
         progress: progress bars (also needs ``config.progress``).
         teacher: the float UNet (default: :func:`float_teacher` of ``student_unet``).
         batches: conditioning batches for both stages (default: from ``config.data``).
@@ -85,6 +86,8 @@ def run_finetune_stages(
             log("no evaluation for this model (tiny-sd metric, or eval_clip + eval_prompts): eval_every is ignored")
     sources = {}
 
+    root = Path(work_dir) / "finetune" if work_dir is not None else None
+
     def source_for(cfg: FinetuneConfig):
         if batches is not None:
             return batches
@@ -92,12 +95,14 @@ def run_finetune_stages(
 
         key = (cfg.data, cfg.batch_size, cfg.seed)
         if key not in sources:
-            sources[key] = make_source(cfg.data, model_name=getattr(resolved_model, "name", ""),
-                                       pipeline_dir=getattr(resolved_model, "base_dir", None),
-                                       batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+            state = _partial_state(cfg.cpu)
+            with state.main_process_first():  # the main process encodes folder data; the others read its cache
+                sources[key] = make_source(cfg.data, model_name=getattr(resolved_model, "name", ""),
+                                           pipeline_dir=getattr(resolved_model, "base_dir", None),
+                                           batch_size=cfg.batch_size, seed=cfg.seed, device=state.device,
+                                           cache_dir=root / "data" if root is not None else None, log=log)  # fmt: skip
         return sources[key]
 
-    root = Path(work_dir) / "finetune" if work_dir is not None else None
     k1 = hashlib.sha256(f"{_student_key(resolved_model, student_unet)} {c1.key()}".encode()).hexdigest()[:16]
     k2 = hashlib.sha256(f"{k1} {stage1_steps} {c2.key()}".encode()).hexdigest()[:16]
     for cfg, key, n in ((c1, k1, stage1_steps), (c2, k2, stage2_steps)):
