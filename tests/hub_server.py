@@ -437,7 +437,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _api_model(self, method: str, repo_id: str, rest: list[str], body: bytes, query: dict):
         write = method == "POST"
         repo = self._repo(repo_id, write=write)
-        hub = self.hub
         if method == "GET" and (not rest or rest[0] == "revision"):
             oid = self._rev(repo, rest[1] if rest else "main")
             files = repo.commits[oid].files

@@ -43,3 +43,17 @@ def test_pyproject_lists_every_package():
             for p in (ROOT / folder).rglob("__init__.py")
         }
         assert found <= listed, f"pyproject.toml [tool.setuptools] packages misses {sorted(found - listed)}"
+
+
+def test_readme_python_snippet_runs_as_written_on_a_cpu(tmp_path, monkeypatch):
+    """The first Python block of the README, run as written (the file name aside): the defaults
+    (packed runtime, float32) work on a CPU-only machine."""
+    from bfq.pipeline.quantize import quantize
+    from bfq.runtime.packed import packed_layers
+
+    quantize("tiny-sd", tmp_path / "tiny.bfq", recipe="uniform-2", progress=False)  # 20 steps, as the snippet samples
+    block = ROOT.joinpath("README.md").read_text().split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["image"].size == (16, 16) and packed_layers(scope["unet"])

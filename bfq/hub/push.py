@@ -13,16 +13,9 @@ import re
 import tempfile
 from pathlib import Path
 
+from bfq._io import sha256_file
 from bfq.download import HubError, _chain, _fail, _first_line, _scrub, parse_repo_id
 from bfq.hub.card import _SD_PROMPTS, _TINYSD_PROMPTS, CARD_FILE, PREVIEW_FILE, base_model_info, model_card
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -138,7 +131,7 @@ def push(
         preview_png, preview_info = make_preview(path, prompts=preview_prompts, base=preview_base, steps=preview_steps, device=preview_device,
                                                  runtime=preview_runtime)
 
-    local_sha = _sha256(path)
+    local_sha = sha256_file(path)
     api = HfApi(token=token)
     where = f"{repo}" + (f" (branch {branch})" if branch else "")
     stage = "create the repo"

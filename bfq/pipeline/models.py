@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bfq._io import sha256_file
 from bfq.errors import InputError
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -176,18 +177,10 @@ def build_sd15_random(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 def _sha256_files(paths: list[Path]) -> str:
     """sha256 of one file; for several, sha256 over the lines ``"<name> <sha256>\\n"`` (sorted)."""
-
-    def one(p: Path) -> str:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     paths = sorted(paths)
     if len(paths) == 1:
-        return one(paths[0])
-    return hashlib.sha256("".join(f"{p.name} {one(p)}\n" for p in paths).encode()).hexdigest()
+        return sha256_file(paths[0])
+    return hashlib.sha256("".join(f"{p.name} {sha256_file(p)}\n" for p in paths).encode()).hexdigest()
 
 
 def _weight_files(unet_dir: Path, allow_pickle: bool) -> list[Path]:

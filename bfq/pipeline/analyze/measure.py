@@ -90,7 +90,6 @@ class _Context:
         uncond = encode([""])
         if cond.shape[-1] != dim:
             raise SensitivityError(f"text encoder width {cond.shape[-1]} != the UNet's cross_attention_dim {dim}")
-        del enc
         return cond, uncond
 
     def initial_noise(self, offset: int = 0) -> torch.Tensor:
