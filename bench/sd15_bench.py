@@ -49,8 +49,15 @@ done(seconds=time.perf_counter() - t)
 import bfq, bfq.runtime.load, bfq.quant.timecache
 from diffusers import UNet2DConditionModel  # imports are not load time, for either side
 t = time.perf_counter()
-unet = bfq.load_unet(sys.argv[1] + '/sd15.bfq', dtype=torch.float16)
+unet = bfq.load_unet(sys.argv[1] + '/sd15.bfq', dtype=torch.float16, runtime='dense')
 done(seconds=time.perf_counter() - t, params=sum(p.numel() for p in unet.parameters()))
+""",
+    "load_bfq_packed": """
+import bfq, bfq.runtime.load, bfq.quant.timecache
+from diffusers import UNet2DConditionModel
+t = time.perf_counter()
+unet = bfq.load_unet(sys.argv[1] + '/sd15.bfq', runtime='packed')
+done(seconds=time.perf_counter() - t)
 """,
     "load_fp16": """
 from diffusers import UNet2DConditionModel
@@ -81,7 +88,7 @@ def main():
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     res = {"loadavg": os.getloadavg(), "export": run_step("export", workdir), "save_fp16": run_step("save_fp16", workdir)}
-    for name in ("load_bfq", "load_fp16"):
+    for name in ("load_bfq", "load_bfq_packed", "load_fp16"):
         run_step(name, workdir)  # warm the page cache
         runs = [run_step(name, workdir) for _ in range(args.runs)]
         res[name] = {"seconds": statistics.median(r["seconds"] for r in runs), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
@@ -93,7 +100,8 @@ def main():
     print(f"export   bitsfusion-sd15: {e['seconds']:.1f} s ({', '.join(f'{k} {v:.1f}s' for k, v in e['stages'].items())}), peak {e['peak_rss_gb']:.2f} GB, avg bits {e['avg_bits']:.4f}")
     print(f"file     .bfq {bfq_bytes / 1e6:.1f} MB vs fp16 safetensors {fp16_bytes / 1e6:.1f} MB ({fp16_bytes / bfq_bytes:.2f}x)")
     print(f"save     fp16 safetensors: {res['save_fp16']['seconds']:.1f} s")
-    print(f"load     bfq.load_unet fp16: {res['load_bfq']['seconds']:.2f} s, peak {res['load_bfq']['peak_rss_gb']:.2f} GB")
+    print(f"load     bfq.load_unet fp16, dense runtime: {res['load_bfq']['seconds']:.2f} s, peak {res['load_bfq']['peak_rss_gb']:.2f} GB")
+    print(f"load     bfq.load_unet, packed runtime: {res['load_bfq_packed']['seconds']:.2f} s, peak {res['load_bfq_packed']['peak_rss_gb']:.2f} GB")
     print(f"load     diffusers from_pretrained fp16 + materialize: {res['load_fp16']['seconds']:.2f} s, peak {res['load_fp16']['peak_rss_gb']:.2f} GB")
     print(f"ratio    bfq / safetensors load = {res['load_ratio']:.2f}")
     if args.out:
