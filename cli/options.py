@@ -128,7 +128,7 @@ def quantize_options(f):
 def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> None:
     """Run bfq.pipeline.quantize.quantize with the options of :func:`quantize_options` and print the summary."""
     from bfq.format.inspect import format_summary, summarize
-    from bfq.pipeline.quantize import quantize
+    from bfq.pipeline.quantize import default_steps, quantize
 
     if params["bits"] is None and params["recipe"] is None:
         raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
@@ -137,7 +137,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     work_dir = params["work_dir"]
     if work_dir is None and (s1 or s2):  # training resumes from checkpoints kept there
         work_dir = str(Path(params["out"]).with_suffix(".work"))
-    steps = params["steps"] if params["steps"] is not None else _default_steps(model)
+    steps = params["steps"] if params["steps"] is not None else default_steps(model)
     try:
         result = quantize(
             model, params["out"], bits=params["bits"], recipe=params["recipe"], init=params["init"],
@@ -187,13 +187,3 @@ def _check_files(model: str, params: dict, configs) -> None:
              "--finetune-config": params["finetune_config"], "--data": [d.partition(":")[2] for d in data],
              "--eval-prompts": [c.eval_prompts for c in configs], "--eval-clip": [c.eval_clip for c in configs]}  # fmt: skip
     check_outputs(click.get_current_context(), reads)
-
-
-def _default_steps(model: str) -> int:
-    from bfq.quant.timecache import DEFAULT_STEPS
-
-    if model == "tiny-sd":
-        from bfq.tinysd.evaluate import DEFAULT_STEPS as TINY_STEPS
-
-        return TINY_STEPS
-    return DEFAULT_STEPS

@@ -246,6 +246,16 @@ def _public(config) -> dict:
     return out
 
 
+def default_steps(model: str | os.PathLike) -> int:
+    """Sampler steps a scheduler cache is made for when none are given: tiny-sd's evaluation's (20),
+    else the paper's PNDM-50."""
+    if os.fspath(model) == "tiny-sd":
+        from bfq.tinysd.evaluate import DEFAULT_STEPS as TINY_SD_STEPS
+
+        return TINY_SD_STEPS
+    return DEFAULT_STEPS
+
+
 def quantize(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -255,7 +265,7 @@ def quantize(
     init: str = "alternating",
     levels: str | None = None,
     time_cache: str = "scheduler",
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     time_proj_bits: int | None = None,
     scale_dtype: str = "f16",
     dense_dtype: str = "f32",
@@ -293,6 +303,7 @@ def quantize(
         seconds["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        steps = default_steps(model) if steps is None else steps
         cache = compute_time_cache(resolved, time_cache, steps)
         n_tf = sum(t.size for t in cache["tables"].values())
         seconds["time_cache"] = time.perf_counter() - t0
