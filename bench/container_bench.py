@@ -28,8 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bfq.format import pack  # noqa: E402
-from bfq.format import BfqWriter, open_bfq  # noqa: E402
+from bfq.format import (  # noqa: E402
+    BfqWriter,
+    open_bfq,
+    pack,  # noqa: E402
+)
 from bfq.format.constants import choose_packing, level_offset, num_levels  # noqa: E402
 
 

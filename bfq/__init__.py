@@ -13,18 +13,25 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    """Lazy access to `load_unet` and to submodules (`bfq.tinysd`, `bfq.format.inspect`, ...)."""
+def lazy_getattr(package: str, names: dict[str, str]):
+    """A module ``__getattr__`` for ``package``: ``names`` maps an attribute to the module that
+    defines it, imported on first use; any other attribute is looked up as a submodule."""
     import importlib
 
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:
-        return importlib.import_module(f"bfq.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"bfq.{name}":
-            raise
-        raise AttributeError(f"module 'bfq' has no attribute {name!r}") from None
+    def __getattr__(name):
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package}.{name}":
+                raise
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
+__getattr__ = lazy_getattr("bfq", _LAZY)  # `bfq.load_unet`, `bfq.tinysd`, `bfq.format.inspect`, ...
 
 
 __all__ = ["BfqFormatError", "InputError", "OutputError", "RecipeError", "UserError", "__version__", *_LAZY]

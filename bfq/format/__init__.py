@@ -5,22 +5,12 @@ kernels, packing, the header rules, the reader, the writer and the summaries beh
 or the kernels are first used (``bfq.format.constants`` alone imports neither).
 """
 
+from bfq import lazy_getattr
 from bfq.errors import BfqFormatError
 
 _LAZY = {"BfqFile": "bfq.format.reader", "open_bfq": "bfq.format.reader", "BfqWriter": "bfq.format.writer"}
 
 
-def __getattr__(name):
-    import importlib
-
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:
-        return importlib.import_module(f"bfq.format.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"bfq.format.{name}":
-            raise
-        raise AttributeError(f"module 'bfq.format' has no attribute {name!r}") from None
-
+__getattr__ = lazy_getattr("bfq.format", _LAZY)
 
 __all__ = ["BfqFile", "BfqFormatError", "BfqWriter", "open_bfq"]
