@@ -9,6 +9,8 @@ and time cache. Python objects and allocator slack are not counted.
 
 from __future__ import annotations
 
+import math
+
 DEFAULT_WORKSPACE_BYTES = 32 << 20
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -24,7 +26,7 @@ def resident_bytes(summary: dict, runtime: str, dtype: str = "float32",
         return common + summary["quantized_weights"] * item
     if runtime != "packed":
         raise ValueError(f"runtime must be 'packed' or 'dense', got {runtime!r}")
-    largest = max((_count(layer["shape"]) for layer in summary["layers"]), default=0)
+    largest = max((math.prod(layer["shape"]) for layer in summary["layers"]), default=0)
     return common + summary["bytes"]["layers"] + min(largest * item, workspace_bytes)
 
 
@@ -36,9 +38,3 @@ def resident_report(summary: dict) -> dict[str, int]:
         "dense fp16": resident_bytes(summary, "dense", "float16"),
     }
 
-
-def _count(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
