@@ -78,6 +78,8 @@ def pick_recipe(
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
+    check_budget(unet, bits, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits,
+                 n_time_features=n_time_features)  # fmt: skip
     if sensitivity is None and allocator in ("paper", DEFAULT_ALLOCATOR) and not torch.cuda.is_available():
         shortcut = _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features)
         if shortcut is not None:
@@ -156,6 +158,23 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
     why = (f"{method} allocation for {budget:g} bits from the sensitivity analysis {origin} "
            f"({sens['settings'].get('mode', '?')} mode): {alloc.avg_bits:.4f} bits by the paper's accounting")  # fmt: skip
     return recipe, why
+
+
+def check_budget(unet, bits: float, *, time_cache: str, levels: str | None, time_proj_bits: int | None,
+                 n_time_features: int) -> None:  # fmt: skip
+    """Raise RecipeError unless ``bits`` lies between the averages of every layer at the fewest and at
+    the most bits (conv_in/conv_out at 8, the time features counted): known from the layer sizes
+    alone, so an impossible budget is refused before any sensitivity analysis."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
+        raise RecipeError(f"the bit budget must be a finite number, got {bits!r}")
+    lo, hi = (recipes.summarize(recipes.resolve_recipe(f"uniform-{b}", unet, time_cache, time_proj_bits, levels), unet,
+                                time_cache, n_time_features)["avg_bits"] for b in (recipes.MIN_BITS, recipes.MAX_BITS))  # fmt: skip
+    if not lo <= bits <= hi:
+        raise RecipeError(
+            f"a budget of {bits:g} bits per weight is impossible for this model: from {lo:.4f} (every layer at "
+            f"{recipes.MIN_BITS} bit) to {hi:.4f} (every layer at {recipes.MAX_BITS} bits, {n_time_features:,} cached time "
+            f"features, conv_in/conv_out at 8 bits) with these settings"
+        )
 
 
 PAPER_BUDGET_TOLERANCE = 0.005  # the paper prints its 1.9885 bits as "1.99"
