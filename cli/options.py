@@ -212,6 +212,13 @@ def _check_files(model: str, params: dict, configs) -> None:
             raise click.BadParameter(f"{spec}: no such folder", param_hint="--data")
         if kind == "prompts" and text_file_problem(path):
             raise click.BadParameter(f"{spec}: {text_file_problem(path)}", param_hint="--data")
+        if kind == "prompts":
+            from bfq.pipeline.finetune.data import read_prompts
+
+            try:
+                read_prompts(path)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--data") from None
     for prompts in {c.eval_prompts for c in configs if c.eval_prompts}:
         if text_file_problem(prompts):
             raise click.BadParameter(text_file_problem(prompts), param_hint="--eval-prompts")

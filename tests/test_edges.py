@@ -482,3 +482,32 @@ def test_verify_says_what_it_checks_and_builds_the_model_on_request(tiny_file, t
             w.add_tensor("bias", np.arange(5, dtype=np.float32))
         assert _cli("verify", path).exit_code == 0  # the format is sound
         _one_line_error(_cli("verify", path, "--build"), "the format is sound but the model does not build", fragment)
+
+
+# -- 8. a failed fine-tuning run leaves no work directory it created (issue 18) ---------------------------------
+
+
+def test_a_failed_finetune_leaves_no_work_dir_it_created(tmp_path, monkeypatch):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n# nothing\n")
+    out = tmp_path / "ft.bfq"
+    _one_line_error(_cli("finetune", "tiny-sd", "--recipe", "uniform-2", "--data", f"prompts:{empty}", "-o", out), "no prompts")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+
+    def fails(resolved, unet, *, work_dir, checkpoint=False, **kwargs):
+        if checkpoint:  # a run that got as far as a checkpoint
+            step = Path(work_dir) / "finetune" / "stage1-x" / "checkpoints" / "step-1"
+            step.mkdir(parents=True)
+            (step / "trainer.json").write_text("{}")
+        raise ValueError("the training data ran out")
+
+    monkeypatch.setattr("bfq.pipeline.finetune.run_finetune_stages", fails)
+    args = ["finetune", "tiny-sd", "--recipe", "uniform-2", "--stage1-steps", "1", "--quiet", "-o", out]
+    _one_line_error(_cli(*args), "the training data ran out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+    monkeypatch.setattr("bfq.pipeline.finetune.run_finetune_stages", lambda *a, **k: fails(*a, checkpoint=True, **k))
+    _one_line_error(_cli(*args), "the training data ran out")
+    assert (tmp_path / "ft.work" / "finetune" / "stage1-x").is_dir()  # resumable: kept
+    monkeypatch.setattr("bfq.pipeline.finetune.run_finetune_stages", fails)
+    _one_line_error(_cli(*args), "the training data ran out")
+    assert (tmp_path / "ft.work" / "finetune" / "stage1-x").is_dir()  # an earlier run's: never removed

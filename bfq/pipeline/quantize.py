@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -310,8 +311,31 @@ def quantize(
     `stage1_steps`/`stage2_steps` > 0 fine-tune the initialized model before the export
     (bfq.pipeline.finetune.run_finetune_stages with `finetune_config`/`finetune_stage2_config`, both
     bfq.pipeline.finetune.FinetuneConfig). Under `accelerate launch` only the main process exports; the
-    others return a result whose `path` is None.
+    others return a result whose `path` is None. A work directory this call creates is removed again
+    when the run fails before it holds anything resumable (a fine-tuning checkpoint, encoded data).
     """
+    created = work_dir is not None and not os.path.exists(work_dir) and int(os.environ.get("RANK", "0")) == 0
+    try:
+        return _quantize(model, out, bits=bits, recipe=recipe, init=init, levels=levels, time_cache=time_cache, steps=steps,
+                         time_proj_bits=time_proj_bits, scale_dtype=scale_dtype, dense_dtype=dense_dtype, work_dir=work_dir,
+                         revision=revision, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress,
+                         allocator=allocator, sensitivity=sensitivity, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                         finetune_config=finetune_config, finetune_stage2_config=finetune_stage2_config, log=log)  # fmt: skip
+    except BaseException:
+        if created and not _resumable(Path(work_dir)):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def _resumable(work_dir: Path) -> bool:
+    """Whether a work directory holds what a rerun resumes from: a fine-tuning checkpoint or encoded data."""
+    finetune = work_dir / "finetune"
+    return any(finetune.glob("*/checkpoints/*/trainer.json")) or any(finetune.glob("data/*"))
+
+
+def _quantize(model, out, *, bits, recipe, init, levels, time_cache, steps, time_proj_bits, scale_dtype, dense_dtype, work_dir,
+              revision, subfolder, allow_pickle, progress, allocator, sensitivity, stage1_steps, stage2_steps, finetune_config,
+              finetune_stage2_config, log) -> QuantizeResult:  # fmt: skip
     with ExitStack() as stack:
         if work_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # one lock per run, not per rank
             stack.enter_context(locked_dir(work_dir))
