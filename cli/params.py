@@ -82,3 +82,16 @@ def check_recipe_file(recipe: str, option: str) -> None:
         raise click.BadParameter(f"{recipe!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file",
                                  param_hint=option)  # fmt: skip
     Recipe.load(recipe)
+
+
+class ImageSide(click.IntRange):
+    """An image width or height in pixels: a multiple of 8 (the VAE's latent scale), 8..16384."""
+
+    def __init__(self):
+        super().__init__(8, 16384)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number % 8:
+            self.fail(f"{number} is not a multiple of 8 (the VAE works on 8x8-pixel latents)", param, ctx)
+        return number

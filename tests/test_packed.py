@@ -263,10 +263,9 @@ def tiny_sd(tmp_path_factory):
 
 
 def _pipeline(path, runtime):
-    from bfq.runtime.generate import load_pipeline
+    from bfq.runtime.generate import file_sampler, load_pipeline
 
-    pipe, steps = load_pipeline(str(path), device="cpu", runtime=runtime)
-    return pipe, steps
+    return load_pipeline(str(path), device="cpu", runtime=runtime), file_sampler(str(path)).steps
 
 
 def _unet_output(pipe, steps):
