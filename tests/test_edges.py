@@ -137,8 +137,8 @@ def test_suffixes_are_checked_before_any_work(tiny_file, tmp_path):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--steps", "0"], ["--steps", "0 is not in the range x>=1"]),
-        (["--steps", "-1"], ["--steps", "-1 is not in the range x>=1"]),
+        (["--steps", "0"], ["--steps", "0 is not in the range 1<=x"]),
+        (["--steps", "-1"], ["--steps", "-1 is not in the range 1<=x"]),
         (["--cfg", "nan"], ["--cfg", "'nan' is not a finite number"]),
         (["--cfg", "inf"], ["--cfg", "'inf' is not a finite number"]),
         (["--device", "tpu"], ["--device", "'tpu' is not a device"]),
