@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import click
 from bfq_cli.params import SEED, Count, Device, Finite, Threads, check_recipe_file
@@ -80,6 +81,7 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
         ("finetune_lr", finetune_steps == 0, "has no effect without --finetune-steps N"),
         ("n_timesteps", mode == "image", "applies to --mode proxy only (image mode samples whole images)"),
         ("clip", mode == "proxy", "applies to --mode image only (the CLIP-score drop of generated images)"),
+        ("revision", os.path.exists(model), "applies to Hub models only (MODEL is a local path)"),
     ])  # fmt: skip
     check_outputs(ctx, {"MODEL": model_paths(model), "--clip": clip, "--timestep-recipe": timestep_recipe})
     if timestep_plot is not None or timestep_table is not None:

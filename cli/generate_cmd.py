@@ -17,7 +17,7 @@ from bfq.runtime.generate import SAMPLERS
 @click.argument("model")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Text prompt; repeat for several (a row of the grid each).")
 @click.option("--negative-prompt", help="What the images should not show (needs --cfg above 1).")
-@click.option("--base", help="Pipeline providing VAE, text encoder, tokenizer and scheduler: any model name `bfq quantize` accepts that has them (tiny-sd, sd15, a folder, a Hub id). Default: the model's own (a .bfq's source).")
+@click.option("--base", help="Pipeline providing the VAE, text encoder and tokenizer (and the scheduler, unless the .bfq names its own): any model name `bfq quantize` accepts that has them (tiny-sd, sd15, a folder, a Hub id). Default: the model's own (a .bfq's source).")
 @click.option("-o", "--out", default="grid.png", show_default=True, type=Output("image"), help="Image grid of the results (.png, .jpg, .webp, ...): a row per prompt.")
 @click.option("-n", "--batch", "--num-images", "num_images", default=1, show_default=True, type=Count(1, 64), help="Images per prompt (a column each).")
 @click.option("--width", type=ImageSide(), help="Image width in pixels, a multiple of 8 [default: the model's].")
@@ -50,6 +50,7 @@ def generate_cmd(model, prompts, negative_prompt, base, out, num_images, width, 
     refuse_unused(ctx, [
         ("negative_prompt", guidance <= 1, "needs --cfg above 1 (diffusers uses it only with classifier-free guidance)"),
         ("runtime", not quantized, "applies to a .bfq file only (MODEL is a float model)"),
+        ("revision", os.path.exists(model), "applies to a Hub repo id only (MODEL is a local path)"),
     ])  # fmt: skip
     check_outputs(ctx, {"MODEL": model_paths(model), "--base": base})
     from bfq.runtime.generate import generate, peak_memory

@@ -1,7 +1,8 @@
 """`bfq`: a thin Click layer over the bfq library.
 
 Exit codes: 0 success; 2 a mistake the user can fix (a bad option value, a bad or missing file, an
-output that would replace something it should not, a Hub failure), printed as one line
+output that would replace something it should not, a Hub failure, a stdout that cannot be
+written), printed as one line
 ``bfq: error: ...`` on stderr, and caught before the heavy work wherever it can be; 130
 interrupted (Ctrl-C). Set BFQ_DEBUG=1 to see the traceback of a user error instead.
 """

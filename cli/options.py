@@ -149,7 +149,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     if params["bits"] is None and params["recipe"] is None:
         raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
     s1, s2, c1, c2 = finetune_settings(params, default_stage1_steps=default_stage1_steps, quiet=params["quiet"])
-    _refuse_unused_options(params, training=bool(s1 or s2))
+    _refuse_unused_options(model, params, training=bool(s1 or s2))
     _check_files(model, params, (c1, c2) if s1 or s2 else ())
     work_dir = params["work_dir"]
     if work_dir is None and (s1 or s2):  # training resumes from checkpoints kept there
@@ -180,7 +180,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     click.echo(f"wrote       {result.path}")
 
 
-def _refuse_unused_options(params: dict, *, training: bool) -> None:
+def _refuse_unused_options(model: str, params: dict, *, training: bool) -> None:
     recipe, grid = params["recipe"] is not None, params["time_cache"] == "grid"
     no_training = "has no effect without fine-tuning: add --stage1-steps N or --stage2-steps N"
     rules = [
@@ -190,6 +190,7 @@ def _refuse_unused_options(params: dict, *, training: bool) -> None:
         ("time_proj_bits", not grid, "applies to --time-cache grid only (the scheduler cache stores the time projections' features)"),
         ("steps", grid, "sets the steps of a scheduler-mode time cache; a --time-cache grid file samples any step count"),
         ("finetune_config", not training, no_training),
+        ("revision", os.path.exists(model), "applies to Hub models only (MODEL is a local path)"),
     ]
     rules += [(_param_name(option), not training, no_training) for option, _, _ in _CONFIG_OPTIONS]
     refuse_unused(click.get_current_context(), rules)

@@ -393,6 +393,7 @@ def test_an_unreachable_hub_fails_fast_and_suggests_offline_mode(tmp_path, monke
         (["quantize", "tiny-sd", "--recipe", "uniform-4", "--time-proj-bits", "3"], ["--time-proj-bits applies to --time-cache grid"]),
         (["quantize", "tiny-sd", "--recipe", "uniform-4", "--time-cache", "grid", "--steps", "10"], ["--steps sets the steps of a scheduler-mode"]),
         (["finetune", "tiny-sd", "--recipe", "uniform-4", "--bits", "1.99"], ["--bits and --recipe"]),
+        (["quantize", ".", "--recipe", "uniform-4", "--revision", "v1"], ["--revision applies to Hub models only"]),
         (["quantize", "tiny-sd", "--bits", "0.5"], ["--bits", "0.5 is not in the range x>1"]),
         (["quantize", "tiny-sd", "--recipe", "uniform-4", "--finetune-seed", "-1", "--stage1-steps", "1"], ["--finetune-seed", "-1"]),
         (["quantize", "tiny-sd", "--recipe", "uniform-4", "--batch-size", str(2**31), "--stage1-steps", "1"], ["--batch-size"]),

@@ -143,6 +143,7 @@ def test_a_file_finds_its_local_source_pipeline_again(files, tmp_path, monkeypat
         (["--batch", "0"], ["--batch"]),
         (["--negative-prompt", "x", "--cfg", "1"], ["--negative-prompt needs --cfg above 1"]),
         (["--sampler", "k-dpm"], ["--sampler", "'k-dpm' is not one of"]),
+        (["--revision", "main"], ["--revision applies to a Hub repo id only"]),
     ],
 )
 def test_generate_values_are_checked_at_parse_time(files, tmp_path, args, fragments):
