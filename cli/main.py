@@ -2,9 +2,8 @@
 
 Exit codes: 0 success; 2 a mistake the user can fix (a bad option value, a bad or missing file, an
 output that would replace something it should not, a Hub failure, a stdout that cannot be
-written), printed as one line
-``bfq: error: ...`` on stderr, and caught before the heavy work wherever it can be; 130
-interrupted (Ctrl-C). Set BFQ_DEBUG=1 to see the traceback of a user error instead.
+written), printed as one line ``bfq: error: ...`` on stderr, and caught before the heavy work
+wherever it can be; 130 interrupted (Ctrl-C). Set BFQ_DEBUG=1 to see the traceback of a user error instead.
 """
 
 from __future__ import annotations
