@@ -442,6 +442,8 @@ def test_an_impossible_budget_is_refused_before_any_analysis(tmp_path, monkeypat
         with pytest.raises(RecipeError, match=rf"a budget of {bits:g} bits per weight is impossible.*{re.escape(fragment)}"):
             quantize("tiny-sd", tmp_path / "a.bfq", bits=bits, progress=False)
     _one_line_error(_cli("quantize", "tiny-sd", "--bits", "9", "--quiet", "-o", tmp_path / "a.bfq"), "impossible", "every layer at 8 bits")
+    with pytest.raises(RecipeError, match="not both"):  # Python callers too: a recipe and a budget conflict
+        quantize("tiny-sd", tmp_path / "a.bfq", bits=1.99, recipe="uniform-4", progress=False)
     assert not (tmp_path / "a.bfq").exists() and not (tmp_path / "cache").exists()
 
 

@@ -65,15 +65,18 @@ def pick_recipe(
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
-    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate;
-    `DEFAULT_ALLOCATOR` unless `allocator` says otherwise) from a sensitivity analysis: the given
-    file, or the one cached for this model and these settings in the cache every command shares
-    (run, resumably, when missing). One exception: an SD-v1.5-shaped model on a CPU-only machine
+    `--recipe` fixes every layer's bits (giving `bits` or `sensitivity` too is an error). `--bits B`
+    is first checked against the layer sizes (:func:`check_budget`), then allocates bits per layer
+    for that budget (bfq.pipeline.allocate; `DEFAULT_ALLOCATOR` unless `allocator` says otherwise)
+    from a sensitivity analysis: the given file, or the one cached for this model and these
+    settings in the cache every command shares (run, resumably, when missing). One exception: an SD-v1.5-shaped model on a CPU-only machine
     with no analysis at hand, asked for the paper's own budget (the average its App. H recipe
     reaches with these settings, 1.99 with the scheduler cache) with the default or the paper's
     allocator, gets that published recipe; any other budget or allocator runs the allocation it
     asks for.
     """
+    if recipe is not None and (bits is not None or sensitivity is not None):
+        raise RecipeError("a recipe fixes every layer's bits: give a recipe, or bits (with a sensitivity analysis), not both")
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
         return chosen, f"recipe {chosen.name} as requested"
