@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,11 +69,11 @@ def pick_recipe(
     is first checked against the layer sizes (:func:`check_budget`), then allocates bits per layer
     for that budget (bfq.pipeline.allocate; `DEFAULT_ALLOCATOR` unless `allocator` says otherwise)
     from a sensitivity analysis: the given file, or the one cached for this model and these
-    settings in the cache every command shares (run, resumably, when missing). One exception: an SD-v1.5-shaped model on a CPU-only machine
-    with no analysis at hand, asked for the paper's own budget (the average its App. H recipe
-    reaches with these settings, 1.99 with the scheduler cache) with the default or the paper's
-    allocator, gets that published recipe; any other budget or allocator runs the allocation it
-    asks for.
+    settings in the cache every command shares (run, resumably, when missing). One exception: an
+    SD-v1.5-shaped model on a CPU-only machine with no analysis at hand, asked for the paper's own
+    budget (the average its App. H recipe reaches with these settings, 1.99 with the scheduler
+    cache) with the default or the paper's allocator, gets that published recipe; any other budget
+    or allocator runs the allocation it asks for.
     """
     if recipe is not None and (bits is not None or sensitivity is not None):
         raise RecipeError("a recipe fixes every layer's bits: give a recipe, or bits (with a sensitivity analysis), not both")
@@ -269,6 +269,24 @@ def _public(config) -> dict:
     return out
 
 
+@contextmanager
+def _removed_on_failure(work_dir):
+    """Within the block: a work directory that did not exist before is removed again if the block
+    fails before the directory holds what a rerun resumes from (a checkpoint, encoded data)."""
+    created = work_dir is not None and not os.path.exists(work_dir) and int(os.environ.get("RANK", "0")) == 0
+    try:
+        yield
+    except BaseException:
+        if created and not _resumable(Path(work_dir)):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def _resumable(work_dir: Path) -> bool:
+    finetune = work_dir / "finetune"
+    return any(finetune.glob("*/checkpoints/*/trainer.json")) or any(finetune.glob("data/*"))
+
+
 def default_steps(model: str | os.PathLike) -> int:
     """Sampler steps a scheduler cache is made for when none are given: tiny-sd's evaluation's (20),
     else the paper's PNDM-50."""
@@ -317,29 +335,7 @@ def quantize(
     others return a result whose `path` is None. A work directory this call creates is removed again
     when the run fails before it holds anything resumable (a fine-tuning checkpoint, encoded data).
     """
-    created = work_dir is not None and not os.path.exists(work_dir) and int(os.environ.get("RANK", "0")) == 0
-    try:
-        return _quantize(model, out, bits=bits, recipe=recipe, init=init, levels=levels, time_cache=time_cache, steps=steps,
-                         time_proj_bits=time_proj_bits, scale_dtype=scale_dtype, dense_dtype=dense_dtype, work_dir=work_dir,
-                         revision=revision, subfolder=subfolder, allow_pickle=allow_pickle, progress=progress,
-                         allocator=allocator, sensitivity=sensitivity, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                         finetune_config=finetune_config, finetune_stage2_config=finetune_stage2_config, log=log)  # fmt: skip
-    except BaseException:
-        if created and not _resumable(Path(work_dir)):
-            shutil.rmtree(work_dir, ignore_errors=True)
-        raise
-
-
-def _resumable(work_dir: Path) -> bool:
-    """Whether a work directory holds what a rerun resumes from: a fine-tuning checkpoint or encoded data."""
-    finetune = work_dir / "finetune"
-    return any(finetune.glob("*/checkpoints/*/trainer.json")) or any(finetune.glob("data/*"))
-
-
-def _quantize(model, out, *, bits, recipe, init, levels, time_cache, steps, time_proj_bits, scale_dtype, dense_dtype, work_dir,
-              revision, subfolder, allow_pickle, progress, allocator, sensitivity, stage1_steps, stage2_steps, finetune_config,
-              finetune_stage2_config, log) -> QuantizeResult:  # fmt: skip
-    with ExitStack() as stack:
+    with _removed_on_failure(work_dir), ExitStack() as stack:
         if work_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # one lock per run, not per rank
             stack.enter_context(locked_dir(work_dir))
         seconds = {}
