@@ -51,8 +51,9 @@ def test_bundled_folder_is_an_sdxl_pipeline_with_two_text_encoders(pipe):
     assert loaded.vae.config.force_upcast is False
     weights = "vae/diffusion_pytorch_model.safetensors"  # tiny-sd's trained VAE, unchanged
     assert (pipeline_dir() / weights).read_bytes() == (tinysd_dir() / weights).read_bytes()
+    vocab = (tinysd_dir() / "tokenizer" / "vocab.json").read_text()
     for name in ("tokenizer", "tokenizer_2"):
-        assert (pipeline_dir() / name / "vocab.json").read_text() == (tinysd_dir() / "tokenizer" / "vocab.json").read_text()
+        assert (pipeline_dir() / name / "vocab.json").read_text() == vocab
 
 
 def test_unet_has_sdxl_structure_and_every_layer_kind(pipe):
