@@ -24,6 +24,7 @@ LAYERS = {
     "format": set(),
     "quant": {"format"},
     "tinysd": {"format", "quant"},
+    "tinysdxl": {"format", "quant", "tinysd"},
     "pipeline": {"format", "quant", "tinysd"},
     "runtime": {"format", "quant", "tinysd"},
     "hub": {"format", "quant", "tinysd", "runtime"},

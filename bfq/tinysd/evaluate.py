@@ -64,6 +64,28 @@ def ddim_sampler(base=None):
     return DDIMScheduler.from_config(config, clip_sample=False)
 
 
+def _load(unet, base):
+    """The pipeline at ``base``, of the class its ``model_index.json`` names: tiny-sd's
+    ``StableDiffusionPipeline`` or an SDXL one such as tiny-sdxl's (two text encoders, ``time_ids``
+    for the default 16x16 size: the same prompts, latents, sampler and classifier score both)."""
+    import json
+
+    from bfq.tinysd import load_pipeline
+
+    index = json.loads((Path(base) / "model_index.json").read_text())
+    if index.get("_class_name") != "StableDiffusionXLPipeline":
+        return load_pipeline(unet=unet, directory=base)
+    from bfq._quiet import quiet_libraries
+
+    with quiet_libraries():
+        from diffusers import StableDiffusionXLPipeline
+
+        kwargs = {} if unet is None else {"unet": unet}
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(base), local_files_only=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _pipeline(unet, base, scheduler=None):
     """The pipeline at ``base`` with ``unet`` swapped in and ``scheduler`` (default :func:`ddim_sampler`).
 
@@ -73,12 +95,10 @@ def _pipeline(unet, base, scheduler=None):
 
     import torch
 
-    from bfq.tinysd import load_pipeline
-
     tensors = unet.state_dict().values() if unet is not None else ()
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         unet = copy.deepcopy(unet).float()
-    pipe = load_pipeline(unet=unet, directory=base)
+    pipe = _load(unet, base)
     pipe.scheduler = copy.deepcopy(scheduler) if scheduler is not None else ddim_sampler(base)
     pipe.unet.eval()
     return pipe
@@ -124,13 +144,14 @@ def evaluate(
     scheduler=None,
     progress: bool = False,
 ) -> dict:
-    """Score a tiny-sd UNet: alignment and Fréchet distance at each CFG scale.
+    """Score a tiny-sd (or tiny-sdxl) UNet: alignment and Fréchet distance at each CFG scale.
 
     Args:
         unet: a ``UNet2DConditionModel`` to put into the pipeline (a quantized one from
             ``bfq.load_unet`` for instance); None scores the UNet of ``base``.
-        base: the pipeline directory that provides VAE, text encoder, tokenizer and scheduler
-            config (default: the bundled tiny-sd).
+        base: the pipeline directory that provides VAE, text encoder(s), tokenizer(s) and scheduler
+            config (default: the bundled tiny-sd; the bundled tiny-sdxl's is
+            ``bfq.tinysdxl.pipeline_dir()``).
         cfg_scales: the guidance sweep; ``default_cfg`` is added to it if missing.
         default_cfg: the scale whose scores are reported as top-level ``alignment`` and ``fd``.
         n_per_digit: images per digit and scale (10x that many per scale).
