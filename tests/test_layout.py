@@ -1,5 +1,5 @@
-"""The package's shape: imports run one way (base <- format <- quant <- pipeline stages <- the
-orchestrator; runtime <- format, quant; hub <- runtime) and never in a circle.
+"""The package's shape: imports run one way (base <- format <- families <- quant <- pipeline stages <-
+the orchestrator; runtime <- format, families, quant; hub <- runtime) and never in a circle.
 
 Walks every ``import`` statement of ``bfq/`` with ``ast``, including the ones inside functions
 (a lazy import is still a dependency).
@@ -22,11 +22,12 @@ BASE = "base"
 LAYERS = {
     BASE: set(),
     "format": set(),
-    "quant": {"format"},
-    "tinysd": {"format", "quant"},
-    "pipeline": {"format", "quant", "tinysd"},
-    "runtime": {"format", "quant", "tinysd"},
-    "hub": {"format", "quant", "tinysd", "runtime"},
+    "families": {"format"},
+    "quant": {"format", "families"},
+    "tinysd": {"format", "families", "quant"},
+    "pipeline": {"format", "families", "quant", "tinysd"},
+    "runtime": {"format", "families", "quant", "tinysd"},
+    "hub": {"format", "families", "quant", "tinysd", "runtime"},
 }
 BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq._quiet", "bfq.download"}
 # Stages of bfq.pipeline in the order a user runs them: a stage imports only earlier ones.

@@ -1,4 +1,5 @@
-"""Generate images with a quantized UNet inside its base Stable Diffusion pipeline.
+"""Generate images with a quantized UNet inside its base pipeline (the model family's pipeline class:
+``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
 
 A file with a scheduler-mode time cache holds time features for one sampler and step count only:
 sampling defaults to them, and any other step count is refused before anything is loaded.
@@ -16,6 +17,7 @@ import torch
 from bfq._io import atomic_path
 from bfq._quiet import quiet_libraries
 from bfq.errors import InputError
+from bfq.families import FAMILIES, family_for_config
 from bfq.quant.timecache import check_cached_steps, scheduler_timesteps
 
 DEFAULT_STEPS = 50
@@ -26,10 +28,9 @@ GUTTER_COLOR = (255, 255, 255)
 def base_pipeline_for(source: dict | None) -> str:
     """Where the VAE, text encoder and tokenizer of a .bfq's source model live."""
     source = source or {}
-    if source.get("kind") == "builtin" and source.get("name") == "tiny-sd":
-        from bfq.tinysd import pipeline_dir
-
-        return str(pipeline_dir())
+    tiny = {f.tiny_name: f for f in FAMILIES}
+    if source.get("kind") == "builtin" and source.get("name") in tiny:
+        return str(tiny[source["name"]].tiny_pipeline_dir())
     if source.get("kind") == "hub" and source.get("repo"):
         return source["repo"]
     raise InputError(
@@ -58,6 +59,7 @@ class FileSampler:
     path: str
     source: dict | None
     config: dict  # the UNet's config
+    class_name: str  # the UNet's diffusers class
     cache_mode: str | None  # "scheduler", "grid" or None
     cached_timesteps: list[float]
     scheduler: object | None  # the scheduler a scheduler-mode cache was made for (None: unknown)
@@ -90,28 +92,31 @@ def file_sampler(model: str, revision: str | None = None) -> FileSampler:
     scheduler, steps = cached_sampler(metadata)
     mode = cache.mode if cache is not None else None
     timesteps = list(cache.timesteps) if cache else []
-    return FileSampler(os.fspath(path), model.get("source"), model["config"], mode, timesteps, scheduler, steps)
+    return FileSampler(os.fspath(path), model.get("source"), model["config"], model["class_name"], mode, timesteps,
+                       scheduler, steps)  # fmt: skip
 
 
 def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, revision: str | None = None,
                   sampler: FileSampler | None = None, runtime: str = "auto"):  # fmt: skip
-    """A StableDiffusionPipeline with the quantized UNet of `model`, and its default step count.
-    `runtime` is :func:`bfq.load_unet`'s ("auto": packed on the CPU, dense on accelerators)."""
+    """The family's pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) with the quantized
+    UNet of `model`, and its default step count. `runtime` is :func:`bfq.load_unet`'s ("auto":
+    packed on the CPU, dense on accelerators)."""
     import bfq
 
     sampler = sampler or file_sampler(model, revision)
+    family = family_for_config(sampler.config, sampler.class_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base = base or base_pipeline_for(sampler.source)
     unet = bfq.load_unet(sampler.path, device=device, dtype=dtype, runtime=runtime)
     with quiet_libraries():
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, safety_checker=None)
+            pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, unet=unet, **family.pipeline_kwargs)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the base pipeline {base} (VAE, text encoder): {exc}; pass --base "
-                             "DIR_OR_REPO naming a Stable Diffusion pipeline") from None  # fmt: skip
+                             f"DIR_OR_REPO naming a {family.title} pipeline") from None  # fmt: skip
         if sampler.scheduler is not None:
             pipe.scheduler = sampler.scheduler
         pipe.set_progress_bar_config(disable=True)
