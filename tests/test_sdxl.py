@@ -276,3 +276,33 @@ def test_sdxl_end_to_end_uniform_and_bits(sdxl_pipe, tmp_path, monkeypatch):
     result = runner.invoke(main, ["generate", str(files["uniform"]), "--base", str(sdxl_pipe), "--prompt", "a digit",
                                   "-o", str(tmp_path / "grid.png")])  # fmt: skip
     assert result.exit_code == 0, result.output and (tmp_path / "grid.png").is_file()
+
+
+def test_sdxl_two_stage_finetuning_with_added_conditioning(sdxl_pipe, tmp_path):
+    """Stage I + II on an SDXL-class UNet from prompts (both text encoders, text_embeds and time_ids
+    in every batch, CFG dropout of the pooled text too); the trained file differs from the initialized one."""
+    (tmp_path / "prompts.txt").write_text("a handwritten digit three\na handwritten digit seven\n")
+    config = {"data": f"prompts:{tmp_path / 'prompts.txt'}", "batch_size": 2, "sample_steps": 2, "uncond_prob": 0.5,
+              "lr": 1e-2}  # fmt: skip
+    (tmp_path / "ft.json").write_text(json.dumps(config))
+    runner = CliRunner()
+    common = ["quantize", str(sdxl_pipe), "--recipe", "uniform-2", "--steps", "4"]
+    assert runner.invoke(main, [*common, "-o", str(tmp_path / "init.bfq")]).exit_code == 0
+    result = runner.invoke(main, [*common, "--stage1-steps", "3", "--stage2-steps", "2", "--finetune-config",
+                                  str(tmp_path / "ft.json"), "-o", str(tmp_path / "ft.bfq")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open_bfq(tmp_path / "init.bfq") as a, open_bfq(tmp_path / "ft.bfq") as b:
+        assert json.loads(b.header.metadata["finetune"])["stage2_steps"] == 2
+        changed = [n for n in a.layers if not np.array_equal(a.read_scales(n), b.read_scales(n))]
+    assert len(changed) > 10
+
+    from bfq.pipeline.finetune import FinetuneConfig, finetune
+    from bfq.pipeline.finetune.losses import float_teacher
+    from bfq.quant.nn import quantize_unet
+
+    student = resolve_model(sdxl_pipe).unet
+    quantize_unet(student, recipes.resolve_recipe("uniform-2", student).bits, progress=False)
+    batch = {"encoder_hidden_states": torch.randn(2, 77, 32), "uncond_hidden_states": torch.zeros(77, 32),
+             "latents": torch.randn(2, 4, 8, 8)}  # fmt: skip
+    with pytest.raises(ValueError, match="needs text_embeds, time_ids in every batch"):
+        finetune(student, float_teacher(student), [batch], FinetuneConfig(steps=1, batch_size=2, progress=False))

@@ -30,6 +30,8 @@ class Family:
         default_steps: sampler steps of the reference pipeline (what a scheduler time cache is made for).
         pipeline_kwargs: extra keyword arguments for ``pipeline_class.from_pretrained``.
         hub_tag: the Hub tag of the family on a model card.
+        added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
+            ``text_embeds``, ``time_ids``); empty when nothing.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Family:
     default_steps: int = 50
     pipeline_kwargs: dict = {}
     hub_tag: str = "stable-diffusion"
+    added_cond_keys: tuple[str, ...] = ()
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:
