@@ -306,3 +306,11 @@ def test_sdxl_two_stage_finetuning_with_added_conditioning(sdxl_pipe, tmp_path):
              "latents": torch.randn(2, 4, 8, 8)}  # fmt: skip
     with pytest.raises(ValueError, match="needs text_embeds, time_ids in every batch"):
         finetune(student, float_teacher(student), [batch], FinetuneConfig(steps=1, batch_size=2, progress=False))
+
+
+def test_sdxl_model_card(cached_sdxl):
+    from bfq.hub.card import model_card
+
+    card = model_card(cached_sdxl[2], repo_id="me/xl", base={"base_model": None, "license": None, "pipeline": None})
+    assert "- stable-diffusion-xl\n" in card and "- stable-diffusion\n" not in card
+    assert 'bfq.load_unet("me/xl")' in card and "--base BASE_PIPELINE" in card
