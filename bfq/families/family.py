@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bfq.format.constants import replaced_by_time_cache
+
 _DATA = Path(__file__).resolve().parent.parent / "data"
 
 # What a model's time features (what each ResNet's time_emb_proj sees) depend on.
@@ -83,6 +85,12 @@ class Family:
         holds the timestep MLP's output only and the ``time_emb_proj`` layers stay (§2.3.1)."""
         return self.time_features == TIMESTEP_ONLY
 
+    def replaced_by_time_cache(self, name: str, mode: str, config: dict) -> bool:
+        """True for the weights (state-dict names) a time cache of ``mode`` replaces in a model with
+        ``config``: those a file with that cache MUST NOT hold (FORMAT.md §2.3, §2.3.1) and a recipe
+        does not cover. Every other Linear/Conv2d weight is quantizable."""
+        return replaced_by_time_cache(name, mode, mode != "scheduler" or self.per_resnet_time_cache(config))
+
     # ---- conditioning a forward needs
     def conditioning(self, config: dict, batch: int, *, height: int | None = None, width: int | None = None,
                      seq_len: int = 77, generator=None, dtype=None, device=None) -> dict:  # fmt: skip
@@ -95,6 +103,11 @@ class Family:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         ehs = torch.randn(batch, seq_len, int(config["cross_attention_dim"]), generator=gen)
         return {"encoder_hidden_states": ehs.to(device=device, dtype=dtype)}
+
+    def forward(self, model, sample, timestep, cond: dict):
+        """``model``'s output for ``sample`` at ``timestep`` with ``cond`` (what :meth:`conditioning`
+        returns): the one place that knows the model's call signature."""
+        return model(sample, timestep, **cond)
 
     def encode_prompts(self, base_dir, texts: list[str], config: dict, device=None) -> dict:
         """The conditioning of ``texts`` by the text encoder(s) of the pipeline in ``base_dir``

@@ -35,7 +35,7 @@ from torch import nn
 from bfq._io import read_json_file
 from bfq.errors import RecipeError
 from bfq.families import family_of
-from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal, replaced_by_time_cache
+from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
 
 RECIPE_FORMAT = "bfq-recipe"
 RECIPE_VERSION = 1
@@ -139,8 +139,7 @@ def linear_conv_weights(unet: nn.Module) -> dict[str, int]:
 def replaced_by_cache(unet: nn.Module, name: str, time_cache: str) -> bool:
     """True when the ``time_cache`` mode removes weight ``name`` from ``unet`` (asks the model's family
     whether a scheduler cache holds per-ResNet features or the timestep MLP's output only)."""
-    per_resnet = time_cache != "scheduler" or family_of(unet).per_resnet_time_cache(dict(unet.config))
-    return replaced_by_time_cache(name, time_cache, per_resnet)
+    return family_of(unet).replaced_by_time_cache(name, time_cache, dict(unet.config))
 
 
 def _keeps_time_proj(unet: nn.Module, time_cache: str) -> bool:

@@ -30,10 +30,12 @@ def _ddim(sched_cfg: Mapping, steps: int):
 
 # Conditioning is a flat dict of batch-first tensors: "encoder_hidden_states" and whatever the
 # family adds (SDXL: "text_embeds", "time_ids"), so that it is sliced, repeated and joined like one tensor.
-def _cond_kwargs(cond: dict) -> dict:
-    """The UNet keyword arguments of a flat conditioning dict."""
-    added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
-    return {"encoder_hidden_states": cond["encoder_hidden_states"], **({"added_cond_kwargs": added} if added else {})}
+def _cond_kwargs(family, cond: dict) -> dict:
+    """The model keyword arguments of a flat conditioning dict (the family's added_cond_keys go
+    into ``added_cond_kwargs``)."""
+    added = {k: v for k, v in cond.items() if k in family.added_cond_keys}
+    rest = {k: v for k, v in cond.items() if k not in family.added_cond_keys}
+    return {**rest, **({"added_cond_kwargs": added} if added else {})}
 
 
 def _flat(kwargs: dict) -> dict:
@@ -57,7 +59,8 @@ def _cond_repeat(cond: dict, n: int) -> dict:
 
 
 def _forward(unet, x, t, cond: dict, idx) -> torch.Tensor:
-    return unet(x[idx], t[idx], **_cond_kwargs(_cond_map(cond, lambda v: v[idx]))).sample
+    family = family_of(unet)
+    return family.forward(unet, x[idx], t[idx], _cond_kwargs(family, _cond_map(cond, lambda v: v[idx]))).sample
 
 
 @torch.no_grad()

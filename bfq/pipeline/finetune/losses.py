@@ -140,12 +140,13 @@ def teacher_samples(teacher, ehs, uncond, scheduler_config, *, steps: int, cfg: 
     sched.set_timesteps(steps)
     z = torch.randn((ehs.shape[0], *sample_shape), generator=generator).to(device) * sched.init_noise_sigma
     cond = torch.cat([uncond.expand_as(ehs), ehs])
-    extra = {}
+    kwargs = {"encoder_hidden_states": cond}
     if added:
         both = {k: torch.cat([uncond_added.get(k, v).expand_as(v), v]) for k, v in added.items()}
-        extra = {"added_cond_kwargs": both}
+        kwargs["added_cond_kwargs"] = both
+    family = family_of(teacher)
     for t in sched.timesteps:
-        eps = teacher(torch.cat([z, z]), t.to(device), cond, **extra).sample.float()
+        eps = family.forward(teacher, torch.cat([z, z]), t.to(device), kwargs).sample.float()
         e_u, e_c = eps.chunk(2)
         z = sched.step(e_u + cfg * (e_c - e_u), t, z, eta=0.0).prev_sample
     return z
@@ -163,7 +164,8 @@ class StageLoss:
         self.T = int(self.noise_sched.config.num_train_timesteps)
         self.prediction = self.noise_sched.config.prediction_type
         self.uncond = uncond
-        self.added_keys = family_of(student).added_cond_keys
+        self.family = family_of(student)
+        self.added_keys = self.family.added_cond_keys
         use_feat = cfg.stage == "distill" and cfg.feat_weight > 0
         self.hooks = (_FeatureHooks(student), _FeatureHooks(teacher)) if use_feat else None
 
@@ -200,20 +202,20 @@ class StageLoss:
         if bool(drop.any()):
             ehs = torch.where(drop[:, None, None], uncond.expand_as(ehs), ehs)
         zt = self.noise_sched.add_noise(x0, noise, t)
-        extra = {}
+        kwargs = {"encoder_hidden_states": ehs}
         if added:
             if bool(drop.any()):
                 te, ute = added["text_embeds"], uncond_added["text_embeds"]
                 added = {**added, "text_embeds": torch.where(drop[:, None], ute.expand_as(te), te)}
-            extra = {"added_cond_kwargs": added}
+            kwargs["added_cond_kwargs"] = added
         with self._collecting(0), self.acc.autocast():
-            pred = model(zt, t, ehs, **extra).sample.float()
+            pred = self.family.forward(model, zt, t, kwargs).sample.float()
         if cfg.stage == "noise":
             target = noise if self.prediction == "epsilon" else self.noise_sched.get_velocity(x0, noise, t)
             loss = F.mse_loss(pred, target)
             return loss, {"loss_noise": loss.detach()}
         with torch.no_grad(), self._collecting(1), self.acc.autocast():
-            target = self.teacher(zt, t, ehs, **extra).sample.float()
+            target = self.family.forward(self.teacher, zt, t, kwargs).sample.float()
         l_noise = F.mse_loss(pred, target)
         parts = {"loss_noise": l_noise.detach()}
         loss = l_noise
@@ -232,7 +234,7 @@ class StageLoss:
             return None, None
         missing = [k for k in self.added_keys if k not in batch]
         if missing:
-            raise ValueError(f"this {family_of(self.student).title} model needs {', '.join(missing)} in every batch "
+            raise ValueError(f"this {self.family.title} model needs {', '.join(missing)} in every batch "
                              "(its added_cond_kwargs); the batch has only " + ", ".join(sorted(batch)))  # fmt: skip
         added = {k: batch[k].to(dev, torch.float32) for k in self.added_keys}
         uncond = batch.get("uncond_text_embeds", torch.zeros_like(added["text_embeds"][:1]))
