@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_unet": "bfq.runtime.load",
+    "load_pipeline": "bfq.runtime.generate",
 }
 
 
@@ -31,7 +32,7 @@ def lazy_getattr(package: str, names: dict[str, str]):
     return __getattr__
 
 
-__getattr__ = lazy_getattr("bfq", _LAZY)  # `bfq.load_unet`, `bfq.tinysd`, `bfq.format.inspect`, ...
+__getattr__ = lazy_getattr("bfq", _LAZY)  # `bfq.load_unet`, `bfq.load_pipeline`, `bfq.tinysd`, `bfq.format.inspect`, ...
 
 
 __all__ = ["BfqFormatError", "InputError", "OutputError", "RecipeError", "UserError", "__version__", *_LAZY]

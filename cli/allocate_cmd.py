@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import click
-from bfq_cli.params import Finite
+from bfq_cli.params import Count, Finite
+from bfq_cli.options import refuse_unused
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 from bfq.pipeline.allocate import DEFAULT_ALIGN_WEIGHT, DEFAULT_ALLOCATOR, METHODS
@@ -27,7 +28,7 @@ METHOD_HELP = (
 @click.option("--eta", type=Finite(0), default=0.3, show_default=True, help="Size factor of S = M * N^-eta (paper and size-only).")
 @click.option("--no-refine", is_flag=True, help="Paper method: skip the +1/+1/+1-bit alignment refinement.")
 @click.option("--metric", default="mse", show_default=True, help="Error metric the allocation uses (paper, optimal, optimal-align).")
-@click.option("--n-time-features", type=click.IntRange(0), default=None, help="N_tf of the accounting (default: the analysis's; set it when exporting with another --steps).")
+@click.option("--n-time-features", type=Count(0), default=None, help="N_tf of the accounting (default: the analysis's; set it when exporting with another --steps).")
 @click.option("--model", default=None, help="Check that the analysis was made for MODEL (same layers and weights).")
 @click.option("--plot", type=Output("plot"), default=None, help="Plot bits per layer across the UNet here (.png, .pdf or .svg).")
 @click.option("--compare", is_flag=True, help="Also report the other methods at the same budget.")
@@ -50,7 +51,15 @@ def allocate_cmd(sensitivity, budget, out, method, align_weight, eta, no_refine,
     from bfq.pipeline.plots import plot_allocation, require_matplotlib
     from bfq.pipeline.sensitivity import check_model, load_sensitivity
 
-    check_outputs(click.get_current_context(), {"SENSITIVITY": sensitivity, "--model": model_paths(model) if model else None})
+    ctx = click.get_current_context()
+    if not compare:  # --compare runs every method, each with the options it takes
+        refuse_unused(ctx, [
+            ("eta", method not in ("paper", "size-only"), "applies to --method paper and size-only only"),
+            ("align_weight", method != "optimal-align", "applies to --method optimal-align only"),
+            ("no_refine", method != "paper", "applies to --method paper only"),
+            ("metric", method == "size-only", "has no effect with --method size-only (bits by layer size alone)"),
+        ])  # fmt: skip
+    check_outputs(ctx, {"SENSITIVITY": sensitivity, "--model": model_paths(model) if model else None})
     if plot is not None:
         try:
             require_matplotlib()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import click
-from bfq_cli.params import Device, Finite, check_recipe_file
+from bfq_cli.params import SEED, Count, Device, Finite, Threads, check_recipe_file
+from bfq_cli.options import refuse_unused
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 MODE_HELP = (
@@ -30,21 +32,21 @@ def _parse_bits(ctx, param, value):
 @click.option("-o", "--out", type=Output("sensitivity"), help="Sensitivity JSON to write; an unfinished one with the same model and settings is resumed. The analysis is also cached (one per model and settings, $BFQ_CACHE_DIR, shared with `bfq quantize --bits`): a cached one is reused.")
 @click.option("--mode", type=click.Choice(["proxy", "image"]), default="proxy", show_default=True, help=MODE_HELP)
 @click.option("--bits", default="1,2,3", show_default=True, callback=_parse_bits, help="Candidate bit-widths per layer.")
-@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True, help="Steps of fine-tuning each quantized layer against the full-precision model (the paper's T; 0 = none).")
+@click.option("--finetune-steps", type=Count(0), default=0, show_default=True, help="Steps of fine-tuning each quantized layer against the full-precision model (the paper's T; 0 = none).")
 @click.option("--finetune-lr", type=Finite(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate of that fine-tuning.")
-@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=None, help="Number of fixed prompts (default: tiny-sd 10 proxy / 20 image, else 8).")
-@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="DDIM steps of the sampler that makes the latents (proxy) or images (image).")
-@click.option("--timesteps", "n_timesteps", type=click.IntRange(1), default=4, show_default=True, help="Proxy mode: trajectory states per prompt (evenly spaced steps).")
+@click.option("--prompts", "n_prompts", type=Count(1), default=None, help="Number of fixed prompts (default: tiny-sd 10 proxy / 20 image, else 8).")
+@click.option("--steps", type=Count(1), default=20, show_default=True, help="DDIM steps of the sampler that makes the latents (proxy) or images (image).")
+@click.option("--timesteps", "n_timesteps", type=Count(1), default=4, show_default=True, help="Proxy mode: trajectory states per prompt (evenly spaced steps).")
 @click.option("--guidance", type=Finite(0), default=None, help="CFG scale (default: tiny-sd 3.0, else 7.5).")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--clip", type=click.Path(file_okay=False, exists=True), default=None, help="Image mode on SD: a local transformers CLIP model directory for the CLIP-score drop (skipped without it).")
 @click.option("--levels", type=click.Choice(["balanced", "plain"]), default="balanced", show_default=True)
 @click.option("--time-cache", type=click.Choice(["scheduler", "grid"]), default="scheduler", show_default=True, help="Which layers a recipe needs (grid keeps and analyses the time projections) and the N_tf of the accounting.")
 @click.option("--cache-steps", type=click.IntRange(1, 1000), default=None, help="Sampler steps the exported time cache will hold (N_tf of the accounting; default as `bfq quantize --steps`).")
 @click.option("--device", type=Device(allow_auto=True), default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, mps.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="UNet batch size.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Torch CPU threads (default: torch's).")
-@click.option("--max-entries", type=click.IntRange(0), default=None, help="Stop after this many new (layer, bits) entries (rerun to resume).")
+@click.option("--batch-size", type=Count(1), default=64, show_default=True, help="UNet batch size.")
+@click.option("--threads", type=Threads(), default=None, help="Torch CPU threads (default: torch's).")
+@click.option("--max-entries", type=Count(0), default=None, help="Stop after this many new (layer, bits) entries (rerun to resume).")
 @click.option("--timestep-plot", type=Output("plot"), default=None, help="Also run the time-step error analysis (paper Fig. 4) and plot it here (.png, .pdf or .svg).")
 @click.option("--timestep-table", type=Output("timestep-table"), default=None, help="Write the time-step error table here (JSON).")
 @click.option("--timestep-recipe", default="uniform-2", show_default=True, help="The quantized model of the time-step analysis: a built-in recipe or a recipe JSON file.")
@@ -69,7 +71,19 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
     """
     if out is None and timestep_plot is None and timestep_table is None:
         raise click.UsageError("give -o SENS.json, --timestep-plot PNG or --timestep-table JSON")
-    check_outputs(click.get_current_context(), {"MODEL": model_paths(model), "--clip": clip, "--timestep-recipe": timestep_recipe})
+    ctx = click.get_current_context()
+    sens_only = "applies to the sensitivity analysis only: add -o SENS.json"
+    refuse_unused(ctx, [
+        ("timestep_recipe", timestep_plot is None and timestep_table is None,
+         "applies to the time-step analysis only: add --timestep-plot or --timestep-table"),
+        *((name, out is None, sens_only) for name in ("mode", "bits", "finetune_steps", "finetune_lr", "clip", "cache_steps",
+                                                      "max_entries", "n_timesteps")),
+        ("finetune_lr", finetune_steps == 0, "has no effect without --finetune-steps N"),
+        ("n_timesteps", mode == "image", "applies to --mode proxy only (image mode samples whole images)"),
+        ("clip", mode == "proxy", "applies to --mode image only (the CLIP-score drop of generated images)"),
+        ("revision", os.path.exists(model), "applies to Hub models only (MODEL is a local path)"),
+    ])  # fmt: skip
+    check_outputs(ctx, {"MODEL": model_paths(model), "--clip": clip, "--timestep-recipe": timestep_recipe})
     if timestep_plot is not None or timestep_table is not None:
         check_recipe_file(timestep_recipe, "--timestep-recipe")
     if timestep_plot is not None:

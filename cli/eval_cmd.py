@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 from bfq_cli.options import runtime_option
-from bfq_cli.params import Device, Finite
+from bfq_cli.params import SEED, Count, Device, Finite, Threads
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 from bfq.errors import InputError
@@ -75,16 +75,16 @@ def _check_made_from_tiny_sd(model: str, config: dict) -> None:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--grid", type=Output("image"), default=None, help="Write an image grid of samples here: a row per digit, a block per CFG scale, labelled.")
-@click.option("--n-per-digit", type=click.IntRange(1), default=DEFAULT_N_PER_DIGIT, show_default=True,
+@click.option("--n-per-digit", type=Count(1), default=DEFAULT_N_PER_DIGIT, show_default=True,
               help="Images per digit and CFG scale.")
-@click.option("--steps", type=click.IntRange(1), default=None,
+@click.option("--steps", type=Count(1), default=None,
               help=f"Sampler steps [default: {DEFAULT_STEPS}; for a .bfq with a scheduler-mode time cache, the steps it was made for].")
 @click.option("--cfg", "cfg_scales", type=Finite(0), multiple=True,
               help=f"CFG scale of the sweep (repeatable; default {' '.join(map(str, CFG_SCALES))}).")
 @click.option("--default-cfg", type=Finite(0), default=DEFAULT_CFG, show_default=True,
               help="Scale reported as the headline alignment/fd.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--threads", type=Threads(), default=1, show_default=True,
               help="Torch threads (results are bit-reproducible for a fixed count).")
 @click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -1,13 +1,14 @@
 """`bfq`: a thin Click layer over the bfq library.
 
 Exit codes: 0 success; 2 a mistake the user can fix (a bad option value, a bad or missing file, an
-output that would replace something it should not, a Hub failure), printed as one line
-``bfq: error: ...`` on stderr, and caught before the heavy work wherever it can be; 130
-interrupted (Ctrl-C). Set BFQ_DEBUG=1 to see the traceback of a user error instead.
+output that would replace something it should not, a Hub failure, a stdout that cannot be
+written), printed as one line ``bfq: error: ...`` on stderr, and caught before the heavy work
+wherever it can be; 130 interrupted (Ctrl-C). Set BFQ_DEBUG=1 to see the traceback of a user error instead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -60,7 +61,27 @@ class BfqGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("bfq: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except OSError as e:
+            if not _stdout_failed(e):
+                raise
+            click.echo(f"bfq: error: cannot write to standard output: {e.strerror}", err=True)
+            sys.exit(EXIT_USER_ERROR)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _stdout_failed(exc: OSError) -> bool:
+    """Whether ``exc`` is a failed write to stdout (a full disk, a closed pipe): every file bfq writes
+    reports its path, so an error without one from these causes is the terminal's. The unwritten
+    output is dropped, so that the interpreter's exit does not fail on it again."""
+    if isinstance(exc, UserError) or exc.filename is not None:
+        return False
+    if exc.errno not in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EFBIG, errno.EDQUOT):
+        return False
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's buffer)
+        pass
+    return True
 
 
 @click.group(cls=BfqGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,18 +131,34 @@ def inspect_cmd(file, as_json, show_all, revision):
 
 @main.command("verify")
 @click.argument("file")
-def verify_cmd(file):
-    """Check every checksum of a .bfq FILE and decode every tensor.
+@click.option("--build", is_flag=True, help="Also build the model: the diffusers class from the header's config, every tensor loaded into it (packed runtime, CPU).")
+def verify_cmd(file, build):
+    """Check that a .bfq FILE follows the format (FORMAT.md): every checksum, every field, every
+    tensor decoded; with --build, also that its model builds.
 
-    Exits 0 and prints 'ok' when the file is sound; otherwise prints one line naming the
-    problem and exits 2.
+    Prints one 'ok' line per check and exits 0; otherwise prints one line naming the problem and
+    exits 2. Without --build the model's class and config are not tried (a file can follow the
+    format and still describe a model diffusers cannot build).
     """
     from bfq.format import open_bfq
 
-    with open_bfq(_local_file(file)) as bfq:
+    path = _local_file(file)
+    with open_bfq(path) as bfq:
         bfq.verify_all()
         n = len(bfq.layers)
-    click.echo(f"ok: {file}: {n} layers, every checksum and tensor verified")
+        class_name = bfq.header.model["class_name"]
+    click.echo(f"ok: {file}: the format (FORMAT.md): {n} layers, every checksum and tensor verified")
+    if not build:
+        click.echo(f"not checked: that {class_name} builds from the file's config (add --build)")
+        return
+    import bfq as library
+
+    try:
+        unet = library.load_unet(path, runtime="packed", device="cpu")
+    except BfqFormatError as exc:
+        raise click.ClickException(f"{file}: the format is sound but the model does not build: {exc}") from None
+    del unet
+    click.echo(f"ok: {file}: the model builds: {class_name} from the header's config, every layer and tensor loaded into it")
 
 
 def _local_file(path: str, revision: str | None = None) -> str:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import click
-from bfq_cli.params import Finite, check_recipe_file, text_file_problem
+from bfq_cli.params import SEED, Count, Finite, check_recipe_file, text_file_problem
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS
@@ -28,14 +28,14 @@ runtime_option = click.option(
 
 _QUANTIZE_OPTIONS = (
     click.option("-o", "--out", required=True, type=Output("bfq"), help="Output .bfq file (written atomically; missing folders are created)."),
-    click.option("--bits", type=Finite(0, min_open=True), help="Average bits per weight by the paper's accounting, e.g. 1.99: bits per layer come from a sensitivity analysis (one per model and settings, cached and shared with `bfq analyze`) and an allocator."),
+    click.option("--bits", type=Finite(1, min_open=True), help="Average bits per weight by the paper's accounting, e.g. 1.99 (above 1; what a model allows is checked once its layers are known): bits per layer come from a sensitivity analysis (one per model and settings, cached and shared with `bfq analyze`) and an allocator."),
     click.option("--allocator", type=click.Choice(METHODS), default=DEFAULT_ALLOCATOR, show_default=True, help="With --bits: the knapsack on error + alignment drop (optimal-align), on error alone (optimal), the paper's Alg. 1, or layer size alone (see `bfq allocate --help`)."),
     click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), help="With --bits: a sensitivity file from `bfq analyze` (default: the cached analysis of this model, run if missing)."),
     click.option("--recipe", help="A built-in recipe (uniform-1..uniform-8, bitsfusion-sd15) or a recipe JSON file; overrides --bits."),
     click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization."),
     click.option("--levels", type=click.Choice(["balanced", "plain"]), default=None, help="Level set (default: the recipe's, balanced 2^n+1)."),
     click.option("--time-cache", type=click.Choice(["scheduler", "grid"]), default="scheduler", show_default=True, help=TIME_CACHE_HELP),
-    click.option("--steps", type=click.IntRange(1), default=None, help="Sampler steps the scheduler cache is made for, at most the scheduler's training timesteps (default 50; tiny-sd: its evaluation's 20)."),
+    click.option("--steps", type=Count(1), default=None, help="Sampler steps the scheduler cache is made for, at most the scheduler's training timesteps (default 50; tiny-sd: its evaluation's 20)."),
     click.option("--time-proj-bits", type=click.IntRange(1, 8), default=None, help="Bits of the time projections in grid mode (default 4)."),
     click.option("--scale-dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True),
     click.option("--dense-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True, help="Precision of biases and norms."),
@@ -54,30 +54,46 @@ _CONFIG_OPTIONS = (
                                  "encoded by the model's VAE and text encoder) or prompts:FILE (one prompt a line; "
                                  "latents are teacher samples).")),
     ("--lr", "lr", dict(type=Finite(0, min_open=True), help="AdamW learning rate, constant [default: 1e-4 for Stage I, 1e-5 for Stage II, the measured best on tiny-sd].")),
-    ("--batch-size", "batch_size", dict(type=click.IntRange(1), help="Examples per micro-batch and process [default: 16].")),
-    ("--grad-accum", "grad_accum", dict(type=click.IntRange(1), help="Micro-batches per optimizer step [default: 1].")),
+    ("--batch-size", "batch_size", dict(type=Count(1), help="Examples per micro-batch and process [default: 16].")),
+    ("--grad-accum", "grad_accum", dict(type=Count(1), help="Micro-batches per optimizer step [default: 1].")),
     ("--t-sampling", "t_sampling", dict(type=click.Choice(["beta", "uniform"]),
                                         help="Timestep sampling: Beta(3,1) over the training timesteps (paper) or uniform [default: beta].")),
     ("--feat-weight", "feat_weight", dict(type=Finite(0), help="Stage I feature-distillation weight lambda; 0 turns it off [default: 0.01].")),
     ("--uncond-prob", "uncond_prob", dict(type=Finite(0, 1), help="Probability of training on the empty prompt [default: 0.1].")),
     ("--mixed-precision", "mixed_precision", dict(type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")),
     ("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", dict(default=None, help="Recompute activations to save memory.")),
-    ("--checkpoint-every", "checkpoint_every", dict(type=click.IntRange(0), help="Save a resumable checkpoint every N steps (and at the end; 0: only at the end) [default: 500].")),
-    ("--eval-every", "eval_every", dict(type=click.IntRange(0), help="Evaluate samples every N steps (tiny-sd metric, or CLIP score with --eval-clip) [default: 0, off].")),
+    ("--checkpoint-every", "checkpoint_every", dict(type=Count(0), help="Save a resumable checkpoint every N steps (and at the end; 0: only at the end) [default: 500].")),
+    ("--eval-every", "eval_every", dict(type=Count(0), help="Evaluate samples every N steps (tiny-sd metric, or CLIP score with --eval-clip) [default: 0, off].")),
     ("--eval-clip", "eval_clip", dict(type=click.Path(exists=True, file_okay=False),
                                       help="Local CLIP model directory: evaluate other models than tiny-sd by CLIP score (with --eval-prompts).")),
     ("--eval-prompts", "eval_prompts", dict(type=click.Path(exists=True, dir_okay=False), help="Prompt file (one a line) for --eval-clip.")),
-    ("--log-every", "log_every", dict(type=click.IntRange(0), help="Steps between JSON log lines [default: 10].")),
-    ("--finetune-seed", "seed", dict(type=int, help="Seed of the training draws [default: 0].")),
+    ("--log-every", "log_every", dict(type=Count(0), help="Steps between JSON log lines [default: 10].")),
+    ("--finetune-seed", "seed", dict(type=SEED, help="Seed of the training draws [default: 0].")),
     ("--tensorboard", "tensorboard", dict(is_flag=True, default=None, help="Also log to TensorBoard (if installed).")),
     ("--cpu", "cpu", dict(is_flag=True, default=None, help="Train on the CPU even if a GPU is present.")),
 )
 _STEP_OPTIONS = (
-    ("--stage1-steps", dict(type=click.IntRange(0), default=None, help="Stage I (distillation) optimizer steps [default: 0 for quantize, 1000 for finetune].")),
-    ("--stage2-steps", dict(type=click.IntRange(0), default=None, help="Stage II (noise-prediction) optimizer steps [default: 0: Stage II helps only at a large effective batch, see README].")),
+    ("--stage1-steps", dict(type=Count(0), default=None, help="Stage I (distillation) optimizer steps [default: 0 for quantize, 1000 for finetune].")),
+    ("--stage2-steps", dict(type=Count(0), default=None, help="Stage II (noise-prediction) optimizer steps [default: 0: Stage II helps only at a large effective batch, see README].")),
     ("--finetune-config", dict(type=click.Path(exists=True, dir_okay=False),
                                help='JSON file of fine-tuning settings; "stage1"/"stage2" objects hold per-stage ones. Options override it.')),
 )
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (on the command line or through the environment)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def refuse_unused(ctx: click.Context, rules) -> None:
+    """Options refuse, never ignore: ``rules`` are ``(name, unused, why)``; an option given where it
+    would have no effect (``unused`` true) is a usage error, "OPTION WHY"."""
+    for name, unused, why in rules:
+        if unused and given(ctx, name):
+            param = next(p for p in ctx.command.params if p.name == name)
+            raise click.UsageError(f"{max(param.opts, key=len)} {why}", ctx)
 
 
 def _param_name(option: str) -> str:
@@ -133,6 +149,7 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     if params["bits"] is None and params["recipe"] is None:
         raise click.UsageError("give --bits B (e.g. 1.99) or --recipe NAME_OR_FILE")
     s1, s2, c1, c2 = finetune_settings(params, default_stage1_steps=default_stage1_steps, quiet=params["quiet"])
+    _refuse_unused_options(model, params, training=bool(s1 or s2))
     _check_files(model, params, (c1, c2) if s1 or s2 else ())
     work_dir = params["work_dir"]
     if work_dir is None and (s1 or s2):  # training resumes from checkpoints kept there
@@ -163,6 +180,22 @@ def run_quantize(model: str, params: dict, *, default_stage1_steps: int = 0) -> 
     click.echo(f"wrote       {result.path}")
 
 
+def _refuse_unused_options(model: str, params: dict, *, training: bool) -> None:
+    recipe, grid = params["recipe"] is not None, params["time_cache"] == "grid"
+    no_training = "has no effect without fine-tuning: add --stage1-steps N or --stage2-steps N"
+    rules = [
+        ("bits", recipe, "and --recipe are alternatives (the recipe fixes every layer's bits): give one"),
+        ("allocator", recipe, "has no effect with --recipe (the recipe fixes every layer's bits): give --bits instead"),
+        ("sensitivity", recipe, "has no effect with --recipe (the recipe fixes every layer's bits): give --bits instead"),
+        ("time_proj_bits", not grid, "applies to --time-cache grid only (the scheduler cache stores the time projections' features)"),
+        ("steps", grid, "sets the steps of a scheduler-mode time cache; a --time-cache grid file samples any step count"),
+        ("finetune_config", not training, no_training),
+        ("revision", os.path.exists(model), "applies to Hub models only (MODEL is a local path)"),
+    ]
+    rules += [(_param_name(option), not training, no_training) for option, _, _ in _CONFIG_OPTIONS]
+    refuse_unused(click.get_current_context(), rules)
+
+
 def _check_files(model: str, params: dict, configs) -> None:
     """Every file the run will read is read or checked now, and the output policy applied
     (cli/paths.py), so that a mistake is one line before the model is even loaded."""
@@ -180,6 +213,13 @@ def _check_files(model: str, params: dict, configs) -> None:
             raise click.BadParameter(f"{spec}: no such folder", param_hint="--data")
         if kind == "prompts" and text_file_problem(path):
             raise click.BadParameter(f"{spec}: {text_file_problem(path)}", param_hint="--data")
+        if kind == "prompts":
+            from bfq.pipeline.finetune.data import read_prompts
+
+            try:
+                read_prompts(path)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--data") from None
     for prompts in {c.eval_prompts for c in configs if c.eval_prompts}:
         if text_file_problem(prompts):
             raise click.BadParameter(text_file_problem(prompts), param_hint="--eval-prompts")

@@ -1,5 +1,6 @@
 """Click parameter types and checks that catch a bad value where it is parsed, so a mistake is one line
-before any work: finite numbers, devices that exist on this machine, text files, recipe files."""
+before any work: counts and seeds in the range the libraries take, finite numbers, devices that exist
+on this machine, text files, recipe files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ import math
 import os
 
 import click
+
+INT_MAX = 2**31 - 1  # torch and numpy take counts (steps, batch sizes, entries) as C ints
+# torch.Generator.manual_seed takes 0..2**64-1; bfq's own seeds are offset and mixed as 32-bit words
+# (numpy SeedSequence), so larger ones would alias smaller ones.
+TORCH_SEED = click.IntRange(0, 2**64 - 1)
+SEED = click.IntRange(0, 2**32 - 1)
+
+
+def Count(minimum: int = 1, maximum: int = INT_MAX) -> click.IntRange:  # noqa: N802 (a type, like click's)
+    """An integer count in ``minimum..maximum`` (default at most a C int)."""
+    return click.IntRange(minimum, maximum)
+
+
+def Threads() -> click.IntRange:  # noqa: N802
+    """CPU threads: 1..the CPUs this process may use (more never makes torch faster)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return click.IntRange(1, max(1, usable or 1))
 
 
 class Finite(click.FloatRange):
@@ -64,3 +82,16 @@ def check_recipe_file(recipe: str, option: str) -> None:
         raise click.BadParameter(f"{recipe!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file",
                                  param_hint=option)  # fmt: skip
     Recipe.load(recipe)
+
+
+class ImageSide(click.IntRange):
+    """An image width or height in pixels: a multiple of 8 (the VAE's latent scale), 8..16384."""
+
+    def __init__(self):
+        super().__init__(8, 16384)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number % 8:
+            self.fail(f"{number} is not a multiple of 8 (the VAE works on 8x8-pixel latents)", param, ctx)
+        return number

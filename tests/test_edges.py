@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from bfq_cli.main import main
+import click
 from click.testing import CliRunner
 
 from bfq.pipeline.quantize import quantize
@@ -136,8 +137,8 @@ def test_suffixes_are_checked_before_any_work(tiny_file, tmp_path):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--steps", "0"], ["--steps", "0 is not in the range x>=1"]),
-        (["--steps", "-1"], ["--steps", "-1 is not in the range x>=1"]),
+        (["--steps", "0"], ["--steps", "0 is not in the range 1<=x"]),
+        (["--steps", "-1"], ["--steps", "-1 is not in the range 1<=x"]),
         (["--cfg", "nan"], ["--cfg", "'nan' is not a finite number"]),
         (["--cfg", "inf"], ["--cfg", "'inf' is not a finite number"]),
         (["--device", "tpu"], ["--device", "'tpu' is not a device"]),
@@ -271,11 +272,6 @@ def test_eval_samples_the_steps_the_file_was_made_for(pipeline_file):
                     "--time-cache grid")  # fmt: skip
 
 
-def test_generate_without_a_known_base_asks_for_base(pipeline_file, tmp_path):
-    line = _one_line_error(_cli("generate", pipeline_file, "--prompt", "x", "-o", tmp_path / "g.png"), "pass --base")
-    assert "BfqFormatError" not in line and "invalid .bfq" not in line
-
-
 def test_siblings_step_ranges_origins_and_recipes_are_checked_up_front(tiny_file, unet_dir, tmp_path):
     from bfq.tinysd import pipeline_dir
 
@@ -354,7 +350,7 @@ def test_generate_grid_has_gutters_and_a_quiet_terminal(tiny_file, tmp_path):
 
     out = tmp_path / "made" / "here" / "g.png"  # missing folders are created, as by quantize
     child = subprocess.run([sys.executable, "-m", "bfq_cli.main", "generate", str(tiny_file), "--prompt", "a handwritten digit one",
-                            "--prompt", "a handwritten digit two", "-n", "2", "-o", str(out)],
+                            "--prompt", "a handwritten digit two", "-n", "2", "--quiet", "-o", str(out)],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert child.returncode == 0, child.stderr
     assert child.stderr == "", child.stderr  # no diffusers/transformers warnings nor progress bars
@@ -383,3 +379,133 @@ def test_an_unreachable_hub_fails_fast_and_suggests_offline_mode(tmp_path, monke
         start = time.monotonic()
         _one_line_error(_cli(*args), f"cannot connect to {endpoint}", "HF_HUB_OFFLINE=1")
         assert time.monotonic() - start < 5  # huggingface_hub's five retries took 24 s
+
+
+# -- 6. options refuse, never ignore; every value's real range at parse time (issue 18) ---------------------
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--bits", "1.99"], ["--bits and --recipe are alternatives"]),
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--allocator", "paper"], ["--allocator has no effect with --recipe"]),
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--lr", "1e-3"], ["--lr has no effect without fine-tuning"]),
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--time-proj-bits", "3"], ["--time-proj-bits applies to --time-cache grid"]),
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--time-cache", "grid", "--steps", "10"], ["--steps sets the steps of a scheduler-mode"]),
+        (["finetune", "tiny-sd", "--recipe", "uniform-4", "--bits", "1.99"], ["--bits and --recipe"]),
+        (["quantize", ".", "--recipe", "uniform-4", "--revision", "v1"], ["--revision applies to Hub models only"]),
+        (["quantize", "tiny-sd", "--bits", "0.5"], ["--bits", "0.5 is not in the range x>1"]),
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--finetune-seed", "-1", "--stage1-steps", "1"], ["--finetune-seed", "-1"]),
+        (["quantize", "tiny-sd", "--recipe", "uniform-4", "--batch-size", str(2**31), "--stage1-steps", "1"], ["--batch-size"]),
+        (["analyze", "tiny-sd", "--timestep-table", "t.json", "--mode", "image"], ["--mode applies to the sensitivity analysis only"]),
+        (["analyze", "tiny-sd", "-o", "s.json", "--timestep-recipe", "uniform-3"], ["--timestep-recipe applies to the time-step analysis"]),
+        (["analyze", "tiny-sd", "-o", "s.json", "--finetune-lr", "1e-3"], ["--finetune-lr has no effect without --finetune-steps"]),
+        (["analyze", "tiny-sd", "-o", "s.json", "--seed", str(2**32)], ["--seed", "4294967296 is not in the range 0<=x<=4294967295"]),
+        (["analyze", "tiny-sd", "-o", "s.json", "--threads", "100000"], ["--threads", "100000 is not in the range"]),
+        (["eval", "tiny-sd", "--seed", str(2**64)], ["--seed"]),
+        (["eval", "tiny-sd", "--n-per-digit", str(2**40)], ["--n-per-digit"]),
+    ],
+)
+def test_unused_and_out_of_range_options_are_refused_at_parse_time(tmp_path, args, fragments):
+    if args[0] in ("quantize", "finetune"):
+        args = [*args, "-o", tmp_path / "a.bfq"]
+    start = time.monotonic()
+    _one_line_error(_cli(*args), *fragments)
+    assert time.monotonic() - start < 5 and not list(tmp_path.iterdir())  # before any model is loaded
+
+
+def test_allocate_options_of_other_methods_are_refused(sens_file):
+    _one_line_error(_cli("allocate", sens_file, "--bits", "2.5", "--eta", "0.5"), "--eta applies to --method paper and size-only")
+    _one_line_error(_cli("allocate", sens_file, "--bits", "2.5", "--method", "paper", "--align-weight", "2"), "--align-weight")
+    _one_line_error(_cli("allocate", sens_file, "--bits", "2.5", "--no-refine"), "--no-refine applies to --method paper")
+    assert _cli("allocate", sens_file, "--bits", "2.5", "--eta", "0.5", "--compare").exit_code == 0  # compare uses it
+
+
+def test_every_integer_option_is_bounded():
+    """Seeds, counts and threads have a maximum (2**64 seeds ended in a traceback after loading)."""
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param.type, click.IntRange) or param.type is click.INT:
+                assert isinstance(param.type, click.IntRange) and None not in (param.type.min, param.type.max), (name, param.name)
+
+
+def test_an_impossible_budget_is_refused_before_any_analysis(tmp_path, monkeypatch):
+    import bfq.pipeline.quantize as q
+    from bfq.errors import RecipeError
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("the sensitivity analysis ran")
+
+    monkeypatch.setattr(q, "recipe_for_budget", no_analysis)
+    monkeypatch.setenv("BFQ_CACHE_DIR", str(tmp_path / "cache"))
+    for bits, fragment in ((1.2, "from 1.6"), (9, "to 7.")):
+        with pytest.raises(RecipeError, match=rf"a budget of {bits:g} bits per weight is impossible.*{re.escape(fragment)}"):
+            quantize("tiny-sd", tmp_path / "a.bfq", bits=bits, progress=False)
+    _one_line_error(_cli("quantize", "tiny-sd", "--bits", "9", "--quiet", "-o", tmp_path / "a.bfq"), "impossible", "every layer at 8 bits")
+    with pytest.raises(RecipeError, match="not both"):  # Python callers too: a recipe and a budget conflict
+        quantize("tiny-sd", tmp_path / "a.bfq", bits=1.99, recipe="uniform-4", progress=False)
+    assert not (tmp_path / "a.bfq").exists() and not (tmp_path / "cache").exists()
+
+
+# -- 7. stdout that cannot be written; verify says what it checks (issue 18) -------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_stdout_is_one_line(tiny_file, unet_dir, tmp_path):
+    for args in (["inspect", tiny_file], ["verify", tiny_file],
+                 ["quantize", unet_dir, "--recipe", "uniform-2", "--time-cache", "grid", "--quiet", "-o", tmp_path / "a.bfq"]):  # fmt: skip
+        with open("/dev/full", "w") as full:
+            child = subprocess.run([sys.executable, "-m", "bfq_cli.main", *map(str, args)], stdout=full, stderr=subprocess.PIPE,
+                                   text=True, timeout=300)  # fmt: skip
+        assert child.returncode == 2, child.stderr
+        assert "Traceback" not in child.stderr and "Exception ignored" not in child.stderr, child.stderr
+        assert child.stderr.splitlines()[-1] == "bfq: error: cannot write to standard output: No space left on device"
+    assert (tmp_path / "a.bfq").is_file()  # the file was written; only the summary was lost
+
+
+def test_verify_says_what_it_checks_and_builds_the_model_on_request(tiny_file, tmp_path):
+    from bfq.format.writer import BfqWriter
+
+    r = _cli("verify", tiny_file)
+    assert r.exit_code == 0 and "the format (FORMAT.md)" in r.output and "add --build" in r.output
+    r = _cli("verify", tiny_file, "--build")
+    assert r.exit_code == 0 and "ok" in r.output.splitlines()[1] and "the model builds: UNet2DConditionModel" in r.output
+    for model, fragment in (
+        ({"class_name": "UNet2DConditionModel", "config": {"block_out_channels": [32], "down_block_types": ["DownBlock2D"] * 2}},
+         "cannot build UNet2DConditionModel"),
+        ({"class_name": "NoSuchModel", "config": {}}, "'NoSuchModel' is not a diffusers model class"),
+    ):  # fmt: skip
+        path = tmp_path / f"{model['class_name']}.bfq"
+        with BfqWriter(path, model=model) as w:
+            w.add_tensor("bias", np.arange(5, dtype=np.float32))
+        assert _cli("verify", path).exit_code == 0  # the format is sound
+        _one_line_error(_cli("verify", path, "--build"), "the format is sound but the model does not build", fragment)
+
+
+# -- 8. a failed fine-tuning run leaves no work directory it created (issue 18) ---------------------------------
+
+
+def test_a_failed_finetune_leaves_no_work_dir_it_created(tmp_path, monkeypatch):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n# nothing\n")
+    out = tmp_path / "ft.bfq"
+    _one_line_error(_cli("finetune", "tiny-sd", "--recipe", "uniform-2", "--data", f"prompts:{empty}", "-o", out), "no prompts")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+
+    def fails(resolved, unet, *, work_dir, checkpoint=False, **kwargs):
+        if checkpoint:  # a run that got as far as a checkpoint
+            step = Path(work_dir) / "finetune" / "stage1-x" / "checkpoints" / "step-1"
+            step.mkdir(parents=True)
+            (step / "trainer.json").write_text("{}")
+        raise ValueError("the training data ran out")
+
+    monkeypatch.setattr("bfq.pipeline.finetune.run_finetune_stages", fails)
+    args = ["finetune", "tiny-sd", "--recipe", "uniform-2", "--stage1-steps", "1", "--quiet", "-o", out]
+    _one_line_error(_cli(*args), "the training data ran out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+    monkeypatch.setattr("bfq.pipeline.finetune.run_finetune_stages", lambda *a, **k: fails(*a, checkpoint=True, **k))
+    _one_line_error(_cli(*args), "the training data ran out")
+    assert (tmp_path / "ft.work" / "finetune" / "stage1-x").is_dir()  # resumable: kept
+    monkeypatch.setattr("bfq.pipeline.finetune.run_finetune_stages", fails)
+    _one_line_error(_cli(*args), "the training data ran out")
+    assert (tmp_path / "ft.work" / "finetune" / "stage1-x").is_dir()  # an earlier run's: never removed

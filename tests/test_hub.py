@@ -125,7 +125,7 @@ def test_model_card_metadata_recipe_and_snippet(hub, models):
         assert re.search(rf"^\| {re.escape(block)} \| \d+ \| [\d,]+ \| .*-bit ×\d+ \| \d+\.\d\d \|$", card, re.M), block
     assert "in fp16" in card and "x smaller" in card  # grid mode keeps the small time MLP, no 1000-row table
     assert f'unet = bfq.load_unet("{REPO}")' in card
-    assert f'pipe, steps = load_pipeline("{REPO}")' in card
+    assert f'pipe = load_pipeline("{REPO}")' in card
     # the card is what model_card() gives, and deterministic
     again = bfq_hub.model_card(models.v1, repo_id=REPO, filename="model.bfq", token=TOKEN)
     assert again == card

@@ -102,6 +102,12 @@ def _family_tag(path: Path) -> str:
         return "stable-diffusion"
 
 
+def _sampled_steps(summary: dict) -> int:
+    """The step count a scheduler-mode file samples (one cached timestep a step), else diffusers' 50."""
+    cache = summary["time_cache"]
+    return cache["timesteps"] if cache and cache["mode"] == "scheduler" else 50
+
+
 def _fmt_bytes(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -204,8 +210,8 @@ def model_card(
         "from bfq.runtime.generate import load_pipeline",
         "",
         f'unet = bfq.load_unet("{spec}"{rev})  # a diffusers UNet2DConditionModel (fp16)',
-        f'pipe, steps = load_pipeline("{spec}"{rev}{base_arg})',
-        f'image = pipe("{prompt}", num_inference_steps=steps or 50).images[0]',
+        f'pipe = load_pipeline("{spec}"{rev}{base_arg})',
+        f'image = pipe("{prompt}", num_inference_steps={_sampled_steps(summary)}).images[0]',
         "```",
         "",
         f"`load_pipeline` takes the VAE, text encoder and tokenizer from {base_note}"

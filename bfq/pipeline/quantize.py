@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,20 +65,25 @@ def pick_recipe(
 ) -> tuple[recipes.Recipe, str]:
     """The recipe to use and a sentence saying why.
 
-    `--recipe` wins. `--bits B` allocates bits per layer for that budget (bfq.pipeline.allocate;
-    `DEFAULT_ALLOCATOR` unless `allocator` says otherwise) from a sensitivity analysis: the given
-    file, or the one cached for this model and these settings in the cache every command shares
-    (run, resumably, when missing). One exception: an SD-v1.5-shaped model on a CPU-only machine
-    with no analysis at hand, asked for the paper's own budget (the average its App. H recipe
-    reaches with these settings, 1.99 with the scheduler cache) with the default or the paper's
-    allocator, gets that published recipe; any other budget or allocator runs the allocation it
-    asks for.
+    `--recipe` fixes every layer's bits (giving `bits` or `sensitivity` too is an error). `--bits B`
+    is first checked against the layer sizes (:func:`check_budget`), then allocates bits per layer
+    for that budget (bfq.pipeline.allocate; `DEFAULT_ALLOCATOR` unless `allocator` says otherwise)
+    from a sensitivity analysis: the given file, or the one cached for this model and these
+    settings in the cache every command shares (run, resumably, when missing). One exception: an
+    SD-v1.5-shaped model on a CPU-only machine with no analysis at hand, asked for the paper's own
+    budget (the average its App. H recipe reaches with these settings, 1.99 with the scheduler
+    cache) with the default or the paper's allocator, gets that published recipe; any other budget
+    or allocator runs the allocation it asks for.
     """
+    if recipe is not None and (bits is not None or sensitivity is not None):
+        raise RecipeError("a recipe fixes every layer's bits: give a recipe, or bits (with a sensitivity analysis), not both")
     if recipe is not None:
         chosen = recipes.resolve_recipe(recipe, unet, time_cache, time_proj_bits, levels)
         return chosen, f"recipe {chosen.name} as requested"
     if bits is None:
         raise RecipeError("give --bits B or --recipe NAME_OR_FILE")
+    check_budget(unet, bits, time_cache=time_cache, levels=levels, time_proj_bits=time_proj_bits,
+                 n_time_features=n_time_features)  # fmt: skip
     if sensitivity is None and allocator in ("paper", DEFAULT_ALLOCATOR) and not torch.cuda.is_available():
         shortcut = _paper_recipe_if_sd15(unet, bits, time_cache, levels, time_proj_bits, n_time_features)
         if shortcut is not None:
@@ -156,6 +162,23 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
     why = (f"{method} allocation for {budget:g} bits from the sensitivity analysis {origin} "
            f"({sens['settings'].get('mode', '?')} mode): {alloc.avg_bits:.4f} bits by the paper's accounting")  # fmt: skip
     return recipe, why
+
+
+def check_budget(unet, bits: float, *, time_cache: str, levels: str | None, time_proj_bits: int | None,
+                 n_time_features: int) -> None:  # fmt: skip
+    """Raise RecipeError unless ``bits`` lies between the averages of every layer at the fewest and at
+    the most bits (conv_in/conv_out at 8, the time features counted): known from the layer sizes
+    alone, so an impossible budget is refused before any sensitivity analysis."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
+        raise RecipeError(f"the bit budget must be a finite number, got {bits!r}")
+    lo, hi = (recipes.summarize(recipes.resolve_recipe(f"uniform-{b}", unet, time_cache, time_proj_bits, levels), unet,
+                                time_cache, n_time_features)["avg_bits"] for b in (recipes.MIN_BITS, recipes.MAX_BITS))  # fmt: skip
+    if not lo <= bits <= hi:
+        raise RecipeError(
+            f"a budget of {bits:g} bits per weight is impossible for this model: from {lo:.4f} (every layer at "
+            f"{recipes.MIN_BITS} bit) to {hi:.4f} (every layer at {recipes.MAX_BITS} bits, {n_time_features:,} cached time "
+            f"features, conv_in/conv_out at 8 bits) with these settings"
+        )
 
 
 PAPER_BUDGET_TOLERANCE = 0.005  # the paper prints its 1.9885 bits as "1.99"
@@ -246,6 +269,24 @@ def _public(config) -> dict:
     return out
 
 
+@contextmanager
+def _removed_on_failure(work_dir):
+    """Within the block: a work directory that did not exist before is removed again if the block
+    fails before the directory holds what a rerun resumes from (a checkpoint, encoded data)."""
+    created = work_dir is not None and not os.path.exists(work_dir) and int(os.environ.get("RANK", "0")) == 0
+    try:
+        yield
+    except BaseException:
+        if created and not _resumable(Path(work_dir)):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def _resumable(work_dir: Path) -> bool:
+    finetune = work_dir / "finetune"
+    return any(finetune.glob("*/checkpoints/*/trainer.json")) or any(finetune.glob("data/*"))
+
+
 def default_steps(model: str | os.PathLike) -> int:
     """Sampler steps a scheduler cache is made for when none are given: tiny-sd's evaluation's (20),
     else the paper's PNDM-50."""
@@ -291,9 +332,10 @@ def quantize(
     `stage1_steps`/`stage2_steps` > 0 fine-tune the initialized model before the export
     (bfq.pipeline.finetune.run_finetune_stages with `finetune_config`/`finetune_stage2_config`, both
     bfq.pipeline.finetune.FinetuneConfig). Under `accelerate launch` only the main process exports; the
-    others return a result whose `path` is None.
+    others return a result whose `path` is None. A work directory this call creates is removed again
+    when the run fails before it holds anything resumable (a fine-tuning checkpoint, encoded data).
     """
-    with ExitStack() as stack:
+    with _removed_on_failure(work_dir), ExitStack() as stack:
         if work_dir is not None and int(os.environ.get("RANK", "0")) == 0:  # one lock per run, not per rank
             stack.enter_context(locked_dir(work_dir))
         seconds = {}
