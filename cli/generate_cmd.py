@@ -101,14 +101,14 @@ def _is_quantized(model: str, revision: str | None) -> bool:
 
 def _pipeline_location(name: str) -> str:
     """The pipeline (folder or Hub repo) a model name `bfq quantize` accepts stands for, as --base."""
-    from bfq.pipeline.models import BUILTIN_MODELS, SD15_REPO
+    from bfq.families import FAMILIES
+    from bfq.pipeline.models import BUILTIN_MODELS
 
-    if name == "tiny-sd":
-        from bfq.tinysd import pipeline_dir
-
-        return str(pipeline_dir())
-    if name == "sd15":
-        return SD15_REPO
+    for family in FAMILIES:
+        if name == family.tiny_name:
+            return str(family.tiny_pipeline_dir())
+        if name == family.name:
+            return family.hub_repo
     if name in BUILTIN_MODELS:
         raise click.BadParameter(f"{name} is a UNet alone (no VAE or text encoder); name a pipeline", param_hint="--base")
     return name
@@ -117,9 +117,10 @@ def _pipeline_location(name: str) -> str:
 def _float_base(model: str) -> str | None:
     """Where a float model's VAE and text encoder come from: its own pipeline (tiny-sd, sd15, a
     pipeline folder); None for a Hub id (its repo, known once fetched)."""
+    from bfq.families import FAMILIES
     from bfq.pipeline.models import BUILTIN_MODELS
 
-    if model in ("tiny-sd", "sd15"):
+    if model in {n for f in FAMILIES for n in (f.tiny_name, f.name)}:
         return _pipeline_location(model)
     if os.path.isfile(os.path.join(model, "model_index.json")) and os.path.isdir(os.path.join(model, "vae")):
         return model

@@ -14,8 +14,10 @@ def quantize_cmd(model, **params):
     it first (the same training as `bfq finetune`).
 
     MODEL is `tiny-sd` (bundled), `sd15-random` (SD-v1.5-shaped, random weights), `sd15` (the Hub's
-    Stable Diffusion v1.5; needs network), a Hub repo id, a diffusers pipeline directory, a UNet
-    directory (config.json + weights) or a .safetensors checkpoint.
+    Stable Diffusion v1.5; needs network), `sdxl-random` / `sdxl` (the same for SDXL base 1.0),
+    `tiny-sdxl` (bundled, when built), a Hub repo id, a diffusers pipeline directory, a UNet
+    directory (config.json + weights) or a .safetensors checkpoint, of an SD-1/2-class or an
+    SDXL-class UNet.
 
     \b
     Examples:

@@ -1,5 +1,5 @@
-"""The package's shape: imports run one way (base <- format <- quant <- pipeline stages <- the
-orchestrator; runtime <- format, quant; hub <- runtime) and never in a circle.
+"""The package's shape: imports run one way (base <- format <- families <- quant <- pipeline stages <-
+the orchestrator; runtime <- format, families, quant; hub <- runtime) and never in a circle.
 
 Walks every ``import`` statement of ``bfq/`` with ``ast``, including the ones inside functions
 (a lazy import is still a dependency).
@@ -22,12 +22,13 @@ BASE = "base"
 LAYERS = {
     BASE: set(),
     "format": set(),
-    "quant": {"format"},
-    "tinysd": {"format", "quant"},
-    "tinysdxl": {"format", "quant", "tinysd"},
-    "pipeline": {"format", "quant", "tinysd"},
-    "runtime": {"format", "quant", "tinysd"},
-    "hub": {"format", "quant", "tinysd", "runtime"},
+    "families": {"format"},
+    "quant": {"format", "families"},
+    "tinysd": {"format", "families", "quant"},
+    "tinysdxl": {"format", "families", "quant", "tinysd"},
+    "pipeline": {"format", "families", "quant", "tinysd", "tinysdxl"},
+    "runtime": {"format", "families", "quant", "tinysd", "tinysdxl"},
+    "hub": {"format", "families", "quant", "tinysd", "tinysdxl", "runtime"},
 }
 BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq._quiet", "bfq.download"}
 # Stages of bfq.pipeline in the order a user runs them: a stage imports only earlier ones.
@@ -151,6 +152,6 @@ def test_no_module_is_a_900_line_room():
 
 
 def test_import_bfq_format_does_not_load_torch():
-    code = ("import sys, bfq, bfq.format, bfq.format.inspect, bfq.format.pack; "
+    code = ("import sys, bfq, bfq.format, bfq.format.inspect, bfq.format.pack, bfq.families; "
             "bad = {'torch', 'diffusers'} & set(sys.modules); assert not bad, sorted(bad)")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -34,8 +34,8 @@ RECIPE_INTEGER_KEYS = ("n_weights_total", "n_params_total")
 RECIPE_NUMBER_KEYS = ("avg_bits",)
 
 TIME_CACHE_MODES = ("scheduler", "grid")
-TIME_CACHE_KEYS = {
-    "scheduler": frozenset({"mode", "timesteps", "features"}),
+TIME_CACHE_KEYS = {  # scheduler mode holds exactly one of features (per ResNet) and embedding (v1.2, §2.3.1)
+    "scheduler": frozenset({"mode", "timesteps", "features", "embedding"}),
     "grid": frozenset({"mode", "timesteps", "embedding"}),
 }
 
@@ -50,11 +50,12 @@ DENSE_DTYPES = {"f32": (4, "<f4"), "f16": (2, "<f2"), "bf16": (2, "<u2")}
 SCALE_DTYPES = ("f16", "f32")
 
 
-def replaced_by_time_cache(name: str, mode: str) -> bool:
+def replaced_by_time_cache(name: str, mode: str, per_resnet: bool = True) -> bool:
     """True for the state-dict names a time cache of `mode` replaces, which a file with that cache
-    MUST NOT hold: `time_embedding.*` (both modes) and every `time_emb_proj` (scheduler mode)."""
+    MUST NOT hold: `time_embedding.*` (both modes) and every `time_emb_proj` (scheduler mode with
+    per-ResNet `features`; not with a scheduler-mode `embedding`, §2.3.1)."""
     parts = name.split(".")
-    return parts[0] == "time_embedding" or (mode == "scheduler" and "time_emb_proj" in parts)
+    return parts[0] == "time_embedding" or (mode == "scheduler" and per_resnet and "time_emb_proj" in parts)
 
 
 def num_levels(bits: int, levels: str) -> int:

@@ -225,6 +225,12 @@ class TimeCache:
     tables: dict[str, Dense]  # scheduler: resnet module name -> [T, D]; grid: "time_embedding" -> [T, D]
 
     @property
+    def per_resnet(self) -> bool:
+        """False for the tables that hold ``time_embedding``'s output (grid, and scheduler mode's
+        ``embedding``, FORMAT.md §2.3.1): the ``time_emb_proj`` layers stay in the model."""
+        return "time_embedding" not in self.tables
+
+    @property
     def num_values(self) -> int:
         return sum(t.size for t in self.tables.values())
 
@@ -245,7 +251,11 @@ def _parse_time_cache(obj: Any, path: str) -> TimeCache:
         _fail(f"{path}.mode", f"{mode!r:.40} is not one of {TIME_CACHE_MODES}")
     _only_keys(obj, TIME_CACHE_KEYS[mode], path)
     steps = _timesteps(obj, path)
-    if mode == "scheduler":
+    if mode == "scheduler" and "embedding" in obj:  # v1.2: the timestep MLP's output only (§2.3.1)
+        if "features" in obj:
+            _fail(path, "holds both 'features' and 'embedding'; scheduler mode takes exactly one")
+        tables = {"time_embedding": _parse_dense(_get(obj, "embedding", dict, path), f"{path}.embedding", "time_embedding")}
+    elif mode == "scheduler":
         features = _get(obj, "features", dict, path)
         if not features or not all(features):
             _fail(f"{path}.features", "must be a non-empty object with non-empty keys")
@@ -338,7 +348,7 @@ def _entries(raw: list, parse, kind: str, taken: dict) -> dict:
 
 def _check_time_layers_absent(cache: TimeCache, kind: str, names) -> None:
     for i, name in enumerate(names):
-        if replaced_by_time_cache(name, cache.mode):
+        if replaced_by_time_cache(name, cache.mode, cache.per_resnet):
             _fail(f"{kind}[{i}].name", f"{name!r} is a time layer the {cache.mode} time cache replaces")
 
 

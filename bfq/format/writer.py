@@ -142,7 +142,8 @@ class BfqWriter:
         return entry
 
     def set_time_cache(self, mode: str, timesteps, tables: dict[str, np.ndarray], dtype: str = "f16") -> None:
-        """scheduler mode: tables = {resnet name: [T, D]}; grid mode: {"time_embedding": [T, D]}."""
+        """scheduler mode: tables = {resnet name: [T, D]} or, for models whose time features depend on
+        more than the timestep, {"time_embedding": [T, D]} (FORMAT.md §2.3.1); grid mode: {"time_embedding": [T, D]}."""
         if "time_cache" in self._header:
             raise ValueError("the time cache was already set")
         if mode not in ("scheduler", "grid"):
@@ -151,7 +152,7 @@ class BfqWriter:
             raise ValueError(f"grid mode takes exactly one table, 'time_embedding'; got {sorted(tables)}")
         steps = [float(t) for t in timesteps]
         stored = {name: self._dense_entry(table, dtype) for name, table in tables.items()}
-        if mode == "scheduler":
+        if mode == "scheduler" and set(tables) != {"time_embedding"}:
             self._header["time_cache"] = {"mode": mode, "timesteps": steps, "features": stored}
         else:
             self._header["time_cache"] = {"mode": mode, "timesteps": steps, "embedding": stored["time_embedding"]}

@@ -9,12 +9,14 @@ import re
 from pathlib import Path
 
 from bfq.download import _offline
+from bfq.families import FAMILIES, FamilyError, family_for_config
 
 LICENSE = "apache-2.0"  # this project's license: the bundled tiny-sd and the built-in models carry it
 PREVIEW_FILE = "preview.png"
 CARD_FILE = "README.md"
 _SD_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a cozy wooden cabin in a snowy forest, oil painting")
 _TINYSD_PROMPTS = ("a handwritten digit three", "a handwritten digit seven")
+_TINY = tuple(f.tiny_name for f in FAMILIES)  # the bundled tiny pipelines, trained on the same digits
 
 _BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|conv_in|conv_out)(?:\.|$)")
 
@@ -60,7 +62,7 @@ def base_model_info(source: dict | None, *, token: str | bool | None = None, loo
     info: dict = {"base_model": None, "license": None, "pipeline": None}
     if source.get("kind") == "builtin":
         info["license"] = LICENSE
-        info["pipeline"] = "tiny-sd" if source.get("name") == "tiny-sd" else None
+        info["pipeline"] = source.get("name") if source.get("name") in _TINY else None
     elif source.get("kind") == "hub" and source.get("repo"):
         info["base_model"] = info["pipeline"] = source["repo"]
         if lookup and not _offline():
@@ -86,6 +88,18 @@ def _hub_license(repo: str, revision: str | None, token) -> dict:
         if card.get(key):
             out[key] = card.get(key)
     return out
+
+
+def _family_tag(path: Path) -> str:
+    """The Hub tag of the file's model family (read from its header); SD's for a model of none."""
+    from bfq.format import open_bfq
+
+    with open_bfq(path) as f:
+        model = f.header.model
+    try:
+        return family_for_config(model["config"], model["class_name"]).hub_tag
+    except FamilyError:
+        return "stable-diffusion"
 
 
 def _sampled_steps(summary: dict) -> int:
@@ -151,14 +165,14 @@ def model_card(
         meta["base_model"] = base["base_model"]
         meta["base_model_relation"] = "quantized"
     meta["pipeline_tag"] = "text-to-image"
-    meta["tags"] = ["bfq", "quantization", "quantized", f"{round(avg)}-bit", "bitsfusion", "stable-diffusion", "diffusers"]
+    meta["tags"] = ["bfq", "quantization", "quantized", f"{round(avg)}-bit", "bitsfusion", _family_tag(path), "diffusers"]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
     spec = f"{repo_id}/{filename}" if name_file else repo_id
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
     rev_cli = f" --revision {revision}" if rev else ""
-    if base.get("pipeline") == "tiny-sd":
-        base_arg, base_cli, base_note = "", "", "the bundled tiny-sd pipeline"
+    if base.get("pipeline") in _TINY:
+        base_arg, base_cli, base_note = "", "", f"the bundled {base['pipeline']} pipeline"
         prompt = _TINYSD_PROMPTS[1]
     elif base.get("pipeline"):
         base_arg, base_cli, base_note = "", "", f"`{base['pipeline']}`"
@@ -170,7 +184,7 @@ def model_card(
     source = summary["model"]["source"] or {}
     quantized_from = (
         f"[{base['base_model']}](https://huggingface.co/{base['base_model']})" if base.get("base_model")
-        else "tiny-sd, the small digit model bundled with bfq" if base.get("pipeline") == "tiny-sd"
+        else f"{base['pipeline']}, the small digit model bundled with bfq" if base.get("pipeline") in _TINY
         else f"`{source.get('name', 'a Stable Diffusion UNet')}`"
     )  # fmt: skip
     title = repo_id.split("/")[-1]

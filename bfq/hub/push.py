@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bfq._io import sha256_file
 from bfq.download import HubError, _chain, _fail, _first_line, _scrub, parse_repo_id
-from bfq.hub.card import _SD_PROMPTS, _TINYSD_PROMPTS, CARD_FILE, PREVIEW_FILE, base_model_info, model_card
+from bfq.hub.card import _SD_PROMPTS, _TINY, _TINYSD_PROMPTS, CARD_FILE, PREVIEW_FILE, base_model_info, model_card
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -48,7 +48,7 @@ def make_preview(path, *, prompts=None, base=None, steps=None, num_images=2, see
     with open_bfq(path) as f:
         source = f.header.model.get("source") or {}
     if not prompts:
-        prompts = _TINYSD_PROMPTS if source.get("name") == "tiny-sd" else _SD_PROMPTS
+        prompts = _TINYSD_PROMPTS if source.get("name") in _TINY else _SD_PROMPTS
     prompts = list(prompts)
     try:
         from bfq.runtime.generate import generate

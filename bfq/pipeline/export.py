@@ -18,10 +18,13 @@ DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16}
 DENSE_BITS = {"f32": 32, "f16": 16}
 
 
-def removed_by_cache(name: str, mode: str | None) -> bool:
-    """True for state-dict entries a time cache object replaces (FORMAT.md §2.3); grid mode's
-    "mlp" cache replaces nothing (it stores the time MLP's weights under their own names)."""
-    return mode in ("scheduler", "grid") and replaced_by_time_cache(name, mode)
+def removed_by_cache(name: str, time_cache: dict | None) -> bool:
+    """True for state-dict entries a time cache object replaces (FORMAT.md §2.3; a scheduler cache
+    of ``{"time_embedding": table}`` keeps the time_emb_proj layers, §2.3.1); grid mode's "mlp"
+    cache replaces nothing (it stores the time MLP's weights under their own names)."""
+    mode = time_cache["mode"] if time_cache else None
+    per_resnet = "time_embedding" not in time_cache["tables"] if time_cache else True
+    return mode in ("scheduler", "grid") and replaced_by_time_cache(name, mode, per_resnet)
 
 
 def export_unet(
@@ -45,8 +48,8 @@ def export_unet(
             default: ``unet.config`` without ``_name_or_path``. ``class_name`` defaults to the
             UNet's class name.
         time_cache: as computed by bfq.quant.timecache.build_cache: {"mode": "scheduler", "timesteps":
-            [...], "tables": {resnet name: array [T, D]}} (the parameters it replaces are left out of
-            the file), or {"mode": "mlp", "tables": {time MLP weight name: array}} (grid mode: those
+            [...], "tables": {resnet name: array [T, D]} or {"time_embedding": array [T, D]}} (the
+            parameters it replaces are left out of the file), or {"mode": "mlp", "tables": {time MLP weight name: array}} (grid mode: those
             weights are written in fp16 under their own names).
         recipe: the recipe summary for the header (avg_bits, n_weights_total, n_params_total, ...).
         dense_dtype: "f32" (the paper's accounting) or "f16" for everything kept in floating point.
@@ -68,7 +71,7 @@ def export_unet(
             writer.add_layer(name, q.cpu().numpy(), scales.cpu().numpy(), module.bits, levels=module.levels, scale_dtype=module.scale_dtype)
         kept_fp16 = time_cache["tables"] if mode == "mlp" else {}
         for name, tensor in state.items():
-            if name in skip or removed_by_cache(name, mode):
+            if name in skip or removed_by_cache(name, time_cache):
                 continue
             if name in kept_fp16:
                 writer.add_tensor(name, np.asarray(kept_fp16[name], dtype=np.float16))

@@ -1,27 +1,31 @@
 """Model resolution: turn a name or path into a float32 UNet, its scheduler and a source record.
 
-Accepted inputs of :func:`resolve_model`:
+Accepted inputs of :func:`resolve_model` (the built-in names come from the model families,
+:mod:`bfq.families`):
 
-* ``tiny-sd``: the bundled trained pipeline (:func:`bfq.tinysd.pipeline_dir`);
-* ``sd15-random``: an SD-v1.5-shaped UNet with random weights (:func:`build_sd15_random`), no download;
-* ``sd15``: ``stable-diffusion-v1-5/stable-diffusion-v1-5`` from the Hub (UNet + scheduler only);
-  any other ``owner/name`` that is not a local path is treated as a Hub repo id too, in the forms a
+* ``tiny-sd`` / ``tiny-sdxl``: a family's bundled trained pipeline (``bfq/data/<name>``);
+* ``sd15-random`` / ``sdxl-random``: a UNet of the family's reference shape with random weights
+  (:func:`build_random_unet`), no download; refused up front when it cannot fit in memory;
+* ``sd15`` / ``sdxl``: the family's reference repo from the Hub
+  (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``;
+  UNet + scheduler only); any other ``owner/name`` that is not a local path is treated as a Hub repo id too, in the forms a
   diffusers user passes: a pipeline repo (``model_index.json`` + ``unet/``), a UNet repo
   (``config.json`` + weights at the top), either with ``subfolder=`` naming the UNet's folder, at
   any ``revision``; only the files needed are downloaded (the UNet, the scheduler);
 * a local diffusers pipeline directory (``model_index.json`` + ``unet/``);
 * a bare UNet directory (``config.json`` + weights), or a folder holding one (``subfolder=``);
 * a single-file checkpoint: ``.safetensors`` (original-SD layout through diffusers'
-  ``from_single_file``, or a diffusers-layout SD-v1.5 state dict). Pickle-based files (``.ckpt``,
+  ``from_single_file``, or a diffusers-layout SD-v1.5 or SDXL state dict). Pickle-based files (``.ckpt``,
   ``.bin``, ``.pt``, ``.pth``) are refused unless ``allow_pickle=True``; even then they are read
   with ``torch.load(weights_only=True)``.
+
+Whatever the input, a UNet that no family covers is refused, naming the families supported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -29,16 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bfq._io import sha256_file
 from bfq.errors import InputError
+from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, sd15, sdxl
+from bfq.families.build import _empty_unet, build_meta_unet, build_random_unet, n_params  # noqa: F401 (public names)
+from bfq.families.sd15 import SD15_N_LINEAR_CONV_WEIGHTS, SD15_N_PARAMS, SD15_REPO  # noqa: F401 (public names)
 
-SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD15_N_PARAMS = 859_520_964
-SD15_N_LINEAR_CONV_WEIGHTS = 859_077_120
-BUILTIN_MODELS = ("tiny-sd", "sd15-random", "sd15")
+BUILTIN_MODELS = builtin_models()
+# Peak memory of quantizing a float32 model, in multiples of its float32 weights, while bfq holds
+# the whole float model (no layer streaming yet): measured 1.24 (sd15-random with a recipe: peak RSS
+# 4.25 GB for 3.44 GB of weights, README), plus headroom for the analysis of --bits.
+QUANTIZE_PEAK_FACTOR = 1.5
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -66,101 +73,30 @@ class ResolvedModel:
     base_dir: Path | None = None
     name: str = ""
 
+    @property
+    def family(self) -> Family:
+        """The model family of :attr:`unet` (:mod:`bfq.families`)."""
+        return family_for_config(dict(self.unet.config), type(self.unet).__name__)
+
 
 def sd15_config() -> dict:
     """The public SD-v1.5 ``unet/config.json`` (diffusers ``UNet2DConditionModel``), as a new dict."""
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        "attention_head_dim": 8,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "center_input_sample": False,
-        "cross_attention_dim": 768,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": 4,
-        "layers_per_block": 2,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
-        "norm_num_groups": 32,
-        "out_channels": 4,
-        "sample_size": 64,
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    }
+    return sd15.FAMILY.config()
+
+
+def sdxl_config() -> dict:
+    """The public SDXL base 1.0 ``unet/config.json``, as a new dict."""
+    return sdxl.FAMILY.config()
 
 
 def sd15_scheduler_config() -> dict:
     """The public SD-v1.5 ``scheduler/scheduler_config.json`` (PNDM)."""
-    return {
-        "_class_name": "PNDMScheduler",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-    }
+    return sd15.FAMILY.scheduler_config()
 
 
 def sd15_scheduler():
     """A ``PNDMScheduler`` with the SD-v1.5 configuration."""
-    from diffusers import PNDMScheduler
-
-    return PNDMScheduler.from_config(sd15_scheduler_config())
-
-
-def build_meta_unet(config: dict):
-    """A ``UNet2DConditionModel`` on the meta device (shapes only, no memory): for layer lists and
-    accounting, e.g. ``quantizable_layers(build_meta_unet(sd15_config()))``."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
-
-
-def _empty_unet(config: dict):
-    unet = build_meta_unet(config)
-    if any(True for _ in unet.buffers()):
-        raise RuntimeError("this UNet has buffers; a meta-device build would lose them")
-    return unet.to_empty(device="cpu")
-
-
-@torch.no_grad()
-def build_random_unet(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ``UNet2DConditionModel`` from ``config`` with PyTorch-default-like random weights, built fast.
-
-    The model is constructed on the meta device (no default initialisation) and every parameter is
-    then filled in module order from one numpy ``SFC64(seed)`` stream (~5x faster than torch's CPU
-    generator): Linear/Conv2d weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bound of
-    PyTorch's default kaiming-uniform init), norm weights 1 and biases 0. Values are drawn in float32
-    and then cast, so every ``dtype`` holds the same numbers (rounded).
-    """
-    from torch import nn
-
-    unet = _empty_unet(config)
-    rng = np.random.Generator(np.random.SFC64(seed))
-    for module in unet.modules():
-        own = dict(module.named_parameters(recurse=False))
-        if not own:
-            continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            bound = 1.0 / math.sqrt(module.weight[0].numel())
-            for p in own.values():
-                arr = p.detach().numpy()
-                rng.random(out=arr.reshape(-1), dtype=np.float32)
-                arr *= 2.0 * bound
-                arr -= bound
-        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-            for name, p in own.items():
-                p.fill_(1.0 if name == "weight" else 0.0)
-        else:
-            raise RuntimeError(f"no random-init rule for {type(module).__name__} parameters")
-    return unet.to(dtype).eval() if dtype != torch.float32 else unet.eval()
+    return sd15.FAMILY.scheduler()
 
 
 def build_sd15_random(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -170,6 +106,31 @@ def build_sd15_random(seed: int = 0, dtype: torch.dtype = torch.float32):
     instead of ~20 s for diffusers' default init).
     """
     return build_random_unet(sd15_config(), seed=seed, dtype=dtype)
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory_for(family: Family, what: str) -> None:
+    """Refuse, in one line and before anything is allocated, to build ``family``'s reference-shaped
+    float32 model when quantizing it would need more memory than this machine has available
+    (bfq does not stream layers from disk yet), instead of swapping the machine to death."""
+    n = n_params(family.config())
+    need, have = QUANTIZE_PEAK_FACTOR * 4 * n, _available_memory()
+    if have is not None and need > have:
+        raise ModelError(
+            f"{what}: quantizing it needs about {need / 1e9:.0f} GB of memory (its float32 {family.title} UNet alone is "
+            f"{4 * n / 1e9:.1f} GB) and this machine has {have / 1e9:.1f} GB available; bfq does not stream "
+            "layers from disk yet, so use a machine with more memory"
+        )
 
 
 # ---------------------------------------------------------------------------------- resolution
@@ -199,20 +160,24 @@ def _weight_files(unet_dir: Path, allow_pickle: bool) -> list[Path]:
 
 
 def _load_unet_dir(unet_dir: Path, allow_pickle: bool):
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     cfg_path = unet_dir / "config.json"
     try:
-        cls_name = json.loads(cfg_path.read_text()).get("_class_name", "UNet2DConditionModel")
+        config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read {cfg_path}: {e}") from None
-    if cls_name != "UNet2DConditionModel":
-        raise ModelError(f"{cfg_path}: _class_name is {cls_name!r}; only UNet2DConditionModel is supported")
+    try:
+        family = family_for_config(config)
+    except FamilyError as e:
+        raise ModelError(f"{cfg_path}: {e}") from None
     files = _weight_files(unet_dir, allow_pickle)
     use_safetensors = files[0].suffix == ".safetensors"
     variant = "fp16" if all(".fp16." in p.name for p in files) else None
     try:
-        unet = UNet2DConditionModel.from_pretrained(
+        unet = getattr(diffusers, family.model_class).from_pretrained(
             unet_dir, use_safetensors=use_safetensors, variant=variant, local_files_only=True
         )
     except (OSError, ValueError, RuntimeError) as e:
@@ -280,16 +245,21 @@ def _read_checkpoint(path: Path, allow_pickle: bool) -> dict:
     return ckpt
 
 
+# diffusers' single-file model types whose UNet config bfq carries (no Hub access needed)
+_SINGLE_FILE_CONFIGS = {"v1": sd15.FAMILY, "xl_base": sdxl.FAMILY}
+
+
 def _unet_from_checkpoint(ckpt: dict, path: Path):
     from diffusers import UNet2DConditionModel
 
     if "conv_in.weight" in ckpt and any(k.startswith("down_blocks.") for k in ckpt):
-        unet = _empty_unet(sd15_config())
+        family = sdxl.FAMILY if "add_embedding.linear_1.weight" in ckpt else sd15.FAMILY
+        unet = _empty_unet(family.config())
         try:
             unet.load_state_dict({k: v.float() for k, v in ckpt.items()}, strict=True)
         except RuntimeError as e:
             raise ModelError(
-                f"{path.name}: a diffusers-layout UNet state dict that is not SD-v1.5-shaped; put it in a "
+                f"{path.name}: a diffusers-layout UNet state dict that is not {family.title}-shaped; put it in a "
                 f"directory next to its config.json instead ({str(e)[:200]})"
             ) from None
         return unet.eval()
@@ -300,9 +270,9 @@ def _unet_from_checkpoint(ckpt: dict, path: Path):
     except Exception:
         kind = None
     try:
-        if kind == "v1":  # SD-v1.x: use the bundled config, so no Hub access is needed
+        if kind in _SINGLE_FILE_CONFIGS:  # use the bundled config, so no Hub access is needed
             with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "config.json").write_text(json.dumps(sd15_config()))
+                (Path(tmp) / "config.json").write_text(json.dumps(_SINGLE_FILE_CONFIGS[kind].config()))
                 unet = UNet2DConditionModel.from_single_file(ckpt, config=tmp)
         else:
             unet = UNet2DConditionModel.from_single_file(ckpt)
@@ -321,6 +291,27 @@ def _resolve_local_subfolder(path: Path, subfolder: str, allow_pickle: bool, nam
     return ResolvedModel(unet, _load_scheduler(path) if pipeline else None, source, base_dir=path if pipeline else None, name=name)
 
 
+def _check_family(unet, what: str) -> None:
+    try:
+        family_for_config(dict(unet.config), type(unet).__name__)
+    except FamilyError as e:
+        raise ModelError(f"{what}: {e}") from None
+
+
+def _resolve_builtin(family: Family, name: str, revision, subfolder, allow_pickle, seed, cache_dir) -> ResolvedModel:
+    if name == family.random_name:
+        check_memory_for(family, name)
+        source = {"kind": "builtin", "name": name, "seed": seed}
+        return ResolvedModel(build_random_unet(family.config(), seed), family.scheduler(), source, name=name)
+    if name == family.tiny_name:
+        base = family.tiny_pipeline_dir()
+        if not (base / "model_index.json").is_file():
+            raise ModelError(f"the bundled {name} pipeline is missing at {base} (this bfq was built without it)")
+        unet, scheduler, _ = _resolve_pipeline(base, allow_pickle=False)
+        return ResolvedModel(unet, scheduler, {"kind": "builtin", "name": name}, base_dir=base, name=name)
+    return _resolve_hub(family.hub_repo, revision, subfolder, allow_pickle, cache_dir)
+
+
 def resolve_model(
     name_or_path: str | os.PathLike,
     *,
@@ -333,33 +324,22 @@ def resolve_model(
     """Resolve a model name or path (see the module docstring) to a :class:`ResolvedModel`.
 
     Args:
-        name_or_path: "tiny-sd", "sd15-random", "sd15", a Hub repo id, or a local path.
+        name_or_path: a built-in name ("tiny-sd", "sd15-random", "sd15", "tiny-sdxl", "sdxl-random",
+            "sdxl"), a Hub repo id, or a local path.
         revision: Hub revision (branch, tag or commit) for Hub models.
         subfolder: the UNet's folder inside a Hub repo or a local folder (as diffusers' ``subfolder=``).
         allow_pickle: allow pickle-based weights (.ckpt/.bin/.pt/.pth); off by default.
-        seed: seed of "sd15-random".
+        seed: seed of "sd15-random" and "sdxl-random".
         cache_dir: Hugging Face cache directory (default: huggingface_hub's).
 
     Raises:
-        ModelError: unknown name, missing files, pickle weights without opt-in, or a Hub model that
-            cannot be fetched (offline and not cached).
+        ModelError: unknown name, missing files, pickle weights without opt-in, a Hub model that
+            cannot be fetched (offline and not cached), a model of no supported family, or a
+            ``*-random`` model too large for this machine's memory.
     """
     name = os.fspath(name_or_path)
-    if name == "sd15-random":
-        source = {"kind": "builtin", "name": name, "seed": seed}
-        return ResolvedModel(build_sd15_random(seed), sd15_scheduler(), source, name=name)
-    if name == "tiny-sd":
-        try:
-            from bfq.tinysd import pipeline_dir
-        except ImportError as e:  # pragma: no cover - the package ships it
-            raise ModelError(f"the bundled tiny-sd model is not available ({e})") from None
-        base = Path(pipeline_dir())
-        if not (base / "model_index.json").is_file():
-            raise ModelError(f"the bundled tiny-sd pipeline is missing at {base}")
-        unet, scheduler, _ = _resolve_pipeline(base, allow_pickle=False)
-        return ResolvedModel(unet, scheduler, {"kind": "builtin", "name": name}, base_dir=base, name=name)
-    if name == "sd15":
-        return _resolve_hub(SD15_REPO, revision, subfolder, allow_pickle, cache_dir)
+    if name in BUILTIN_MODELS:
+        return _resolve_builtin(family_for_name(name), name, revision, subfolder, allow_pickle, seed, cache_dir)
     path = Path(name).expanduser()
     if subfolder and path.is_dir():
         return _resolve_local_subfolder(path, subfolder, allow_pickle, name)
@@ -379,6 +359,7 @@ def resolve_model(
         if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
             raise ModelError(f"{path.name}: unsupported checkpoint type (use .safetensors, or a diffusers directory)")
         unet = _unet_from_checkpoint(_read_checkpoint(path, allow_pickle), path)
+        _check_family(unet, path.name)
         source = {"kind": "file", "name": path.name, "sha256": _sha256_files([path])}
         return ResolvedModel(unet, None, source, name=name)
     if _REPO_ID.match(name) and not name.startswith((".", "~")):

@@ -153,7 +153,7 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
             f"the sensitivity analysis measured {sens['accounting']['levels']} levels, but {levels} levels were asked for"
         )
     fixed = {}
-    if time_cache == "grid" and time_proj_bits is not None:
+    if time_proj_bits is not None:  # where the cache keeps them (grid; SDXL's scheduler cache)
         fixed = {n: int(time_proj_bits) for n in need if n.endswith("time_emb_proj.weight")}
     alloc = allocate(sens, budget, method, fixed=fixed, n_time_features=n_time_features, need_layers=need,
                      **dict(allocator_options or {}))  # fmt: skip

@@ -8,6 +8,8 @@ A recipe is JSON (schema: ``spec/recipe.schema.json``)::
 It must name exactly the layers :func:`quantizable_layers` lists for the model and the time-cache
 mode: every ``nn.Linear``/``nn.Conv2d`` weight except the time layers the cache removes
 (``scheduler``: ``time_embedding.*`` and every ``time_emb_proj``; ``grid``: ``time_embedding.*`` only).
+For a model whose time features depend on more than the timestep (its family says so, e.g. SDXL's
+``add_embedding``) the scheduler cache removes ``time_embedding.*`` only, as grid mode does.
 
 Built-in recipes:
 
@@ -32,7 +34,8 @@ from torch import nn
 
 from bfq._io import read_json_file
 from bfq.errors import RecipeError
-from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal, replaced_by_time_cache
+from bfq.families import family_of
+from bfq.format.constants import LEVEL_SETS, MAX_BITS, MIN_BITS, bits_per_level_ideal
 
 RECIPE_FORMAT = "bfq-recipe"
 RECIPE_VERSION = 1
@@ -133,11 +136,22 @@ def linear_conv_weights(unet: nn.Module) -> dict[str, int]:
     }
 
 
+def replaced_by_cache(unet: nn.Module, name: str, time_cache: str) -> bool:
+    """True when the ``time_cache`` mode removes weight ``name`` from ``unet`` (asks the model's family
+    whether a scheduler cache holds per-ResNet features or the timestep MLP's output only)."""
+    return family_of(unet).replaced_by_time_cache(name, time_cache, dict(unet.config))
+
+
+def _keeps_time_proj(unet: nn.Module, time_cache: str) -> bool:
+    """True when the time_emb_proj layers stay (and need bits) under this cache mode."""
+    return any(_is_time_proj(n) for n in quantizable_layers(unet, time_cache))
+
+
 def quantizable_layers(unet: nn.Module, time_cache: str = "scheduler") -> dict[str, int]:
-    """``{weight name: n_weights}`` of the layers a recipe must cover, in model order (works for any
-    diffusers ``UNet2DConditionModel``; meta-device models are fine)."""
+    """``{weight name: n_weights}`` of the layers a recipe must cover, in model order (any model of
+    a supported family, :mod:`bfq.families`; meta-device models are fine)."""
     _check_mode(time_cache)
-    return {name: n for name, n in linear_conv_weights(unet).items() if not replaced_by_time_cache(name, time_cache)}
+    return {name: n for name, n in linear_conv_weights(unet).items() if not replaced_by_cache(unet, name, time_cache)}
 
 
 def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> None:
@@ -159,8 +173,9 @@ def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> 
         removed = [n for n in unknown if _is_time_embedding(n) or _is_time_proj(n)]
         if removed:
             parts.append(f"({len(removed)} of them are time layers the {time_cache!r} time cache removes)")
-    if time_cache == "grid" and missing and all(_is_time_proj(n) for n in missing):
-        parts.append("(grid mode keeps time_emb_proj layers: give them bits, e.g. with time_proj_bits)")
+    if _keeps_time_proj(unet, time_cache) and missing and all(_is_time_proj(n) for n in missing):
+        who = "grid mode" if time_cache == "grid" else "this model's scheduler time cache"
+        parts.append(f"({who} keeps time_emb_proj layers: give them bits, e.g. with time_proj_bits)")
     raise RecipeError(f"recipe {recipe.name!r} does not fit this model: " + "; ".join(parts))
 
 
@@ -289,8 +304,10 @@ def resolve_recipe(name_or_path: str | os.PathLike, unet: nn.Module, time_cache:
     """A validated recipe from a built-in name or a JSON file.
 
     ``levels`` ("balanced"/"plain"), when given, overrides the recipe's level set (built-ins are
-    balanced). In grid mode, ``time_emb_proj`` layers a recipe file leaves out get ``time_proj_bits`` (default
-    4), so recipes written for the scheduler mode (like the paper's) work unchanged.
+    balanced). Where the time cache keeps the ``time_emb_proj`` layers (grid mode; scheduler mode of a model
+    whose time features depend on more than the timestep, like SDXL), those a recipe file leaves out get
+    ``time_proj_bits`` (default 4), so recipes written for the per-ResNet scheduler cache (like the paper's)
+    work unchanged.
 
     Raises:
         RecipeError: unknown name, unreadable/invalid file, or a recipe that does not fit ``unet``.
@@ -303,9 +320,9 @@ def resolve_recipe(name_or_path: str | os.PathLike, unet: nn.Module, time_cache:
         recipe = builtin_recipe(name, unet, time_cache, time_proj_bits)
     elif Path(name).is_file():
         recipe = Recipe.load(name)
-        if time_cache == "grid":
+        if _keeps_time_proj(unet, time_cache):
             tb = DEFAULT_TIME_PROJ_BITS if time_proj_bits is None else time_proj_bits
-            for n in quantizable_layers(unet, "grid"):
+            for n in quantizable_layers(unet, time_cache):
                 if _is_time_proj(n) and n not in recipe.bits:
                     recipe.bits[n] = tb
             recipe.bits = _in_model_order(recipe.bits, linear_conv_weights(unet))
@@ -342,7 +359,7 @@ def dense_weights(recipe: Recipe, unet: nn.Module, time_cache: str | None) -> di
     return {
         n: c
         for n, c in linear_conv_weights(unet).items()
-        if n not in recipe.bits and not (time_cache and replaced_by_time_cache(n, time_cache))
+        if n not in recipe.bits and not (time_cache and replaced_by_cache(unet, n, time_cache))
     }
 
 

@@ -109,6 +109,28 @@ class _CachedTimeFeatures(nn.Module):
         return f"timesteps={self.features.shape[0]}, dim={self.features.shape[1]}"
 
 
+class _CachedTimeEmbedding(nn.Module):
+    """Scheduler mode's ``time_embedding`` for models whose time features also depend on the
+    conditioning (FORMAT.md §2.3.1): the cached fp16 row ``time_embedding(time_proj(t))`` of each
+    batch element's timestep; what the model adds to it (SDXL's ``add_embedding``) runs live."""
+
+    def __init__(self, state: _TimeState, table: torch.Tensor):
+        super().__init__()
+        self._state = state
+        self.register_buffer("table", table)
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            raise ValueError("timestep_cond is not supported with a time-feature cache")
+        rows = self._state.rows(self.table.device)
+        if rows.shape[0] != sample.shape[0]:
+            raise RuntimeError(f"time cache: batch {sample.shape[0]} but {rows.shape[0]} timesteps recorded")
+        return self.table.index_select(0, rows).to(sample.dtype)
+
+    def extra_repr(self) -> str:
+        return f"timesteps={self.table.shape[0]}, dim={self.table.shape[1]}"
+
+
 class _GridTimeEmbedding(nn.Module):
     """Grid mode's ``time_embedding`` (bfq 0.1 files): rows of a table, linearly interpolated at fractional t."""
 

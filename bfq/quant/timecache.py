@@ -6,8 +6,13 @@ Two modes:
   ``F[t] = time_emb_proj(silu(time_embedding(time_proj(t))))`` in fp16 for exactly the sampler's
   timesteps. :func:`install_scheduler_cache` deletes ``time_embedding`` and every ``time_emb_proj``
   (no weights remain) and makes each resnet read its row for the current timestep. Other timesteps
-  raise ``ValueError``. Models whose time embedding is mixed with anything else before the resnets
-  (class embeddings, ``add_embedding``, ``timestep_cond``) are refused.
+  raise ``ValueError``. This needs time features that depend on the timestep alone (the model's
+  family says so, :mod:`bfq.families`); class embeddings and ``timestep_cond`` are refused. For a
+  family whose time features also depend on the conditioning (SDXL adds
+  ``add_embedding(text_embeds, time_ids)`` before the resnets) the scheduler cache holds the timestep
+  MLP's output ``time_embedding(time_proj(t))`` only, one fp16 row per sampler timestep
+  (:func:`compute_embedding_table`, :func:`install_embedding_cache`, FORMAT.md §2.3.1): it
+  replaces ``time_embedding`` and the ``time_emb_proj`` layers and ``add_embedding`` run live.
 * **grid** (any sampler): keep the time-embedding MLP itself, its Linear weights in fp16
   (:func:`time_mlp_weights`), and the ``time_emb_proj`` layers (quantized by the recipe), so the
   model computes ``time_embedding(time_proj(t))`` at every timestep, fractional ones included
@@ -38,7 +43,9 @@ import torch
 from torch import nn
 
 from bfq.errors import InputError
+from bfq.families import family_of
 from bfq.quant.time_modules import (
+    _CachedTimeEmbedding,
     _CachedTimeFeatures,
     _GridTimeEmbedding,
     _TimeEmbeddingPlaceholder,
@@ -85,10 +92,16 @@ def time_feature_dims(unet: nn.Module) -> dict[str, int]:
     return out
 
 
+def per_resnet_cache(unet: nn.Module) -> bool:
+    """True when a scheduler cache of ``unet`` holds per-ResNet features (its family's time features
+    depend on the timestep alone), False when it holds ``time_embedding``'s output only."""
+    return family_of(unet).per_resnet_time_cache(dict(unet.config))
+
+
 def time_embedding_dim(unet: nn.Module) -> int:
-    """Width of ``time_embedding``'s output (1280 for SD-v1.5)."""
+    """Width of ``time_embedding``'s output (1280 for SD-v1.5 and SDXL)."""
     te = unet.time_embedding
-    if isinstance(te, _GridTimeEmbedding):
+    if isinstance(te, (_GridTimeEmbedding, _CachedTimeEmbedding)):
         return te.table.shape[1]
     return te.linear_2.out_features
 
@@ -100,10 +113,12 @@ def time_mlp_weight_names(unet: nn.Module) -> list[str]:
 
 def n_time_features(unet: nn.Module, mode: str, n_timesteps: int) -> int:
     """N_tf, the number of fp16 values standing for the removed time layers in the accounting:
-    ``n_timesteps · ΣD`` cached features (scheduler; 20,160·50 for SD-v1.5 at 50 steps) or the time
-    MLP's weights (grid: 2,048,000 for SD-v1.5; ``n_timesteps`` is not used). On a UNet with its
-    time layers."""
+    ``n_timesteps · ΣD`` cached features (scheduler; 20,160·50 for SD-v1.5 at 50 steps; SDXL-class:
+    ``n_timesteps · D_te``, 1280·50) or the time MLP's weights (grid: 2,048,000 for SD-v1.5;
+    ``n_timesteps`` is not used). On a UNet with its time layers."""
     _check_mode(mode)
+    if mode == "scheduler" and not per_resnet_cache(unet):
+        return n_timesteps * time_embedding_dim(unet)
     if mode == "scheduler":
         return n_timesteps * sum(time_feature_dims(unet).values())
     return sum(unet.get_parameter(n).numel() for n in time_mlp_weight_names(unet))
@@ -144,7 +159,7 @@ def time_cache_mode(unet: nn.Module) -> str | None:
     te = getattr(unet, "time_embedding", None)
     if isinstance(te, _GridTimeEmbedding):
         return "grid"
-    if isinstance(te, _TimeEmbeddingPlaceholder):
+    if isinstance(te, (_TimeEmbeddingPlaceholder, _CachedTimeEmbedding)):
         return "scheduler"
     return None
 
@@ -162,7 +177,7 @@ def _refuse_if_unsupported(unet: nn.Module, mode: str) -> None:
         raise ValueError("this UNet has no diffusers TimestepEmbedding `time_embedding` to cache")
     if getattr(te, "cond_proj", None) is not None:
         raise ValueError("time caching does not support `timestep_cond` (time_embedding.cond_proj)")
-    if mode == "scheduler":
+    if mode == "scheduler" and per_resnet_cache(unet):
         extra = [n for n in ("class_embedding", "add_embedding") if getattr(unet, n, None) is not None]
         if extra:
             raise ValueError(
@@ -171,6 +186,14 @@ def _refuse_if_unsupported(unet: nn.Module, mode: str) -> None:
             )
         if not resnets_with_time_proj(unet):
             raise ValueError("this UNet has no ResnetBlock2D with time_emb_proj to cache")
+
+
+def _refuse_per_resnet_if_conditioned(unet: nn.Module) -> None:
+    if not per_resnet_cache(unet):
+        raise ValueError(
+            f"per-ResNet time features refused: a {family_of(unet).title} model's time features depend on its "
+            "conditioning too; its scheduler cache holds the time embedding only (compute_embedding_table)"
+        )
 
 
 # --------------------------------------------------------------------------- compute and install
@@ -194,6 +217,7 @@ def compute_scheduler_features(unet: nn.Module, timesteps) -> dict[str, torch.Te
     Computed in float32 on copies of the time layers (the UNet is not changed), on its device.
     """
     _refuse_if_unsupported(unet, "scheduler")
+    _refuse_per_resnet_if_conditioned(unet)
     ts = torch.tensor(unique_timesteps(timesteps), dtype=torch.float64)
     emb = _embeddings(unet, ts)
     if getattr(unet, "time_embed_act", None) is not None:
@@ -203,6 +227,15 @@ def compute_scheduler_features(unet: nn.Module, timesteps) -> dict[str, torch.Te
         x = emb if getattr(r, "skip_time_act", False) else r.nonlinearity(emb)
         out[name] = _float_copy(r.time_emb_proj)(x).to(torch.float16).cpu()
     return out
+
+
+@torch.no_grad()
+def compute_embedding_table(unet: nn.Module, timesteps) -> torch.Tensor:
+    """fp16 ``[T, D_te]`` rows ``time_embedding(time_proj(t))`` for ``unique_timesteps(timesteps)``:
+    the scheduler cache of a model whose time features also depend on the conditioning (SDXL)."""
+    _refuse_if_unsupported(unet, "scheduler")
+    ts = torch.tensor(unique_timesteps(timesteps), dtype=torch.float64)
+    return _embeddings(unet, ts).to(torch.float16).cpu()
 
 
 @torch.no_grad()
@@ -244,7 +277,8 @@ def time_mlp_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
 def build_cache(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 50) -> dict | None:
     """The ``time_cache`` argument of :func:`bfq.pipeline.export.export_unet`, computed from ``unet``'s own
     (frozen, float) time layers: ``scheduler`` mode, a table per resnet for ``scheduler``'s ``steps``
-    timesteps; ``grid`` mode, ``{"mode": "mlp", "tables": time_mlp_weights(unet)}`` (the time MLP's
+    timesteps (or ``{"time_embedding": table}`` when the time features also depend on the
+    conditioning: :func:`per_resnet_cache`); ``grid`` mode, ``{"mode": "mlp", "tables": time_mlp_weights(unet)}`` (the time MLP's
     weights, written as fp16 dense tensors under their own names); None for no cache."""
     if mode is None or mode == "none":
         return None
@@ -253,10 +287,12 @@ def build_cache(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 
             raise ValueError("the scheduler time cache needs the scheduler (its timesteps); use 'grid'")
         from bfq.quant.nn import iter_quantized
 
+        ts = scheduler_timesteps(scheduler, steps)
+        if not per_resnet_cache(unet):
+            return {"mode": mode, "timesteps": ts, "tables": {"time_embedding": compute_embedding_table(unet, ts).numpy()}}
         quantized_proj = [n for n, _ in iter_quantized(unet) if n.endswith("time_emb_proj.weight")]
         if quantized_proj:
             raise ValueError(f"the scheduler time cache removes time_emb_proj, but {quantized_proj[0]} is quantized; use 'grid'")
-        ts = scheduler_timesteps(scheduler, steps)
         tables = compute_scheduler_features(unet, ts)
         return {"mode": mode, "timesteps": ts, "tables": {k: v.numpy() for k, v in tables.items()}}
     if mode != "grid":
@@ -278,6 +314,7 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
         ValueError: unsupported model, or features that do not match the resnets, T or D.
     """
     _refuse_if_unsupported(unet, "scheduler")
+    _refuse_per_resnet_if_conditioned(unet)
     ts = unique_timesteps(timesteps)
     resnets = resnets_with_time_proj(unet)
     names = [n for n, _ in resnets]
@@ -296,6 +333,28 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
     for name, r in resnets:
         r.time_emb_proj = _CachedTimeFeatures(state, tensors[name])
     unet.time_embedding = _TimeEmbeddingPlaceholder(state)
+    _install_state(unet, state)
+    return unet
+
+
+def install_embedding_cache(unet: nn.Module, timesteps, table) -> nn.Module:
+    """Replace ``time_embedding`` by the cached rows ``table`` (``[T, D_te]``, kept in its own
+    precision) for exactly ``timesteps``; ``time_emb_proj`` and what the model adds to the embedding
+    stay. In place. For the families whose time features also depend on the conditioning (SDXL).
+
+    Raises:
+        ValueError: a model with per-ResNet scheduler caches, or a table that does not match T or D_te.
+    """
+    if per_resnet_cache(unet):
+        raise ValueError("this model's scheduler time cache holds per-ResNet features, not the embedding")
+    _refuse_if_unsupported(unet, "scheduler")
+    ts = unique_timesteps(timesteps)
+    tab = _stored_table(table, "time embedding table")
+    want = (len(ts), time_embedding_dim(unet))
+    if tuple(tab.shape) != want:
+        raise ValueError(f"time embedding table: shape {tuple(tab.shape)}, expected {want}")
+    state = _TimeState(ts)
+    unet.time_embedding = _CachedTimeEmbedding(state, tab.to(_buffer_device(unet)))
     _install_state(unet, state)
     return unet
 

@@ -1,4 +1,5 @@
-"""Generate images with a quantized UNet (or a float one) inside its base Stable Diffusion pipeline.
+"""Generate images with a quantized UNet (or a float one) inside its base pipeline (the model
+family's pipeline class: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
 
 A file with a scheduler-mode time cache holds time features for the timesteps of one sampler and
 step count only: sampling defaults to them, and a step count or sampler that would visit other
@@ -19,6 +20,7 @@ import torch
 from bfq._io import atomic_path, sha256_file
 from bfq._quiet import quiet_libraries
 from bfq.errors import InputError
+from bfq.families import FAMILIES, family_for_config
 from bfq.quant.timecache import check_cached_steps, scheduler_timesteps
 
 DEFAULT_STEPS = 50
@@ -43,10 +45,9 @@ def base_pipeline_for(source: dict | None, file: str | os.PathLike | None = None
     pipeline, the Hub repo it came from, or for a local pipeline folder the folder of that name
     (next to the file, or in the current folder) whose UNet weights still hash to the recorded sha256."""
     source = source or {}
-    if source.get("kind") == "builtin" and source.get("name") == "tiny-sd":
-        from bfq.tinysd import pipeline_dir
-
-        return str(pipeline_dir())
+    tiny = {f.tiny_name: f for f in FAMILIES}
+    if source.get("kind") == "builtin" and source.get("name") in tiny:
+        return str(tiny[source["name"]].tiny_pipeline_dir())
     if source.get("kind") == "hub" and source.get("repo"):
         return source["repo"]
     if source.get("kind") == "file" and source.get("name"):
@@ -115,6 +116,7 @@ class FileSampler:
     path: str | None
     source: dict | None
     config: dict  # the UNet's config
+    class_name: str  # the UNet's diffusers class
     cache_mode: str | None  # "scheduler", "grid" or None
     cached_timesteps: list[float]
     scheduler: object | None  # the scheduler a scheduler-mode cache was made for (None: unknown)
@@ -170,18 +172,19 @@ def file_sampler(model: str, revision: str | None = None) -> FileSampler:
     scheduler, steps = cached_sampler(metadata)
     mode = cache.mode if cache is not None else None
     timesteps = list(cache.timesteps) if cache else []
-    return FileSampler(os.fspath(path), model.get("source"), model["config"], mode, timesteps, scheduler, steps)
+    return FileSampler(os.fspath(path), model.get("source"), model["config"], model["class_name"], mode, timesteps,
+                       scheduler, steps)  # fmt: skip
 
 
 def float_sampler(unet, scheduler=None) -> FileSampler:
     """The sampling facts of a float UNet (any sampler, any step count) with its pipeline's scheduler."""
-    return FileSampler(None, None, dict(unet.config), None, [], scheduler, None)
+    return FileSampler(None, None, dict(unet.config), type(unet).__name__, None, [], scheduler, None)
 
 
 def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
                   revision: str | None = None, runtime: str = "auto", sampler: FileSampler | None = None, unet=None):  # fmt: skip
-    """A diffusers ``StableDiffusionPipeline`` around the quantized UNet of ``model`` (a .bfq path or
-    Hub repo id), ready to call::
+    """The model family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``)
+    around the quantized UNet of ``model`` (a .bfq path or Hub repo id), ready to call::
 
         pipe = bfq.load_pipeline("tiny.bfq")
         image = pipe("a handwritten digit seven", num_inference_steps=20).images[0]
@@ -195,19 +198,20 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
     import bfq
 
     sampler = sampler or file_sampler(model, revision)
+    family = family_for_config(sampler.config, sampler.class_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     base = base or base_pipeline_for(sampler.source, sampler.path)
     if unet is None:
         unet = bfq.load_unet(sampler.path, device=device, dtype=dtype, runtime=runtime)
     with quiet_libraries():
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, safety_checker=None)
+            pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, unet=unet, **family.pipeline_kwargs)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the base pipeline {base} (VAE, text encoder): {exc}; pass --base "
-                             "DIR_OR_REPO naming a Stable Diffusion pipeline") from None  # fmt: skip
+                             f"DIR_OR_REPO naming a {family.title} pipeline") from None  # fmt: skip
         if sampler.scheduler is not None:
             pipe.scheduler = sampler.scheduler
         pipe.set_progress_bar_config(disable=True)

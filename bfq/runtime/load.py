@@ -7,8 +7,8 @@ materialized), the cached time features are installed, and each quantized layer 
   per weight in memory) and decodes them at every forward, or
 * ``runtime="dense"``: an ordinary layer whose weight is decoded once into the target dtype.
 
-Either way the result drops into ``StableDiffusionPipeline.from_pretrained(base, unet=unet)`` and
-computes the same numbers (FORMAT.md §2.1 fixes every dequantized weight to the bit).
+Either way the result drops into its family's pipeline (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``: ``.from_pretrained(base, unet=unet)``) and computes the same numbers (FORMAT.md §2.1 fixes every dequantized weight to the bit).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bfq.errors import BfqFormatError
+from bfq.families import FamilyError, family_for_config
 from bfq.format import BfqFile, open_bfq
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
 from bfq.runtime.packed import PACKED_TYPES, Workspace
@@ -141,6 +142,10 @@ def _empty_model(bfq: BfqFile) -> nn.Module:
         raise BfqFormatError(f"model.class_name: {class_name!r} is not a diffusers model class")
     config = {k: v for k, v in bfq.header.model["config"].items() if not k.startswith("_")}
     try:
+        family_for_config(config, class_name)
+    except FamilyError as exc:
+        raise BfqFormatError(f"model: {exc}") from None
+    try:
         with torch.device("meta"):
             return cls.from_config(config)
     except Exception as exc:  # diffusers raises many types for a config it cannot build
@@ -155,7 +160,9 @@ def _install_time_cache(model: nn.Module, bfq: BfqFile, dtype: torch.dtype) -> N
 
     tables = {name: _as_torch(bfq.read_time_table(name), table.dtype) for name, table in cache.tables.items()}
     try:
-        if cache.mode == "scheduler":
+        if cache.mode == "scheduler" and not cache.per_resnet:
+            timecache.install_embedding_cache(model, list(cache.timesteps), tables["time_embedding"])
+        elif cache.mode == "scheduler":
             timecache.install_scheduler_cache(model, list(cache.timesteps), tables)
         else:
             timecache.install_grid_cache(model, tables["time_embedding"])

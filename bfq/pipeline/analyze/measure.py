@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bfq.families import family_of
 from bfq.pipeline.analyze.settings import (
     RANDOM_SEQ_LEN,
     SD_SCHEDULER,
@@ -27,13 +28,45 @@ def _ddim(sched_cfg: Mapping, steps: int):
     return sched
 
 
+# Conditioning is a flat dict of batch-first tensors: "encoder_hidden_states" and whatever the
+# family adds (SDXL: "text_embeds", "time_ids"), so that it is sliced, repeated and joined like one tensor.
+def _cond_kwargs(family, cond: dict) -> dict:
+    """The model keyword arguments of a flat conditioning dict (the family's added_cond_keys go
+    into ``added_cond_kwargs``)."""
+    added = {k: v for k, v in cond.items() if k in family.added_cond_keys}
+    rest = {k: v for k, v in cond.items() if k not in family.added_cond_keys}
+    return {**rest, **({"added_cond_kwargs": added} if added else {})}
+
+
+def _flat(kwargs: dict) -> dict:
+    return {"encoder_hidden_states": kwargs["encoder_hidden_states"], **kwargs.get("added_cond_kwargs", {})}
+
+
+def _cond_map(cond: dict, fn) -> dict:
+    return {k: fn(v) for k, v in cond.items()}
+
+
+def _cond_cat(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _cond_expand(cond: dict, n: int) -> dict:
+    return _cond_map(cond, lambda v: v.expand(n, *v.shape[1:]))
+
+
+def _cond_repeat(cond: dict, n: int) -> dict:
+    return _cond_map(cond, lambda v: v.repeat(n, *[1] * (v.dim() - 1)))
+
+
+def _forward(unet, x, t, cond: dict, idx) -> torch.Tensor:
+    family = family_of(unet)
+    return family.forward(unet, x[idx], t[idx], _cond_kwargs(family, _cond_map(cond, lambda v: v[idx]))).sample
+
+
 @torch.no_grad()
-def _predict(unet, x, t, emb, batch_size: int) -> torch.Tensor:
-    """``unet(x, t, emb).sample`` in chunks of ``batch_size`` (t: one per sample)."""
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        out.append(unet(x[i : i + batch_size], t[i : i + batch_size], encoder_hidden_states=emb[i : i + batch_size]).sample)
-    return torch.cat(out)
+def _predict(unet, x, t, emb: dict, batch_size: int) -> torch.Tensor:
+    """``unet(x, t, **emb).sample`` in chunks of ``batch_size`` (t: one per sample)."""
+    return torch.cat([_forward(unet, x, t, emb, slice(i, i + batch_size)) for i in range(0, x.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -42,7 +75,7 @@ def _sample(unet, cond, uncond, sched_cfg, steps, guidance, x_T, batch_size, rec
     sched = _ddim(sched_cfg, steps)
     x = x_T * sched.init_noise_sigma
     P = x.shape[0]
-    emb = torch.cat([uncond.expand(P, -1, -1), cond])
+    emb = _cond_cat(_cond_expand(uncond, P), cond)
     states = []
     for i, t in enumerate(sched.timesteps):
         if i in record:
@@ -64,32 +97,23 @@ class _Context:
         self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.dtype = next(unet.parameters()).dtype
         cond, uncond = self._conditioning()
-        self.cond, self.uncond = cond.to(self.dtype), uncond.to(self.dtype)
+        self.cond = _cond_map(cond, lambda v: v.to(self.device, self.dtype))
+        self.uncond = _cond_map(uncond, lambda v: v.to(self.device, self.dtype))
 
-    def _conditioning(self):
+    def _conditioning(self) -> tuple[dict, dict]:
         s = self.s
-        dim = self.unet.config.cross_attention_dim
+        family, config = family_of(self.unet), dict(self.unet.config)
+        dim = config["cross_attention_dim"]
         if s["conditioning"] == "random":
             g = torch.Generator().manual_seed(s["seed"] + 7919)
-            cond = torch.randn(s["n_prompts"], RANDOM_SEQ_LEN, dim, generator=g)
-            uncond = torch.randn(1, RANDOM_SEQ_LEN, dim, generator=g)
-            return cond.to(self.device), uncond.to(self.device)
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        base = Path(self.base_dir)
-        tok = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-        enc = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True).to(self.device).eval()
-
-        def encode(texts):
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids  # fmt: skip
-            with torch.no_grad():
-                return enc(ids.to(self.device))[0].float()
-
-        cond = encode(list(s["prompts"]))
-        uncond = encode([""])
-        if cond.shape[-1] != dim:
-            raise SensitivityError(f"text encoder width {cond.shape[-1]} != the UNet's cross_attention_dim {dim}")
+            cond = family.conditioning(config, s["n_prompts"], seq_len=RANDOM_SEQ_LEN, generator=g)
+            uncond = family.conditioning(config, 1, seq_len=RANDOM_SEQ_LEN, generator=g)
+            return _flat(cond), _flat(uncond)
+        cond, uncond = (_flat(family.encode_prompts(self.base_dir, texts, config, self.device))
+                        for texts in (list(s["prompts"]), [""]))  # fmt: skip
+        width = cond["encoder_hidden_states"].shape[-1]
+        if width != dim:
+            raise SensitivityError(f"text encoder width {width} != the UNet's cross_attention_dim {dim}")
         return cond, uncond
 
     def initial_noise(self, offset: int = 0) -> torch.Tensor:
@@ -104,7 +128,7 @@ class _Context:
                             self.initial_noise(), self.bs, record)  # fmt: skip
         x = torch.cat([st[2] for st in states])
         t = torch.tensor([st[1] for st in states for _ in range(s["n_prompts"])], device=self.device)
-        cond = self.cond.repeat(len(states), 1, 1)
+        cond = _cond_repeat(self.cond, len(states))
         self.proxy_inputs = self._cfg_batch(x, t, cond)
         self.proxy_timesteps = [st[1] for st in states]
         self.ref = self.proxy_outputs()
@@ -112,7 +136,7 @@ class _Context:
 
     def _cfg_batch(self, x, t, cond):
         n = x.shape[0]
-        return (torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond.expand(n, -1, -1), cond]))
+        return (torch.cat([x, x]), torch.cat([t, t]), _cond_cat(_cond_expand(self.uncond, n), cond))
 
     def proxy_outputs(self):
         x, t, e = self.proxy_inputs
@@ -164,7 +188,7 @@ class _Context:
                             self.initial_noise(offset=1), self.bs, record)  # fmt: skip
         x = torch.cat([st[2] for st in states])
         t = torch.tensor([st[1] for st in states for _ in range(s["n_prompts"])], device=self.device)
-        x, t, e = self._cfg_batch(x, t, self.cond.repeat(len(states), 1, 1))
+        x, t, e = self._cfg_batch(x, t, _cond_repeat(self.cond, len(states)))
         self.train_set = (x, t, e, _predict(self.unet, x, t, e, self.bs))
         self.train_gen = torch.Generator().manual_seed(s["seed"] + 2)
 
@@ -272,7 +296,7 @@ def _finetuned_weight(ctx: _Context, name: str, mod: nn.Module, bits: int) -> to
         for _ in range(s["finetune_steps"]):
             idx = torch.randint(x.shape[0], (s["finetune_batch"],), generator=ctx.train_gen).to(x.device)
             with torch.enable_grad():
-                out = ctx.unet(x[idx], t[idx], encoder_hidden_states=e[idx]).sample
+                out = _forward(ctx.unet, x, t, e, idx)
                 loss = torch.nn.functional.mse_loss(out, target[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

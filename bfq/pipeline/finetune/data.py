@@ -8,7 +8,10 @@ A *batch* is a dict of CPU or device tensors:
   training); :func:`bfq.pipeline.finetune.finetune` also takes it once for all batches;
 * ``"latents"`` ``[B, C, H, W]`` (optional): clean latents ``x_0`` (already multiplied by the VAE's
   ``scaling_factor``). Without them the trainer samples ``x_0`` from the teacher for the prompts
-  (prompts-only mode), then noises it like any other latent.
+  (prompts-only mode), then noises it like any other latent;
+* for a model whose family needs ``added_cond_kwargs`` (SDXL): ``"text_embeds"`` ``[B, P]`` and
+  ``"time_ids"`` ``[B, n]`` (required), ``"uncond_text_embeds"`` ``[P]`` (optional, default zeros:
+  what SDXL's pipeline uses for the empty prompt).
 
 Any iterable of such dicts works. The sources here are *indexed*: ``source.batch(i)`` is a pure
 function of ``i`` and the source's seed, so a resumed run (or rank ``r`` of ``world`` processes)
@@ -19,7 +22,8 @@ before:
 * :func:`image_caption_folder`: ``NAME.png|jpg|... + NAME.txt`` pairs, encoded once by a pipeline's
   VAE and text encoder on the training device (cached in the work directory,
   :mod:`bfq.pipeline.finetune.encoding`);
-* :func:`prompt_batches`: prompts alone (a list, or a text file with one prompt a line);
+* :func:`prompt_batches`: prompts alone (a list, or a text file with one prompt a line), encoded by
+  the text encoder(s) the pipeline's model family uses (SDXL: both, and the size conditions);
 * :class:`TensorBatches`: tensors already in memory.
 
 :func:`make_source` turns a ``--data`` string (``tiny-sd-digits``, ``folder:PATH``,
@@ -111,13 +115,16 @@ class TensorBatches(IndexedBatches):
         latents: ``[N, C, H, W]`` clean latents, or None (prompts-only mode).
         latents_std: ``[N, C, H, W]`` posterior standard deviations: each batch then draws
             ``latents + std * noise`` (a VAE posterior sample), as Stable Diffusion trains.
+        added: ``{"text_embeds": [N, P], "time_ids": [N, n]}`` for models that need them (SDXL), and
+            ``"uncond_text_embeds"`` ``[P]`` for the empty prompt; None for SD-v1.5-class models.
         batch_size: examples per batch.
         seed: seeds the example order and the posterior samples.
     """
 
     def __init__(self, encoder_hidden_states, uncond_hidden_states, latents=None, latents_std=None, *,
-                 batch_size: int = 16, seed: int = 0):  # fmt: skip
+                 batch_size: int = 16, seed: int = 0, added: dict | None = None):  # fmt: skip
         super().__init__()
+        self.added = {k: torch.as_tensor(v) for k, v in (added or {}).items()}
         self.ehs = torch.as_tensor(encoder_hidden_states)
         self.uncond = torch.as_tensor(uncond_hidden_states).reshape(self.ehs.shape[1:])
         self.latents = None if latents is None else torch.as_tensor(latents)
@@ -129,6 +136,7 @@ class TensorBatches(IndexedBatches):
 
     def _make(self, i, idx):
         out = {"encoder_hidden_states": self.ehs[idx], "uncond_hidden_states": self.uncond}
+        out.update({k: v if k.startswith("uncond_") else v[idx] for k, v in self.added.items()})
         if self.latents is not None:
             z = self.latents[idx]
             if self.latents_std is not None:
@@ -257,9 +265,27 @@ def prompt_batches(prompts, pipeline_dir, *, batch_size: int = 16, seed: int = 0
     ``sample_steps``/``sample_cfg``)."""
     if isinstance(prompts, (str, os.PathLike)):
         prompts = read_prompts(prompts)
+    family, config = _pipeline_family(pipeline_dir)
+    if family.added_cond_keys:
+        cond = family.encode_prompts(pipeline_dir, list(prompts), config, device)
+        uncond = family.encode_prompts(pipeline_dir, [""], config, device)
+        added = {**{k: v.cpu() for k, v in cond["added_cond_kwargs"].items()},
+                 "uncond_text_embeds": uncond["added_cond_kwargs"]["text_embeds"][0].cpu()}  # fmt: skip
+        return TensorBatches(cond["encoder_hidden_states"].cpu(), uncond["encoder_hidden_states"][0].cpu(),
+                             batch_size=batch_size, seed=seed, added=added)  # fmt: skip
     tokenizer, encoder = load_text_encoder(pipeline_dir, device)
     table = encode_text(tokenizer, encoder, list(prompts) + [""])
     return TensorBatches(table[:-1], table[-1], batch_size=batch_size, seed=seed)
+
+
+def _pipeline_family(pipeline_dir):
+    """(family, UNet config) of a diffusers pipeline directory."""
+    import json
+
+    from bfq.families import family_for_config
+
+    config = json.loads((Path(pipeline_dir) / "unet" / "config.json").read_text())
+    return family_for_config(config), config
 
 
 def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, batch_size: int = 16, seed: int = 0,
@@ -285,6 +311,9 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
             )
         spec = "tiny-sd-digits"
     if spec == "tiny-sd-digits":
+        if pipeline_dir is not None and model_name != "tiny-sd" and _pipeline_family(pipeline_dir)[0].added_cond_keys:
+            raise ValueError(f"tiny-sd-digits data is encoded for SD-v1.5-class models only, not for "
+                             f"{_pipeline_family(pipeline_dir)[0].title}: use prompts:FILE")  # fmt: skip
         return tinysd_digits(pipeline_dir if model_name != "tiny-sd" else None, batch_size=batch_size, seed=seed)
     kind, _, arg = spec.partition(":")
     if kind not in ("folder", "prompts") or not arg:
@@ -295,6 +324,9 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
             "(model_index.json + unet/ vae/ text_encoder/ tokenizer/) as the model"
         )
     if kind == "folder":
+        if _pipeline_family(pipeline_dir)[0].added_cond_keys:
+            raise ValueError(f"folder data is not supported yet for {_pipeline_family(pipeline_dir)[0].title} models "
+                             "(their second text encoder and size conditions): use prompts:FILE")  # fmt: skip
         return image_caption_folder(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device,
                                     cache_dir=cache_dir, log=log)  # fmt: skip
     return prompt_batches(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device)

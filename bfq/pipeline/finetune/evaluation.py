@@ -41,12 +41,17 @@ def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: flo
 
     @torch.no_grad()
     def run(unet) -> dict:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        import diffusers
+        from diffusers import DDIMScheduler
         from transformers import CLIPModel, CLIPProcessor
 
+        from bfq.families import family_of
+
+        family = family_of(unet)
         device = next(unet.parameters()).device
-        pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), unet=unet, safety_checker=None,
-                                                       requires_safety_checker=False, local_files_only=True)  # fmt: skip
+        extra = {"requires_safety_checker": False} if "safety_checker" in family.pipeline_kwargs else {}
+        pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
+            str(pipeline_dir), unet=unet, local_files_only=True, **family.pipeline_kwargs, **extra)  # fmt: skip
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bfq.families import family_of
 from bfq.pipeline.finetune.config import _STAGE_TAG, T_SAMPLINGS, FinetuneConfig
 from bfq.pipeline.finetune.data import _seed
 from bfq.quant.nn import QUANT_MODULES, QuantLinear
@@ -128,9 +129,10 @@ class _FeatureHooks:
 
 @torch.no_grad()
 def teacher_samples(teacher, ehs, uncond, scheduler_config, *, steps: int, cfg: float, generator,
-                    sample_shape) -> torch.Tensor:  # fmt: skip
+                    sample_shape, added: dict | None = None, uncond_added: dict | None = None) -> torch.Tensor:  # fmt: skip
     """Clean latents ``x_0`` sampled by ``teacher`` (DDIM, eta 0, classifier-free guidance ``cfg``)
-    for the text embeddings ``ehs`` ``[B, S, D]``; initial noise from ``generator`` (CPU)."""
+    for the text embeddings ``ehs`` ``[B, S, D]`` (and ``added`` ``added_cond_kwargs``, with
+    ``uncond_added`` for the unconditional branch: SDXL); initial noise from ``generator`` (CPU)."""
     from diffusers import DDIMScheduler
 
     device = ehs.device
@@ -138,8 +140,13 @@ def teacher_samples(teacher, ehs, uncond, scheduler_config, *, steps: int, cfg: 
     sched.set_timesteps(steps)
     z = torch.randn((ehs.shape[0], *sample_shape), generator=generator).to(device) * sched.init_noise_sigma
     cond = torch.cat([uncond.expand_as(ehs), ehs])
+    kwargs = {"encoder_hidden_states": cond}
+    if added:
+        both = {k: torch.cat([uncond_added.get(k, v).expand_as(v), v]) for k, v in added.items()}
+        kwargs["added_cond_kwargs"] = both
+    family = family_of(teacher)
     for t in sched.timesteps:
-        eps = teacher(torch.cat([z, z]), t.to(device), cond).sample.float()
+        eps = family.forward(teacher, torch.cat([z, z]), t.to(device), kwargs).sample.float()
         e_u, e_c = eps.chunk(2)
         z = sched.step(e_u + cfg * (e_c - e_u), t, z, eta=0.0).prev_sample
     return z
@@ -157,6 +164,8 @@ class StageLoss:
         self.T = int(self.noise_sched.config.num_train_timesteps)
         self.prediction = self.noise_sched.config.prediction_type
         self.uncond = uncond
+        self.family = family_of(student)
+        self.added_keys = self.family.added_cond_keys
         use_feat = cfg.stage == "distill" and cfg.feat_weight > 0
         self.hooks = (_FeatureHooks(student), _FeatureHooks(teacher)) if use_feat else None
 
@@ -182,9 +191,10 @@ class StageLoss:
         if uncond is not None:
             uncond = uncond.to(dev, torch.float32)
             uncond = uncond[None] if uncond.dim() == ehs.dim() - 1 else uncond
+        added, uncond_added = self._added(batch, dev)
         x0 = batch.get("latents")
         if x0 is None:
-            x0 = self._teacher_x0(ehs, uncond, gen)
+            x0 = self._teacher_x0(ehs, uncond, gen, added, uncond_added)
         x0 = x0.to(dev, torch.float32)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         t = sample_timesteps(b, self.T, rng, cfg.t_sampling, cfg.beta_alpha, cfg.beta_beta).to(dev)
@@ -192,14 +202,20 @@ class StageLoss:
         if bool(drop.any()):
             ehs = torch.where(drop[:, None, None], uncond.expand_as(ehs), ehs)
         zt = self.noise_sched.add_noise(x0, noise, t)
+        kwargs = {"encoder_hidden_states": ehs}
+        if added:
+            if bool(drop.any()):
+                te, ute = added["text_embeds"], uncond_added["text_embeds"]
+                added = {**added, "text_embeds": torch.where(drop[:, None], ute.expand_as(te), te)}
+            kwargs["added_cond_kwargs"] = added
         with self._collecting(0), self.acc.autocast():
-            pred = model(zt, t, ehs).sample.float()
+            pred = self.family.forward(model, zt, t, kwargs).sample.float()
         if cfg.stage == "noise":
             target = noise if self.prediction == "epsilon" else self.noise_sched.get_velocity(x0, noise, t)
             loss = F.mse_loss(pred, target)
             return loss, {"loss_noise": loss.detach()}
         with torch.no_grad(), self._collecting(1), self.acc.autocast():
-            target = self.teacher(zt, t, ehs).sample.float()
+            target = self.family.forward(self.teacher, zt, t, kwargs).sample.float()
         l_noise = F.mse_loss(pred, target)
         parts = {"loss_noise": l_noise.detach()}
         loss = l_noise
@@ -210,11 +226,26 @@ class StageLoss:
             parts["loss_feat"] = l_feat.detach()
         return loss, parts
 
-    def _teacher_x0(self, ehs, uncond, gen):
+    def _added(self, batch: dict, dev) -> tuple[dict | None, dict | None]:
+        """``added_cond_kwargs`` of the batch (SDXL: ``text_embeds``, ``time_ids``) and the
+        unconditional ``text_embeds`` (``uncond_text_embeds``) that CFG dropout puts in; (None, None)
+        for a model that needs none."""
+        if not self.added_keys:
+            return None, None
+        missing = [k for k in self.added_keys if k not in batch]
+        if missing:
+            raise ValueError(f"this {self.family.title} model needs {', '.join(missing)} in every batch "
+                             "(its added_cond_kwargs); the batch has only " + ", ".join(sorted(batch)))  # fmt: skip
+        added = {k: batch[k].to(dev, torch.float32) for k in self.added_keys}
+        uncond = batch.get("uncond_text_embeds", torch.zeros_like(added["text_embeds"][:1]))
+        return added, {"text_embeds": uncond.to(dev, torch.float32).reshape(1, -1)}
+
+    def _teacher_x0(self, ehs, uncond, gen, added=None, uncond_added=None):
         if self.teacher is None:
             raise ValueError("batches without latents need a teacher to sample them from (prompts-only mode)")
         c = self.student.config
         shape = (c.in_channels, c.sample_size, c.sample_size)
         with self.acc.autocast():
             return teacher_samples(self.teacher, ehs, uncond, self.sched_config, steps=self.cfg.sample_steps,
-                                   cfg=self.cfg.sample_cfg, generator=gen, sample_shape=shape)  # fmt: skip
+                                   cfg=self.cfg.sample_cfg, generator=gen, sample_shape=shape, added=added,
+                                   uncond_added=uncond_added)  # fmt: skip

@@ -1,0 +1,131 @@
+"""What a model family is: the questions every stage asks instead of assuming SD-v1.5.
+
+A family module (``sd15.py``, ``sdxl.py``, ...) subclasses :class:`Family` and answers them for the
+diffusers models it covers. Importing a family does not import torch or diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bfq.format.constants import replaced_by_time_cache
+
+_DATA = Path(__file__).resolve().parent.parent / "data"
+
+# What a model's time features (what each ResNet's time_emb_proj sees) depend on.
+TIMESTEP_ONLY = "timestep"
+TIMESTEP_AND_CONDITIONING = "timestep+conditioning"
+
+
+class Family:
+    """One model family. Class attributes say the facts; methods compute what depends on a config.
+
+    Attributes:
+        name: short name (``"sd15"``), also the built-in name of its reference model on the Hub.
+        title: for messages (``"SD-v1.5"``).
+        model_class, pipeline_class: the diffusers classes (names) of the model and its pipeline.
+        hub_repo: the reference model's Hub repo (only its model and scheduler are downloaded).
+        random_name: built-in name of a reference-shaped model with random weights (no download).
+        tiny_name: built-in name of the bundled trained tiny pipeline; ``tiny_package`` is the bfq
+            package that makes and evaluates it; its files are in ``bfq/data/<tiny_name>``.
+        time_features: :data:`TIMESTEP_ONLY` or :data:`TIMESTEP_AND_CONDITIONING`.
+        default_steps: sampler steps of the reference pipeline (what a scheduler time cache is made for).
+        pipeline_kwargs: extra keyword arguments for ``pipeline_class.from_pretrained``.
+        hub_tag: the Hub tag of the family on a model card.
+        added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
+            ``text_embeds``, ``time_ids``); empty when nothing.
+    """
+
+    name: str
+    title: str
+    model_class: str
+    pipeline_class: str
+    hub_repo: str
+    random_name: str
+    tiny_name: str
+    tiny_package: str
+    time_features: str = TIMESTEP_ONLY
+    default_steps: int = 50
+    pipeline_kwargs: dict = {}
+    hub_tag: str = "stable-diffusion"
+    added_cond_keys: tuple[str, ...] = ()
+
+    # ---- recognizing a model
+    def matches(self, class_name: str, config: dict) -> bool:
+        """True when a model of diffusers class ``class_name`` with ``config`` belongs to this family."""
+        raise NotImplementedError
+
+    def builtin_names(self) -> tuple[str, ...]:
+        return (self.tiny_name, self.random_name, self.name)
+
+    # ---- reference shapes
+    def config(self) -> dict:
+        """The reference model's ``config.json`` (a new dict): the shape of ``random_name``."""
+        raise NotImplementedError
+
+    def scheduler_config(self) -> dict:
+        """The reference pipeline's ``scheduler_config.json`` (a new dict)."""
+        raise NotImplementedError
+
+    def scheduler(self):
+        """The reference pipeline's scheduler (a diffusers scheduler object)."""
+        import diffusers
+
+        cfg = self.scheduler_config()
+        return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+
+    def tiny_pipeline_dir(self) -> Path:
+        """The bundled tiny pipeline's directory (it may be absent from a checkout that lacks it)."""
+        return _DATA / self.tiny_name
+
+    # ---- time features
+    def per_resnet_time_cache(self, config: dict) -> bool:
+        """True when a scheduler-mode time cache may hold each ResNet's ``time_emb_proj`` output
+        (FORMAT.md §2.3): only when the time features depend on the timestep alone. Otherwise it
+        holds the timestep MLP's output only and the ``time_emb_proj`` layers stay (§2.3.1)."""
+        return self.time_features == TIMESTEP_ONLY
+
+    def replaced_by_time_cache(self, name: str, mode: str, config: dict) -> bool:
+        """True for the weights (state-dict names) a time cache of ``mode`` replaces in a model with
+        ``config``: those a file with that cache MUST NOT hold (FORMAT.md §2.3, §2.3.1) and a recipe
+        does not cover. Every other Linear/Conv2d weight is quantizable."""
+        return replaced_by_time_cache(name, mode, mode != "scheduler" or self.per_resnet_time_cache(config))
+
+    # ---- conditioning a forward needs
+    def conditioning(self, config: dict, batch: int, *, height: int | None = None, width: int | None = None,
+                     seq_len: int = 77, generator=None, dtype=None, device=None) -> dict:  # fmt: skip
+        """Random example conditioning for a forward of ``batch`` samples of latent size
+        ``height`` x ``width`` (default: the config's ``sample_size``): the keyword arguments the
+        model takes besides the sample and the timestep (``encoder_hidden_states`` [B, S, D], and
+        what the family adds). Drawn from ``generator`` (a CPU ``torch.Generator``; None: seed 0)."""
+        import torch
+
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        ehs = torch.randn(batch, seq_len, int(config["cross_attention_dim"]), generator=gen)
+        return {"encoder_hidden_states": ehs.to(device=device, dtype=dtype)}
+
+    def forward(self, model, sample, timestep, cond: dict):
+        """``model``'s output for ``sample`` at ``timestep`` with ``cond`` (what :meth:`conditioning`
+        returns): the one place that knows the model's call signature."""
+        return model(sample, timestep, **cond)
+
+    def encode_prompts(self, base_dir, texts: list[str], config: dict, device=None) -> dict:
+        """The conditioning of ``texts`` by the text encoder(s) of the pipeline in ``base_dir``
+        (float32, on ``device``), as :meth:`conditioning` returns it. Offline."""
+        import torch
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base = Path(base_dir)
+        tok = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
+        enc = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True).to(device).eval()
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return {"encoder_hidden_states": enc(ids.input_ids.to(device))[0].float()}
+
+    def __repr__(self) -> str:
+        return f"<bfq model family {self.name} ({self.title})>"
+
+
+def unet_like(class_name: str, config: dict) -> bool:
+    """A diffusers ``UNet2DConditionModel`` config (the class every UNet family builds on)."""
+    return class_name == "UNet2DConditionModel" and isinstance(config, dict)
