@@ -159,6 +159,32 @@ def test_weight_is_a_read_only_view(files):
     assert type(plain) is torch.nn.Conv2d and type(PackedLinear(3, 2)) is torch.nn.Linear
 
 
+def _no_grad_add(weight):
+    with torch.no_grad():
+        weight.add_(1)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda w: w.mul_(2), torch.nn.init.zeros_, torch.nn.init.kaiming_uniform_, lambda w: w.data.copy_(torch.ones_like(w)),
+    _no_grad_add, lambda w: w.__setitem__(0, 1.0), lambda w: w.__iadd__(1), lambda w: w[1].zero_(),
+    lambda w: w.detach().fill_(0), lambda w: w.unbind(0)[0].sub_(1), lambda w: torch.mul(w, 2, out=w),
+    lambda w: torch._foreach_mul_([w], 2.0),
+], ids=["mul_", "init.zeros_", "init.kaiming", "data.copy_", "no_grad add_", "setitem", "+=", "slice", "detach",
+        "unbind", "out=", "foreach"])  # fmt: skip
+def test_in_place_edits_of_the_weight_are_refused_not_lost(files, edit):
+    """module.weight is decoded from the codes at each access: an edit would vanish, so it is refused."""
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    before = _run(packed)
+    with pytest.raises(PackedWeightError, match="runtime='dense'"):
+        edit(packed.conv_in.weight)
+    assert torch.equal(_run(packed), before)
+    fresh = packed.conv_in.weight * 2  # results that are new tensors are the user's to change
+    fresh.mul_(3)
+    copy = packed.conv_in.weight.clone()
+    copy.zero_()
+    assert type(copy) is torch.Tensor and not copy.any() and packed.conv_in.weight.requires_grad_(False) is not None
+
+
 def test_memory_mapped_codes_equal_read_codes(files):
     mapped = bfq.load_unet(files["balanced"], runtime="packed", mmap=True)
     read = bfq.load_unet(files["balanced"], runtime="packed")
