@@ -263,7 +263,7 @@ def measure_generate(path: str, base: Path, out_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------- compile
 
 
-def measure_compile(runs: int) -> dict:
+def measure_compile(runs: int, caches: list[str]) -> dict:
     """``torch.compile(unet, fullgraph=True)`` (inductor) of the packed tiny-sd UNet, for a default
     (scheduler time cache) file and a grid file: the first call with an empty compiler cache (what
     a first run costs; a fresh TORCHINDUCTOR_CACHE_DIR), then eager against compiled forwards."""
@@ -276,7 +276,7 @@ def measure_compile(runs: int) -> dict:
 
     torch.set_num_threads(1)
     out = {}
-    for cache in os.environ.get("BFQ_COMPILE_CACHES", "scheduler,grid").split(","):
+    for cache in caches:
         path = Path("/tmp") / f"bfq-bench-tiny-{cache}.bfq"
         if not path.is_file():
             quantize("tiny-sd", path, recipe="uniform-2", steps=20, time_cache=cache, progress=False)
@@ -311,6 +311,8 @@ def main() -> None:
     ap.add_argument("--workspaces", default="32", help="Packed-runtime workspace sizes in MB, the default first "
                     "(e.g. 32,8,128: 128 MB holds every SD-v1.5 layer whole).")
     ap.add_argument("--only", default="memory,speed,decode,generate,compile")
+    ap.add_argument("--compile-caches", default="scheduler,grid", help="Time-cache modes of the compile rows, in order "
+                    "(the first pays the compiler's one-time start-up in the process).")
     ap.add_argument("--out", help="Write the results as JSON here.")
     args = ap.parse_args()
     work = Path(args.work)
@@ -342,7 +344,7 @@ def main() -> None:
         results["generate"] = measure_generate(path, base, work)
     if "compile" in only:
         print("torch.compile (inductor) vs eager:", flush=True)
-        results["compile"] = measure_compile(args.runs)
+        results["compile"] = measure_compile(args.runs, args.compile_caches.split(","))
     with open("/proc/loadavg") as f:
         results["loadavg_end"] = f.read().split()[:3]
     print(f"load average at end: {' '.join(results['loadavg_end'])}")
