@@ -74,3 +74,14 @@ def test_every_readme_python_snippet_runs_as_written_on_a_cpu(tmp_path, monkeypa
     assert (tmp_path / "tiny-ft.bfq").is_file()  # the fine-tuning snippet wrote its file
     from_hub = next(scope for scope, block in zip(scopes, blocks) if "you/tiny-sd-2bit" in block)
     assert packed_layers(from_hub["unet"]) and from_hub["unet"].conv_in.bias.dtype.is_floating_point
+
+
+def test_first_screen_shows_what_bfq_does_how_to_install_and_a_picture():
+    """The first ~45 lines: what bfq does, the picture (committed, made by the documented script),
+    and torch for a CPU or a GPU inside a virtual environment."""
+    first = "\n".join(ROOT.joinpath("README.md").read_text().splitlines()[:45])
+    picture = re.search(r"!\[[^\]]+\]\(([^)]+\.png)\)", first)
+    assert picture and ROOT.joinpath(picture.group(1)).stat().st_size < 200_000
+    assert "python bench/readme_grid.py" in first and ROOT.joinpath("bench/readme_grid.py").is_file()
+    assert "python3 -m venv" in first and "download.pytorch.org/whl/cpu" in first and "CUDA build" in first
+    assert "2 bits per weight" in first
