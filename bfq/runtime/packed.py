@@ -103,8 +103,8 @@ class _DecodedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if _writes(func, args, kwargs):
-            raise PackedWeightError(f"cannot change the weight of a packed bfq layer in place ({getattr(func, '__name__', func)}): "
-                                    f"{_EDIT_HINT}")  # fmt: skip
+            name = getattr(func, "__name__", func)
+            raise PackedWeightError(f"cannot change the weight of a packed bfq layer in place ({name}): {_EDIT_HINT}")
         with torch._C.DisableTorchFunctionSubclass():
             return _mark_views(func(*args, **(kwargs or {})), args)
 
@@ -114,7 +114,9 @@ class _DecodedWeight(torch.Tensor):
 
     @data.setter
     def data(self, value):
-        raise PackedWeightError(f"cannot write into the weights of a packed bfq layer (fusing a LoRA, assigning .data): {_EDIT_HINT}")
+        raise PackedWeightError(
+            f"cannot write into the weights of a packed bfq layer (fusing a LoRA, assigning .data): {_EDIT_HINT}"
+        )
 
 
 def _mark_views(result, args):
