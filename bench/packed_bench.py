@@ -263,28 +263,38 @@ def measure_generate(path: str, base: Path, out_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------- compile
 
 
-def measure_compile(runs: int) -> dict:
+def measure_compile(runs: int, caches: list[str]) -> dict:
+    """``torch.compile(unet, fullgraph=True)`` (inductor) of the packed tiny-sd UNet, for a default
+    (scheduler time cache) file and a grid file: the first call with an empty compiler cache (what
+    a first run costs; a fresh TORCHINDUCTOR_CACHE_DIR), then eager against compiled forwards."""
+    import tempfile
+
     import torch
 
     import bfq
     from bfq.pipeline.quantize import quantize
 
-    path = Path("/tmp") / "bfq-bench-tiny.bfq"
-    if not path.is_file():
-        quantize("tiny-sd", path, recipe="uniform-2", steps=20, progress=False)
     torch.set_num_threads(1)
-    unet = bfq.load_unet(path, runtime="packed")
-    x, ehs = inputs(unet.config.sample_size, seq=8, dim=unet.config.cross_attention_dim)
-    t = first_timestep(path)
-    t0 = time.perf_counter()
-    compiled = torch.compile(unet)
-    _forward(compiled, x, t, ehs)
-    compile_s = time.perf_counter() - t0
-    eager = median(_forward(unet, x, t, ehs)[0] for _ in range(runs))
-    fast = median(_forward(compiled, x, t, ehs)[0] for _ in range(runs))
-    print(f"  tiny-sd packed UNet, batch 2, 1 thread: eager {eager * 1e3:.1f} ms, compiled {fast * 1e3:.1f} ms "
-          f"(first call incl. compilation {compile_s:.0f} s)", flush=True)  # fmt: skip
-    return {"eager_s": eager, "compiled_s": fast, "compile_s": compile_s}
+    out = {}
+    for cache in caches:
+        path = Path("/tmp") / f"bfq-bench-tiny-{cache}.bfq"
+        if not path.is_file():
+            quantize("tiny-sd", path, recipe="uniform-2", steps=20, time_cache=cache, progress=False)
+        unet = bfq.load_unet(path, runtime="packed")
+        x, ehs = inputs(unet.config.sample_size, seq=8, dim=unet.config.cross_attention_dim)
+        t = torch.tensor(int(first_timestep(path)))  # what a pipeline passes
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bfq-inductor-")  # cold: no cached kernels
+        torch._dynamo.reset()
+        t0, c0 = time.perf_counter(), time.process_time()
+        compiled = torch.compile(unet, fullgraph=True)
+        _forward(compiled, x, t, ehs)
+        compile_s, compile_cpu = time.perf_counter() - t0, time.process_time() - c0
+        eager = median(_forward(unet, x, t, ehs)[0] for _ in range(runs))
+        fast = median(_forward(compiled, x, t, ehs)[0] for _ in range(runs))
+        print(f"  tiny-sd packed UNet, {cache} time cache, batch 2, 1 thread: eager {eager * 1e3:.1f} ms, compiled "
+              f"{fast * 1e3:.1f} ms (first call incl. compilation, cold cache: {compile_s:.0f} s, {compile_cpu:.0f} s CPU in this process)", flush=True)  # fmt: skip
+        out[cache] = {"eager_s": eager, "compiled_s": fast, "compile_s": compile_s, "compile_cpu_s": compile_cpu}
+    return out
 
 
 # -------------------------------------------------------------------------------------- main
@@ -301,6 +311,8 @@ def main() -> None:
     ap.add_argument("--workspaces", default="32", help="Packed-runtime workspace sizes in MB, the default first "
                     "(e.g. 32,8,128: 128 MB holds every SD-v1.5 layer whole).")
     ap.add_argument("--only", default="memory,speed,decode,generate,compile")
+    ap.add_argument("--compile-caches", default="scheduler,grid", help="Time-cache modes of the compile rows, in order "
+                    "(the first pays the compiler's one-time start-up in the process).")
     ap.add_argument("--out", help="Write the results as JSON here.")
     args = ap.parse_args()
     work = Path(args.work)
@@ -332,7 +344,7 @@ def main() -> None:
         results["generate"] = measure_generate(path, base, work)
     if "compile" in only:
         print("torch.compile (inductor) vs eager:", flush=True)
-        results["compile"] = measure_compile(args.runs)
+        results["compile"] = measure_compile(args.runs, args.compile_caches.split(","))
     with open("/proc/loadavg") as f:
         results["loadavg_end"] = f.read().split()[:3]
     print(f"load average at end: {' '.join(results['loadavg_end'])}")

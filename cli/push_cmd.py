@@ -26,8 +26,10 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
 
     The card carries the Hub metadata (library bfq, quantization tags, base_model with
     base_model_relation: quantized, the base's license where known), the bits per block, the
-    average bits and the size against fp16, and the exact loading snippet. Pushing the same file
-    again uploads nothing.
+    average bits and the size against fp16, and the exact loading snippet. A repo may hold several
+    .bfq files (one per quantization): the card lists them all and its snippet names the file.
+    Pushing the same file again uploads nothing and says so. Every argument is checked before the
+    first Hub call: a failing command creates nothing on the Hub.
 
     The token comes from huggingface_hub's usual sources (HF_TOKEN, or `hf auth login`) and is
     never printed. HF_ENDPOINT selects another Hub; HF_HUB_DISABLE_XET=1 uploads through plain LFS.
@@ -38,6 +40,7 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     """
     from bfq.hub import push
 
+    _refuse_preview_options_without_preview(preview or bool(preview_prompts))
     if preview_steps is not None:  # refuse a step count the file cannot sample before any upload
         from bfq.runtime.generate import file_sampler
 
@@ -47,13 +50,24 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
                   preview_base=base, preview_steps=preview_steps, preview_device=device,
                   preview_runtime=runtime)  # fmt: skip
     where = result["repo_url"]
+    sent = ", ".join(f"{u['path']} ({u['bytes']:,} bytes)" for u in result["uploaded"])
     if result["up_to_date"]:
         click.echo(f"up to date: {where} already has {', '.join(result['skipped'])}; nothing uploaded, no commit")
+    elif result["file"] in result["skipped"]:
+        click.echo(f"unchanged: {where} already has this {result['file']}, not uploaded; updated {sent}")
     else:
-        sent = ", ".join(f"{u['path']} ({u['bytes']:,} bytes)" for u in result["uploaded"])
         click.echo(f"pushed to {where}: {sent}")
         if result["skipped"]:
             click.echo(f"unchanged, not uploaded: {', '.join(result['skipped'])}")
     click.echo(f"commit {result['commit_url']}")
     rev = f", revision={result['revision']!r}" if result["revision"] != "main" else ""
     click.echo(f"load it: bfq.load_unet({result['load']!r}{rev})")
+
+
+def _refuse_preview_options_without_preview(preview: bool) -> None:
+    """--preview-steps, --base, --device and --runtime only shape the preview: refused without one."""
+    context = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("preview_steps", "base", "device", "runtime")
+             if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
+    if given and not preview:
+        raise click.UsageError(f"{', '.join(given)} only apply to the preview image grid: add --preview (or drop them)")

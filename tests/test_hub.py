@@ -27,6 +27,7 @@ import bfq
 from bfq import download as bfq_download
 from bfq import hub as bfq_hub
 from bfq.hub import HubDownloadError, HubError
+from bfq.runtime.packed import packed_layers
 from tests.helpers import tiny_unet
 from tests.hub_server import FakeHub, free_port, point_client_at
 
@@ -125,23 +126,50 @@ def test_model_card_metadata_recipe_and_snippet(hub, models):
         assert re.search(rf"^\| {re.escape(block)} \| \d+ \| [\d,]+ \| .*-bit ×\d+ \| \d+\.\d\d \|$", card, re.M), block
     assert "in fp16" in card and "x smaller" in card  # grid mode keeps the small time MLP, no 1000-row table
     assert f'unet = bfq.load_unet("{REPO}")' in card
-    assert f'pipe = load_pipeline("{REPO}")' in card
+    assert f'pipe = bfq.load_pipeline("{REPO}")' in card
+    assert "(fp16)" not in card and "float32 on the CPU" in card and "## Files" not in card  # one file: no table
     # the card is what model_card() gives, and deterministic
     again = bfq_hub.model_card(models.v1, repo_id=REPO, filename="model.bfq", token=TOKEN)
     assert again == card
 
 
 def test_card_snippet_loads_what_it_says(hub, models):
-    """The card's load_unet line, executed, returns the pushed model."""
+    """The card's load_unet line, executed as written, returns the pushed model (float32 on the CPU)."""
     bfq_hub.push(models.v1, REPO, filename="model.bfq")
     card = hub.file(REPO, "README.md").decode()
     line = next(line for line in card.splitlines() if line.startswith("unet = bfq.load_unet("))
-    scope = {"bfq": bfq, "torch": torch}
-    exec(line.split("  #")[0].replace(")", ", dtype=torch.float32)"), scope)
+    scope = {"bfq": bfq}
+    exec(line, scope)
     unet = scope["unet"]
     reference = bfq.load_unet(models.v1, dtype=torch.float32)
+    assert unet.conv_in.bias.dtype == torch.float32
     for (name, a), (_, b) in zip(sorted(unet.state_dict().items()), sorted(reference.state_dict().items())):
         assert torch.equal(a, b), name
+
+
+def _python_blocks(card: str) -> list[str]:
+    return [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+
+
+def test_card_pipeline_snippet_runs_as_written_on_a_cpu(hub, tmp_path, monkeypatch):
+    """The card of a tiny-sd file: its pipeline snippet, run as written, loads the UNet once (packed,
+    float32 on this CPU), samples the cached steps and saves an image."""
+    from bfq.pipeline.quantize import quantize
+    from bfq.runtime import load as runtime_load
+
+    path = quantize("tiny-sd", tmp_path / "tiny.bfq", recipe="uniform-2", steps=2, progress=False).path
+    bfq_hub.push(path, REPO)
+    blocks = _python_blocks(hub.file(REPO, "README.md").decode())
+    loads = []
+    real_load = runtime_load.load_unet
+    monkeypatch.setattr(runtime_load, "load_unet", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(bfq, "load_unet", runtime_load.load_unet)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert len(loads) == 1 and (tmp_path / "image.png").is_file() and scope["steps"] == 2
+    unet = scope["pipe"].unet
+    assert unet.conv_in.bias.dtype == torch.float32 and packed_layers(unet)
 
 
 def test_model_card_sources_and_block_grouping(models):
@@ -185,12 +213,42 @@ def test_repush_uploads_nothing(hub, models):
     assert len(hub.lfs_uploads) == 1
     new = [r.path for r in hub.requests[n_requests:]]
     assert not any(re.search(r"/preupload/|/commit/|lfs/objects|^/__lfs/", p) for p in new), new
-    # with a second .bfq in the repo the card's snippet must name the file: only the card is committed
+    # with a second .bfq in the repo the card's snippet must name the file: only the card is committed,
+    # and the command says the .bfq was unchanged, not "pushed"
     bfq_hub.push(models.v2, REPO, filename="other.bfq")
-    result = bfq_hub.push(models.v1, REPO, filename="model.bfq")
-    assert result["skipped"] == ["model.bfq"] and [u["path"] for u in result["uploaded"]] == ["README.md"]
-    assert result["load"] == f"{REPO}/model.bfq" and len(hub.lfs_uploads) == 2
+    card_before = hub.file(REPO, "README.md")
+    result = _cli("push", str(models.v1), "--repo", REPO, "--filename", "model.bfq")
+    assert result.exit_code == 0, result.output
+    assert "pushed" not in result.stdout and "unchanged" in result.stdout and "model.bfq, not uploaded" in result.stdout
+    assert "updated README.md" in result.stdout and hub.file(REPO, "README.md") != card_before
+    assert f"load it: bfq.load_unet('{REPO}/model.bfq')" in result.stdout and len(hub.lfs_uploads) == 2
     assert f'bfq.load_unet("{REPO}/model.bfq")' in hub.file(REPO, "README.md").decode()
+
+
+def test_card_of_a_repo_with_several_files_lists_them_all(hub, models, tmp_path):
+    """GGUF-style: one repo, several quantizations. Each push keeps every .bfq of the repo in the
+    card's Files table (bits and size), the snippet naming the file just pushed."""
+    bfq_hub.push(models.v1, REPO, filename="model-2bit.bfq")
+    bfq_hub.push(models.v2, REPO, filename="q/model-3bit.bfq")
+    card = hub.file(REPO, "README.md").decode()
+    v1, v2 = (bfq.format.inspect.summarize(m) for m in (models.v1, models.v2))
+    assert "## Files" in card and f'load_pipeline("{REPO}/q/model-3bit.bfq"' in card
+    assert re.search(rf"^\| `model-2bit.bfq` \| {v1['avg_bits']:.4f} \| [\d.]+ kB \| uniform-2 \|$", card, re.M), card
+    assert re.search(rf"^\| `q/model-3bit.bfq` \| {v2['avg_bits']:.4f} \| ", card, re.M), card
+    # a third push keeps both earlier rows (read back from the card, checked against the Hub's sha256)
+    third = tmp_path / "third.bfq"
+    third.write_bytes(models.v1.read_bytes())
+    bfq_hub.push(third, REPO, filename="again.bfq")
+    card = hub.file(REPO, "README.md").decode()
+    rows = re.findall(r"^\| `([^`]+)` \| ([\d.]+) \|", card, re.M)
+    assert rows == [("again.bfq", f"{v1['avg_bits']:.4f}"), ("model-2bit.bfq", f"{v1['avg_bits']:.4f}"),
+                    ("q/model-3bit.bfq", f"{v2['avg_bits']:.4f}")]  # fmt: skip
+    assert f'load_pipeline("{REPO}/again.bfq"' in card
+    # a file the card knows nothing of (uploaded another way, or replaced since) shows its size only
+    hub.add_repo("user/mixed", {"foreign.bfq": models.v2.read_bytes()})
+    bfq_hub.push(models.v1, "user/mixed", filename="mine.bfq")
+    card = hub.file("user/mixed", "README.md").decode()
+    assert re.search(r"^\| `foreign.bfq` \| \? \(not pushed with `bfq push`\) \| ", card, re.M), card
 
 
 def test_large_file_multipart_upload(tmp_path, monkeypatch, models):
@@ -440,6 +498,28 @@ def test_push_rejects_bad_arguments(hub, models, tmp_path):
         bfq_hub.push(models.v1, "user/name/file.bfq")
     with pytest.raises(HubError, match="push needs a branch name"):
         bfq_hub.push(models.v1, REPO, revision="0123456789abcdef0123456789abcdef01234567")
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--filename", "../x.bfq"], "--filename '../x.bfq'"), (["--filename", "/abs/x.bfq"], "--filename"),
+    (["--filename", "a//x.bfq"], "--filename"), (["--filename", ".git/x.bfq"], "--filename"),
+    (["--filename", "x.bin"], "ending in .bfq"), (["--filename", ".bfq"], "--filename"),
+    (["--filename", "my model.bfq"], "--filename"), (["--revision", "a..b"], "not a valid branch name"),
+    (["--revision", "dev branch"], "not a valid branch name"), (["--revision", "x.lock"], "not a valid branch name"),
+    (["--repo", "user/a b"], "give a Hub repo id"), (["--preview-steps", "3"], "--preview-steps only apply to the preview"),
+    (["--device", "cpu"], "--device only apply"), (["--runtime", "dense"], "--runtime only apply"),
+    (["--base", "x"], "--base only apply"),
+])  # fmt: skip
+def test_every_bad_argument_is_refused_before_the_first_hub_call(hub, models, args, expected):
+    """`bfq push --filename ../x.bfq` used to create the repo and then crash: every argument is
+    checked first, so a failing command creates nothing on the Hub."""
+    repo = ["--repo", REPO] if "--repo" not in args else []
+    line = _one_error_line(_cli("push", str(models.v1), *repo, *args))
+    assert expected in line and hub.requests == [] and REPO not in hub.repos
+
+
+def test_push_rejects_bad_arguments_on_a_broken_file(hub, models, tmp_path):
     broken = tmp_path / "broken.bfq"
     data = bytearray(models.v1.read_bytes())
     data[-3] ^= 0xFF

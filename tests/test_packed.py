@@ -159,6 +159,32 @@ def test_weight_is_a_read_only_view(files):
     assert type(plain) is torch.nn.Conv2d and type(PackedLinear(3, 2)) is torch.nn.Linear
 
 
+def _no_grad_add(weight):
+    with torch.no_grad():
+        weight.add_(1)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda w: w.mul_(2), torch.nn.init.zeros_, torch.nn.init.kaiming_uniform_, lambda w: w.data.copy_(torch.ones_like(w)),
+    _no_grad_add, lambda w: w.__setitem__(0, 1.0), lambda w: w.__iadd__(1), lambda w: w[1].zero_(),
+    lambda w: w.detach().fill_(0), lambda w: w.unbind(0)[0].sub_(1), lambda w: torch.mul(w, 2, out=w),
+    lambda w: torch._foreach_mul_([w], 2.0),
+], ids=["mul_", "init.zeros_", "init.kaiming", "data.copy_", "no_grad add_", "setitem", "+=", "slice", "detach",
+        "unbind", "out=", "foreach"])  # fmt: skip
+def test_in_place_edits_of_the_weight_are_refused_not_lost(files, edit):
+    """module.weight is decoded from the codes at each access: an edit would vanish, so it is refused."""
+    packed = bfq.load_unet(files["balanced"], runtime="packed")
+    before = _run(packed)
+    with pytest.raises(PackedWeightError, match="runtime='dense'"):
+        edit(packed.conv_in.weight)
+    assert torch.equal(_run(packed), before)
+    fresh = packed.conv_in.weight * 2  # results that are new tensors are the user's to change
+    fresh.mul_(3)
+    copy = packed.conv_in.weight.clone()
+    copy.zero_()
+    assert type(copy) is torch.Tensor and not copy.any() and packed.conv_in.weight.requires_grad_(False) is not None
+
+
 def test_memory_mapped_codes_equal_read_codes(files):
     mapped = bfq.load_unet(files["balanced"], runtime="packed", mmap=True)
     read = bfq.load_unet(files["balanced"], runtime="packed")
@@ -211,13 +237,41 @@ def test_unknown_runtime_or_missing_device_is_one_clear_error(files):
         bfq.load_unet(files["balanced"], device="tpu")
 
 
-def test_torch_compile_traces_the_decode_as_one_op(files):
-    """Dynamo captures every packed layer whole, its decode as the opaque bfq::dequantize op (one
-    per block: a graph break inside a layer would run that decode eagerly, outside every graph),
-    and the compiled model computes the eager one's outputs. The inductor backend is covered by
-    the slow test below and by bench/packed_bench.py."""
-    packed = bfq.load_unet(files["balanced"], runtime="packed")
-    eager = _run(packed)
+@pytest.fixture(scope="module")
+def scheduler_file(tmp_path_factory):
+    """The tiny UNet in a pipeline folder with a DDIM scheduler, quantized with the default
+    (scheduler) time cache for 4 steps: the cache lookup is data-dependent."""
+    from diffusers import DDIMScheduler
+
+    from bfq.pipeline.quantize import quantize
+
+    root = tmp_path_factory.mktemp("sched")
+    tiny_unet(seed=5).save_pretrained(root / "pipe" / "unet")
+    DDIMScheduler(num_train_timesteps=1000).save_pretrained(root / "pipe" / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}  # fmt: skip
+    (root / "pipe" / "model_index.json").write_text(json.dumps(index))
+    path = quantize(str(root / "pipe"), root / "sched.bfq", recipe="uniform-2", steps=4, progress=False).path
+    with bfq.format.open_bfq(path) as f:
+        assert f.header.time_cache.mode == "scheduler"
+        timesteps = [torch.tensor(int(t)) for t in f.header.time_cache.timesteps]
+    return path, timesteps
+
+
+def _compile_cases(files, scheduler_file):
+    return {"grid": (files["balanced"], [torch.tensor(37), torch.tensor(981), torch.tensor(500)]), "scheduler": scheduler_file}
+
+
+@pytest.mark.parametrize("cache", ["grid", "scheduler"])
+def test_torch_compile_traces_the_decode_as_one_op(files, scheduler_file, cache):
+    """torch.compile(unet, fullgraph=True), as diffusers' docs write it, on both time-cache modes:
+    Dynamo captures the whole UNet in one graph (fullgraph fails on any graph break) that serves
+    every timestep without recompiling, each packed layer's decode as the opaque bfq::dequantize op
+    (one per block), the scheduler cache's lookup as tensor ops with an assert inside the graph; the
+    compiled model computes the eager one's outputs and refuses an uncached timestep. The inductor
+    backend is covered by the slow test below and by bench/packed_bench.py."""
+    path, timesteps = _compile_cases(files, scheduler_file)[cache]
+    packed = bfq.load_unet(path, runtime="packed")
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -225,18 +279,31 @@ def test_torch_compile_traces_the_decode_as_one_op(files):
         return gm.forward
 
     torch._dynamo.reset()
-    assert torch.equal(_run(torch.compile(packed, backend=recording_backend)), eager)
-    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    compiled = torch.compile(packed, backend=recording_backend, fullgraph=True)
+    for t in timesteps:
+        assert torch.equal(_run(compiled, t), _run(packed, t))
+    # one graph for every timestep; the scheduler cache's forward pre-hook (it records the timestep
+    # and finds its cache rows) is a frame of its own to Dynamo, which calls module hooks outside
+    assert len(graphs) == (2 if cache == "scheduler" else 1)
+    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
     assert sum("bfq.dequantize" in op for op in ops) == sum(len(m._blocks()) for _, m in packed_layers(packed))
+    if cache == "scheduler":
+        with pytest.raises(RuntimeError, match="not in the time-feature cache; cached timesteps: \\[.*\\]"):
+            _run(compiled, timesteps[0] + 1)
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor_matches_eager(files):
-    packed = bfq.load_unet(files["balanced"], runtime="packed")
-    eager = _run(packed)
+@pytest.mark.parametrize("cache", ["grid", "scheduler"])
+def test_torch_compile_inductor_matches_eager(files, scheduler_file, cache):
+    path, timesteps = _compile_cases(files, scheduler_file)[cache]
+    packed = bfq.load_unet(path, runtime="packed")
     torch._dynamo.reset()
-    compiled = torch.compile(packed)
-    assert torch.allclose(_run(compiled), eager, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(packed, fullgraph=True)
+    for t in timesteps[:2]:
+        assert torch.allclose(_run(compiled, t), _run(packed, t), rtol=1e-5, atol=1e-5)
+    if cache == "scheduler":
+        with pytest.raises(RuntimeError, match="not in the time-feature cache"):
+            _run(compiled, timesteps[0] + 1)
 
 
 # ------------------------------------------------------------------------- tiny-sd pipelines
@@ -362,3 +429,23 @@ def test_forwards_in_several_threads_each_get_their_own_workspace(files):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: _run(packed), range(8)))
     assert all(torch.equal(r, expected) for r in results)
+
+
+def test_save_pretrained_refuses_what_plain_diffusers_cannot_load(files, tiny_sd, tmp_path):
+    """A packed UNet or a scheduler time cache would make save_pretrained write a folder diffusers
+    cannot load (or loads with random time layers): refused, saying what to do; a dense model of a
+    grid file (its time MLP kept) saves a folder plain diffusers loads to the same outputs."""
+    from diffusers import UNet2DConditionModel
+
+    from bfq.runtime.load import DiffusersSaveError
+
+    with pytest.raises(DiffusersSaveError, match="runtime='dense' to save float weights"):
+        bfq.load_unet(files["balanced"], runtime="packed").save_pretrained(tmp_path / "packed")
+    pipe, _ = _pipeline(tiny_sd[0], "dense")
+    with pytest.raises(DiffusersSaveError, match="scheduler time cache .*--time-cache grid"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "pipe" / "unet").exists()
+    assert not (tmp_path / "pipe" / "model_index.json").exists()
+    dense = bfq.load_unet(files["balanced"], runtime="dense")
+    dense.save_pretrained(tmp_path / "dense")
+    assert torch.equal(_run(UNet2DConditionModel.from_pretrained(tmp_path / "dense")), _run(dense))

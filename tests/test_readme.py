@@ -9,10 +9,14 @@ from click.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _blocks(language: str) -> list[str]:
+    text = ROOT.joinpath("README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split(f"```{language}\n")[1:]]
+
+
 def _readme_test_command() -> str:
-    block = ROOT.joinpath("README.md").read_text().split("```bash", 1)[1].split("```", 1)[0]
-    lines = [line for line in block.splitlines() if "pytest" in line]
-    assert len(lines) == 1, "the README's first code block must have one test command"
+    lines = [line for block in _blocks("bash") for line in block.splitlines() if "pytest" in line]
+    assert len(lines) == 1, "the README must show one test command"
     return lines[0].split("&&")[-1].strip()
 
 
@@ -45,15 +49,39 @@ def test_pyproject_lists_every_package():
         assert found <= listed, f"pyproject.toml [tool.setuptools] packages misses {sorted(found - listed)}"
 
 
-def test_readme_python_snippet_runs_as_written_on_a_cpu(tmp_path, monkeypatch):
-    """The first Python block of the README, run as written (the file name aside): the defaults
-    (packed runtime, float32) work on a CPU-only machine."""
+def test_every_readme_python_snippet_runs_as_written_on_a_cpu(tmp_path, monkeypatch):
+    """Every Python block of the README, run as written, in order, each in a fresh namespace, in a
+    folder holding the tiny.bfq the README's commands make, with a (local, fake) Hub holding the
+    repo the Hub snippet names: the defaults (packed runtime, float32) work on a CPU-only machine."""
+    from bfq.hub import push
     from bfq.pipeline.quantize import quantize
     from bfq.runtime.packed import packed_layers
+    from tests.hub_server import FakeHub, point_client_at
 
-    quantize("tiny-sd", tmp_path / "tiny.bfq", recipe="uniform-2", progress=False)  # 20 steps, as the snippet samples
-    block = ROOT.joinpath("README.md").read_text().split("```python", 1)[1].split("```", 1)[0]
+    blocks = _blocks("python")
+    assert len(blocks) >= 3 and any("finetune(" in b for b in blocks) and any("you/tiny-sd-2bit" in b for b in blocks)
+    quantize("tiny-sd", tmp_path / "tiny.bfq", recipe="uniform-2", progress=False)  # 20 steps, as the snippets sample
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
-    assert scope["image"].size == (16, 16) and packed_layers(scope["unet"])
+    with FakeHub(token="hf_readme") as hub:
+        point_client_at(monkeypatch, hub.url, tmp_path / "hf-home", token="hf_readme")
+        hub.add_repo("you/tiny-sd-2bit")
+        push(tmp_path / "tiny.bfq", "you/tiny-sd-2bit")
+        scopes = []
+        for i, block in enumerate(blocks):
+            scopes.append({})
+            exec(compile(block, f"README.md python block {i + 1}", "exec"), scopes[-1])
+    assert scopes[0]["image"].size == (16, 16) and packed_layers(scopes[0]["unet"])
+    assert (tmp_path / "tiny-ft.bfq").is_file()  # the fine-tuning snippet wrote its file
+    from_hub = next(scope for scope, block in zip(scopes, blocks) if "you/tiny-sd-2bit" in block)
+    assert packed_layers(from_hub["unet"]) and from_hub["unet"].conv_in.bias.dtype.is_floating_point
+
+
+def test_first_screen_shows_what_bfq_does_how_to_install_and_a_picture():
+    """The first ~45 lines: what bfq does, the picture (committed, made by the documented script),
+    and torch for a CPU or a GPU inside a virtual environment."""
+    first = "\n".join(ROOT.joinpath("README.md").read_text().splitlines()[:45])
+    picture = re.search(r"!\[[^\]]+\]\(([^)]+\.png)\)", first)
+    assert picture and ROOT.joinpath(picture.group(1)).stat().st_size < 200_000
+    assert "python bench/readme_grid.py" in first and ROOT.joinpath("bench/readme_grid.py").is_file()
+    assert "python3 -m venv" in first and "download.pytorch.org/whl/cpu" in first and "CUDA build" in first
+    assert "2 bits per weight" in first

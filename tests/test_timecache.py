@@ -190,6 +190,20 @@ def test_grid_cache_interpolates_exact_fractional_timesteps():
         run(unet, sample, -1, ehs)
 
 
+def test_grid_table_compiles_without_graph_breaks():
+    """A bfq 0.1 grid table under torch.compile(fullgraph=True): the range check runs inside the
+    graph (an assert) instead of breaking it; outputs equal eager ones at fractional timesteps."""
+    unet = tiny_unet(seed=2)
+    install_grid_cache(unet, compute_grid_table(unet, 1000))
+    sample, ehs = tiny_inputs(unet, batch=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="eager", fullgraph=True)
+    for t in (torch.tensor(998.7), torch.tensor(12.25)):
+        assert torch.equal(run(compiled, sample, t, ehs), run(unet, sample, t, ehs))
+    with pytest.raises(RuntimeError, match="outside the cached grid"):
+        run(compiled, sample, torch.tensor(1000.5), ehs)
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers' Euler
 def test_grid_cache_works_with_any_scheduler_and_quantized_time_proj():
     unet = tiny_unet(seed=6)

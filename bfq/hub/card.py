@@ -3,11 +3,13 @@ block, average bits, size against fp16, the loading snippet and an optional prev
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from pathlib import Path
 
+from bfq._io import sha256_file
 from bfq.download import _offline
 from bfq.families import FAMILIES, FamilyError, family_for_config
 
@@ -126,6 +128,7 @@ def model_card(
     base: dict | None = None,
     token: str | bool | None = None,
     summary: dict | None = None,
+    files: list[dict] | None = None,
 ) -> str:
     """The README.md (model card) for a .bfq file as it will sit in `repo_id`.
 
@@ -143,6 +146,10 @@ def model_card(
             repo holds more than one .bfq.
         base: `base_model_info(...)` result; default: computed (may read the base's card).
         summary: `bfq.format.inspect.summarize(path)`, when already at hand.
+        files: every .bfq in the repo, this one included, as :func:`file_entry` rows (a row whose
+            avg_bits is None: a file the card knows only the size of); default: this file alone.
+            More than one and the card lists them all (one repo, several quantizations) and
+            records them in a hidden line that :func:`card_files` reads back on the next push.
     """
     import yaml
 
@@ -154,6 +161,8 @@ def model_card(
     repo_id = repo_id or "USER/NAME"
     base = base if base is not None else base_model_info(summary["model"]["source"], token=token)
     avg = summary["avg_bits"]
+    files = sorted(files or [file_entry(filename, summary, sha256_file(path))], key=lambda f: f["file"])
+    name_file = name_file or len(files) > 1
 
     meta: dict = {"library_name": "bfq"}
     if base.get("license"):
@@ -188,6 +197,8 @@ def model_card(
         else f"`{source.get('name', 'a Stable Diffusion UNet')}`"
     )  # fmt: skip
     title = repo_id.split("/")[-1]
+    scheduler_cache = bool(summary["time_cache"]) and summary["time_cache"]["mode"] == "scheduler"
+    steps_arg = f", num_inference_steps={_sampled_steps(summary)}" if scheduler_cache else ""
 
     lines = [
         "---",
@@ -203,19 +214,28 @@ def model_card(
         "",
         "## Use it",
         "",
-        "With the `bfq` Python package (plus torch and diffusers) installed:",
+        "With the `bfq` Python package (plus torch and diffusers) installed, a whole pipeline"
+        + (f" (the file named: this repo holds {len(files)} quantizations, listed below)" if len(files) > 1 else "")
+        + ":",
         "",
         "```python",
         "import bfq",
-        "from bfq.runtime.generate import load_pipeline",
         "",
-        f'unet = bfq.load_unet("{spec}"{rev})  # a diffusers UNet2DConditionModel (fp16)',
-        f'pipe = load_pipeline("{spec}"{rev}{base_arg})',
-        f'image = pipe("{prompt}", num_inference_steps={_sampled_steps(summary)}).images[0]',
+        f'pipe = bfq.load_pipeline("{spec}"{rev}{base_arg})  # float16 on CUDA, float32 on the CPU',
+        f'image = pipe("{prompt}"{steps_arg}).images[0]',
+        'image.save("image.png")',
         "```",
         "",
         f"`load_pipeline` takes the VAE, text encoder and tokenizer from {base_note}"
-        + (" and the scheduler the time-feature cache was made for." if summary["time_cache"] and summary["time_cache"]["mode"] == "scheduler" else "."),
+        + (" and the scheduler the time-feature cache was made for (it samples only that step count)." if scheduler_cache else ".")
+        + " The UNet alone, for a pipeline of your own:",
+        "",
+        "```python",
+        "import bfq",
+        "",
+        f'unet = bfq.load_unet("{spec}"{rev})  # a diffusers UNet2DConditionModel: float32 on the CPU, float16 with device="cuda"',
+        "```",
+        "",
         "From the command line:",
         "",
         "```bash",
@@ -223,7 +243,11 @@ def model_card(
         f"bfq inspect {spec}{rev_cli}",
         "```",
         "",
-        "## Recipe",
+    ]
+    if len(files) > 1:
+        lines += _files_table(files, summary["fp16_bytes"])
+    lines += [
+        "## Recipe" + (f" of `{filename}`" if len(files) > 1 else ""),
         "",
     ]
     recipe = summary["recipe_name"] or "custom"
@@ -260,7 +284,45 @@ def model_card(
             f"Generated with `bfq generate`: one row per prompt ({'; '.join(repr(p) for p in preview['prompts'])}), "
             f"{preview['steps'] or 'default'} steps, guidance {preview['guidance']}, seed {preview['seed']}.",
         ]
-    lines.append("")
+    lines += ["", _files_record(files), ""]
     return "\n".join(lines)
+
+
+def file_entry(filename: str, summary: dict, sha256: str) -> dict:
+    """What the card records of one .bfq of the repo (what its Files table shows)."""
+    return {"file": filename, "sha256": sha256, "bytes": summary["file_bytes"], "avg_bits": round(summary["avg_bits"], 4),
+            "recipe": summary["recipe_name"] or "custom"}  # fmt: skip
+
+
+def _files_table(files: list[dict], fp16_bytes: int | None) -> list[str]:
+    lines = ["## Files", "", "| file | avg bits per weight | size | recipe |", "|---|---:|---:|---|"]
+    for f in files:
+        bits = f"{f['avg_bits']:.4f}" if f.get("avg_bits") is not None else "? (not pushed with `bfq push`)"
+        lines.append(f"| `{f['file']}` | {bits} | {_fmt_bytes(f['bytes'])} | {f.get('recipe') or '?'} |")
+    note = f" (the UNet in fp16: {_fmt_bytes(fp16_bytes)})" if fp16_bytes else ""
+    return lines + ["", f"Pass any of these file names to `load_pipeline` or `bfq.load_unet` as above{note}.", ""]
+
+
+_RECORD = re.compile(r"^<!-- bfq-files: (\[.*\]) -->$", re.M)
+
+
+def _files_record(files: list[dict]) -> str:
+    """A hidden line listing the repo's .bfq files, for the next push to keep them on the card
+    (JSON, with '<' and '>' escaped so a file name cannot end the HTML comment)."""
+    text = json.dumps(files, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e")
+    return f"<!-- bfq-files: {text} -->"
+
+
+def card_files(card: str) -> dict[str, dict]:
+    """{file: entry} recorded by :func:`_files_record` in a card; {} when there is none or it is not
+    ours to read (a card edited by hand is not trusted further than its well-formed entries)."""
+    match = _RECORD.search(card)
+    try:
+        rows = json.loads(match.group(1)) if match else []
+    except ValueError:
+        return {}
+    keys = {"file": str, "sha256": str, "bytes": int, "avg_bits": (int, float), "recipe": str}
+    return {r["file"]: r for r in rows if isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in keys.items())}
 
 

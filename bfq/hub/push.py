@@ -15,7 +15,17 @@ from pathlib import Path
 
 from bfq._io import sha256_file
 from bfq.download import HubError, _chain, _fail, _first_line, _scrub, parse_repo_id
-from bfq.hub.card import _SD_PROMPTS, _TINY, _TINYSD_PROMPTS, CARD_FILE, PREVIEW_FILE, base_model_info, model_card
+from bfq.hub.card import (
+    _SD_PROMPTS,
+    _TINY,
+    _TINYSD_PROMPTS,
+    CARD_FILE,
+    PREVIEW_FILE,
+    base_model_info,
+    card_files,
+    file_entry,
+    model_card,
+)
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -29,6 +39,37 @@ def _check_file(path: Path) -> None:
     with open_bfq(path) as bfq:
         for block in bfq.header.blocks():
             bfq._bytes(block, check=True)  # CRC-32 of every block (cheap; decoding is not needed)
+
+
+_FILE_PART = re.compile(r"[\w.-]+")
+_BRANCH_PART = re.compile(r"[\w.-]+")
+
+
+def check_arguments(path: Path, repo_id: str, filename: str | None, revision: str | None) -> tuple[str, str, str | None]:
+    """(repo, file name in the repo, branch or None) for `push`'s arguments, or a HubError saying
+    which one is wrong: everything the Hub would refuse is refused here, before the first Hub call,
+    so a failed command creates nothing there."""
+    try:
+        repo, in_repo = parse_repo_id(repo_id)
+    except FileNotFoundError:
+        repo, in_repo = None, None
+    if repo is None or in_repo is not None or len(repo.split("/")[1]) > 96:
+        raise HubError(f"--repo {repo_id!r}: give a Hub repo id like 'user/name'")
+    filename = path.name if filename is None else filename
+    parts = filename.split("/")
+    bad_part = any(not _FILE_PART.fullmatch(p) or p in (".", "..", ".git", ".cache") for p in parts)
+    if not filename.endswith(".bfq") or parts[-1] == ".bfq" or bad_part:
+        raise HubError(f"--filename {filename!r}: give a path inside the repo ending in .bfq, made of letters, digits, "
+                       "'_', '-', '.' and '/' between folders (no '..', no leading '/')")  # fmt: skip
+    branch = revision if revision and revision != "main" else None
+    if branch is None:
+        return repo, filename, None
+    if re.fullmatch(r"[0-9a-fA-F]{40}", branch) or branch.startswith("refs/"):
+        raise HubError(f"--revision {branch!r}: push needs a branch name (a commit or ref cannot be pushed to)")
+    pieces = branch.split("/")
+    if any(not _BRANCH_PART.fullmatch(p) or p.startswith(".") or p.endswith(".lock") for p in pieces) or ".." in branch:
+        raise HubError(f"--revision {branch!r}: not a valid branch name (letters, digits, '_', '-', '.', '/' between parts)")
+    return repo, filename, branch
 
 
 def _same(remote, local_bytes: bytes | None = None, local_sha256: str | None = None) -> bool:
@@ -91,7 +132,7 @@ def push(
     (HF_TOKEN, `hf auth login`); it never appears in the result nor in errors.
 
     Returns:
-        dict: repo_id, revision, repo_url, commit_url, commit_oid, uploaded (list of {path, bytes}),
+        dict: repo_id, revision, repo_url, file (its path in the repo), commit_url, commit_oid, uploaded (list of {path, bytes}),
         skipped (paths already identical on the Hub), up_to_date (nothing was committed), load (the
         id to pass to `bfq.load_unet`).
 
@@ -108,18 +149,7 @@ def push(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    try:
-        repo, in_repo = parse_repo_id(repo_id)
-    except FileNotFoundError:
-        repo, in_repo = None, None
-    if repo is None or in_repo is not None:
-        raise HubError(f"--repo {repo_id!r}: give a Hub repo id like 'user/name'")
-    filename = filename or path.name
-    if not filename.endswith(".bfq"):
-        raise HubError(f"the file's name in the repo must end in .bfq (got {filename!r})")
-    branch = revision if revision and revision != "main" else None
-    if branch and (re.fullmatch(r"[0-9a-fA-F]{40}", branch) or branch.startswith("refs/")):
-        raise HubError(f"--revision {branch!r}: push needs a branch name (a commit or ref cannot be pushed to)")
+    repo, filename, branch = check_arguments(path, repo_id, filename, revision)
     _check_file(path)
     summary = summarize(path)
     token = token or get_token()
@@ -145,11 +175,11 @@ def push(
     except Exception as exc:
         raise _fail(HubError, f"push to {where}: cannot {stage}", exc, token, "nothing was uploaded") from None
 
-    other_bfq = sorted(p for p in remote if p.endswith(".bfq") and p != filename)
-    name_file = bool(other_bfq) or "/" in filename
+    files = [file_entry(filename, summary, local_sha)] + _other_files(api, repo, revision, remote, filename)
+    name_file = len(files) > 1 or "/" in filename
     base = base_model_info(summary["model"]["source"], token=token)
     card = model_card(path, repo_id=repo, filename=filename, revision=branch, name_file=name_file, preview=preview_info,
-                      base=base, summary=summary).encode()  # fmt: skip
+                      base=base, summary=summary, files=files).encode()  # fmt: skip
 
     wanted = [(filename, None, local_sha, path.stat().st_size), (CARD_FILE, card, None, len(card))]
     if preview_png is not None:
@@ -167,6 +197,7 @@ def push(
         "revision": branch or "main",
         "repo_url": f"{api.endpoint}/{repo}" + (f"/tree/{branch}" if branch else ""),
         "load": load,
+        "file": filename,
         "sha256": local_sha,
         "uploaded": uploaded,
         "skipped": skipped,
@@ -194,6 +225,25 @@ def push(
         )
         raise _fail(HubError, f"push to {where}: commit failed", exc, token, after) from None
     return {**result, "up_to_date": False, "commit_oid": info.oid, "commit_url": info.commit_url}
+
+
+def _other_files(api, repo: str, revision: str | None, remote: dict, filename: str) -> list[dict]:
+    """The repo's other .bfq files as the card lists them: what the current card recorded of each
+    (kept only while the file on the Hub has the same sha256), else its size alone."""
+    others = sorted(p for p in remote if p.endswith(".bfq") and p != filename)
+    known = {}
+    if others and CARD_FILE in remote:
+        try:
+            with open(api.hf_hub_download(repo, CARD_FILE, revision=revision), encoding="utf-8") as f:
+                known = card_files(f.read())
+        except Exception:  # an unreadable card costs the table its bits, not the push
+            known = {}
+    out = []
+    for name in others:
+        entry, lfs = known.get(name), remote[name].lfs
+        same = entry is not None and lfs is not None and entry["sha256"] == lfs.sha256
+        out.append(entry if same else {"file": name, "bytes": remote[name].size, "avg_bits": None, "recipe": None})
+    return out
 
 
 def _http_status(exc: BaseException) -> int | None:

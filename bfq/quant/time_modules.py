@@ -39,6 +39,7 @@ class _TimeState:
     def __init__(self, keys: Sequence[float] | None = None):
         self.t: torch.Tensor | None = None  # float64 [B], CPU
         self.keys = None if keys is None else torch.tensor(list(keys), dtype=torch.float64)
+        self._cached = None if keys is None else _summary(list(keys))
         self._rows: torch.Tensor | None = None
         self._rows_on: dict = {}
 
@@ -56,14 +57,15 @@ class _TimeState:
         if self.keys is not None:
             match = self.t[:, None] == self.keys[None, :]
             found = match.any(1)
-            if not bool(found.all()):
-                missing = unique_timesteps(self.t[~found])
-                raise ValueError(
-                    f"timestep(s) {_summary(missing)} are not in the time-feature cache; "
-                    f"cached timesteps: {_summary(self.keys.tolist())}. Rebuild the cache for this "
-                    "scheduler and step count, or use the grid time cache"
-                )
+            if torch.compiler.is_compiling():  # no data-dependent branch: the graph checks it when it runs
+                torch._assert_async(found.all(), self._missing_message("a timestep is"))
+            elif not bool(found.all()):
+                raise ValueError(self._missing_message(f"timestep(s) {_summary(unique_timesteps(self.t[~found]))} are"))
             self._rows = match.to(torch.int8).argmax(1)
+
+    def _missing_message(self, what: str) -> str:
+        return (f"{what} not in the time-feature cache; cached timesteps: {self._cached}. "
+                "Rebuild the cache for this scheduler and step count, or use the grid time cache")  # fmt: skip
 
     def current(self) -> torch.Tensor:
         if self.t is None:
@@ -144,7 +146,10 @@ class _GridTimeEmbedding(nn.Module):
             raise ValueError("timestep_cond is not supported with a time-feature cache")
         t = self._state.current()
         n = self.table.shape[0]
-        if bool(((t < 0) | (t > n - 1)).any()):
+        outside = ((t < 0) | (t > n - 1)).any()
+        if torch.compiler.is_compiling():  # no data-dependent branch: the graph checks it when it runs
+            torch._assert_async(~outside, f"a timestep outside the cached grid 0..{n - 1}")
+        elif bool(outside):
             raise ValueError(f"timestep(s) {_summary(unique_timesteps(t))} outside the cached grid 0..{n - 1}")
         i0 = t.floor().clamp(max=max(n - 2, 0))
         frac = (t - i0).to(torch.float32)[:, None].to(self.table.device)

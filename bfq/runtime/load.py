@@ -13,6 +13,7 @@ Either way the result drops into its family's pipeline (``StableDiffusionPipelin
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bfq.errors import BfqFormatError
+from bfq.errors import BfqFormatError, UserError
 from bfq.families import FamilyError, family_for_config
 from bfq.format import BfqFile, open_bfq
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
@@ -30,6 +31,10 @@ RUNTIMES = ("auto", "packed", "dense")
 _DECODE_AS = {torch.float32: ("float32", torch.float32), torch.float16: ("float16", torch.int16), torch.bfloat16: ("bfloat16", torch.int16)}
 _SCALE_BITS_AS = {"f16": np.int16, "f32": np.int32}
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+class DiffusersSaveError(UserError, NotImplementedError):
+    """``save_pretrained`` on a model loaded from a .bfq that plain diffusers could not load back."""
 
 
 def load_unet(
@@ -85,7 +90,31 @@ def load_unet(
         _assign(model, tensors)
     finally:
         bfq.close()  # a memory map stays open while packed layers still view it
+    _refuse_diffusers_save(model, runtime, bfq.header.time_cache)
     return model.to(device).eval()
+
+
+def _refuse_diffusers_save(model: nn.Module, runtime: str, cache) -> None:
+    """Make ``model.save_pretrained`` (also what ``pipe.save_pretrained`` calls) raise instead of
+    writing a folder plain diffusers cannot load: packed layers hold codes, a time cache replaces
+    the time layers. An instance attribute, so a dense grid-MLP model still saves normally."""
+    if cache is not None and cache.mode == "scheduler":
+        why = (f"its time layers are replaced by a scheduler time cache ({len(cache.timesteps)} timesteps) that plain "
+               "diffusers cannot load; keep the .bfq file (bfq.load_unet reads it, `bfq push` publishes it), or make one "
+               "with `bfq quantize ... --time-cache grid` and load it with runtime='dense' to save float weights")  # fmt: skip
+    elif cache is not None:  # a bfq 0.1 grid table (grid files now keep the time MLP: no time_cache)
+        why = ("its time embedding is a bfq 0.1 grid table that plain diffusers cannot load; keep the .bfq file, or "
+               "quantize the model again with `--time-cache grid` and load it with runtime='dense' to save float weights")  # fmt: skip
+    elif runtime == "packed":
+        why = ("its layers hold 2-bit codes (runtime='packed') that plain diffusers cannot load; keep the .bfq file "
+               "(bfq.load_unet reads it, `bfq push` publishes it), or load it with runtime='dense' to save float weights")  # fmt: skip
+    else:
+        return
+    model.save_pretrained = functools.partial(_refuse_save, why)
+
+
+def _refuse_save(why: str, *args, **kwargs):
+    raise DiffusersSaveError(f"cannot save this bfq model with save_pretrained: {why}")
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:

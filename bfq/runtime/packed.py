@@ -14,7 +14,7 @@ diffusers model: ``.to(device)`` moves the buffers, ``.to(dtype)`` changes the c
 zero-size marker buffer follows it; codes and scale bits are integers and never change),
 ``state_dict()`` holds the codes, not dequantized weights, and PEFT LoRA adapters wrap the layers
 like any Linear/Conv2d. ``weight`` is a read-only, dequantized view for code that inspects it;
-writing into it (fusing a LoRA) raises :class:`PackedWeightError`.
+writing into it in any way (assigning, ``mul_``, ``nn.init``, fusing a LoRA) raises :class:`PackedWeightError`.
 """
 
 from __future__ import annotations
@@ -70,9 +70,43 @@ class Workspace:
         return {"max_bytes": self.max_bytes, "_buffers": {}}
 
 
+_EDIT_HINT = (
+    "its 2-bit codes are what the forward computes with, so the change would be lost: load the model with "
+    "runtime='dense' to edit its weights or fuse a LoRA (an unfused adapter applies at every forward), "
+    "or .clone() the weight for a copy of your own"
+)
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}  # fmt: skip
+_HARMLESS_INPLACE = {"requires_grad_", "retain_grad", "share_memory_"}
+
+
+def _writes(func, args, kwargs) -> bool:
+    """Whether calling ``func`` changes the values of a ``_DecodedWeight`` among its arguments."""
+    name = getattr(func, "__name__", "")
+    if name in _HARMLESS_INPLACE:
+        return False
+    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
+        return True
+    out = (kwargs or {}).get("out")
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(o, _DecodedWeight) for o in outs)
+
+
 class _DecodedWeight(torch.Tensor):
-    """The dequantized weight of a packed layer, handed to code that reads ``module.weight``.
-    Assigning to ``.data`` (how PEFT fuses a LoRA) is refused: it would have to change the codes."""
+    """The dequantized weight of a packed layer, handed to code that reads ``module.weight``: a new
+    tensor decoded from the codes at each access, so a change made to it would silently be lost.
+    Every in-place edit is refused (``mul_``, ``w[...] = ``, ``+=``, ``nn.init.*_``, ``copy_``, ``out=``,
+    assigning to ``.data``, how PEFT fuses a LoRA), through it or any view of it (``.data``,
+    ``.detach()``, slices); results that are new tensors are plain tensors anyone may change. The
+    forward never reads ``weight``, so none of this costs it anything."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if _writes(func, args, kwargs):
+            name = getattr(func, "__name__", func)
+            raise PackedWeightError(f"cannot change the weight of a packed bfq layer in place ({name}): {_EDIT_HINT}")
+        with torch._C.DisableTorchFunctionSubclass():
+            return _mark_views(func(*args, **(kwargs or {})), args)
 
     @property
     def data(self):
@@ -81,10 +115,19 @@ class _DecodedWeight(torch.Tensor):
     @data.setter
     def data(self, value):
         raise PackedWeightError(
-            "cannot write into the weights of a packed bfq layer (fusing a LoRA would change its 2-bit codes): "
-            "keep the adapter unfused (it still applies at every forward), or load the model with "
-            "runtime='dense' to fuse it"
+            f"cannot write into the weights of a packed bfq layer (fusing a LoRA, assigning .data): {_EDIT_HINT}"
         )
+
+
+def _mark_views(result, args):
+    """``result`` with every tensor that shares memory with a ``_DecodedWeight`` argument marked as one."""
+    storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, _DecodedWeight)}
+    if type(result) in (tuple, list):  # split, unbind, ...
+        return type(result)(_mark_views(r, args) for r in result)
+    if isinstance(result, torch.Tensor) and not isinstance(result, _DecodedWeight) and storages:
+        if result.untyped_storage().data_ptr() in storages:
+            return result.as_subclass(_DecodedWeight)
+    return result
 
 
 class PackedLayer:
