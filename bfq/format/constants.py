@@ -15,6 +15,7 @@ ALIGNMENT = 64  # data section and every block start on a multiple of this
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 32  # the top-level object is level 1; every `{` and `[` opens one
+MAX_JSON_VALUES = 1 << 19  # objects, arrays, strings, numbers, literals; member names do not count
 MAX_NDIM = 8
 MAX_DIM = 1 << 40
 MAX_ELEMENTS = 1 << 48
@@ -34,6 +35,13 @@ RECIPE_INTEGER_KEYS = ("n_weights_total", "n_params_total")
 RECIPE_NUMBER_KEYS = ("avg_bits",)
 
 TIME_CACHE_MODES = ("scheduler", "grid")
+# model.config keys whose non-null value mixes conditioning into the time embedding (FORMAT.md §2.3):
+# a scheduler-mode cache (features of the timestep alone) is then wrong; time_cond_proj_dim also
+# conditions the time MLP itself, so no time cache at all fits
+CONDITIONED_TIME_KEYS = {
+    "scheduler": ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim"),
+    "grid": ("time_cond_proj_dim",),
+}
 TIME_CACHE_KEYS = {
     "scheduler": frozenset({"mode", "timesteps", "features"}),
     "grid": frozenset({"mode", "timesteps", "embedding"}),
