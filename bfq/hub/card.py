@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from bfq._io import display
 from bfq.download import _offline
 
 LICENSE = "apache-2.0"  # this project's license: the bundled tiny-sd and the built-in models carry it
@@ -16,6 +17,8 @@ CARD_FILE = "README.md"
 _SD_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a cozy wooden cabin in a snowy forest, oil painting")
 _TINYSD_PROMPTS = ("a handwritten digit three", "a handwritten digit seven")
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?", re.ASCII)  # a Hub repo id; anything else from a file is not linked
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>|~&])")  # what opens inline Markdown or HTML mid-line
 _BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|conv_in|conv_out)(?:\.|$)")
 
 
@@ -88,6 +91,13 @@ def _hub_license(repo: str, revision: str | None, token) -> dict:
     return out
 
 
+def _md(text, limit: int = 200) -> str:
+    """Text from a .bfq file as literal Markdown in the middle of a line: bfq._io.display, then the
+    characters that open inline Markdown backslash-escaped (a name cannot start a link, a table
+    cell, HTML, emphasis or a code span)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", display(text, limit))
+
+
 def _fmt_bytes(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -132,7 +142,10 @@ def model_card(
     summary = summary or summarize(path)
     filename = filename or path.name
     repo_id = repo_id or "USER/NAME"
-    base = base if base is not None else base_model_info(summary["model"]["source"], token=token)
+    base = dict(base if base is not None else base_model_info(summary["model"]["source"], token=token))
+    for key in ("base_model", "pipeline"):  # from the file: used in YAML, links and code only as a repo id
+        if base.get(key) and base[key] != "tiny-sd" and not _REPO_ID.fullmatch(str(base[key])):
+            base[key] = None
     avg = summary["avg_bits"]
 
     meta: dict = {"library_name": "bfq"}
@@ -165,7 +178,7 @@ def model_card(
     quantized_from = (
         f"[{base['base_model']}](https://huggingface.co/{base['base_model']})" if base.get("base_model")
         else "tiny-sd, the small digit model bundled with bfq" if base.get("pipeline") == "tiny-sd"
-        else f"`{source.get('name', 'a Stable Diffusion UNet')}`"
+        else _md(source.get("name", "a Stable Diffusion UNet"))
     )  # fmt: skip
     title = repo_id.split("/")[-1]
 
@@ -179,7 +192,7 @@ def model_card(
         f"The UNet of {quantized_from} quantized to **{avg:.2f} bits per weight** with "
         "bfq (BitsFusion, Sui et al., NeurIPS 2024), stored in "
         f"`{filename}`: a checksummed, memory-mappable `.bfq` container "
-        f"({_fmt_bytes(summary['file_bytes'])}), written by {summary['producer']}.",
+        f"({_fmt_bytes(summary['file_bytes'])}), written by {_md(summary['producer'])}.",
         "",
         "## Use it",
         "",
@@ -206,10 +219,10 @@ def model_card(
         "## Recipe",
         "",
     ]
-    recipe = summary["recipe_name"] or "custom"
+    recipe = _md(summary["recipe_name"] or "custom")
     cache = summary["time_cache"]
     lines.append(
-        f"Recipe `{recipe}`; {summary['n_layers']} quantized layers ({summary['quantized_weights']:,} weights)"
+        f"Recipe {recipe}; {summary['n_layers']} quantized layers ({summary['quantized_weights']:,} weights)"
         + (f"; time features cached ({cache['mode']} mode, {cache['timesteps']} timesteps)." if cache else ".")
     )
     lines += ["", "| block | layers | weights | bit-widths (layers) | avg bits |", "|---|---:|---:|---|---:|"]
