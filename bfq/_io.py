@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -36,30 +37,16 @@ def display(text, limit: int | None = None) -> str:
     if cut:
         text = text[:limit]
     if not text.isprintable():
-        text = _nonprintable().sub(lambda m: repr(m.group())[1:-1], text)
+        text = _NOT_PRINTABLE_ASCII.sub(_escape, text)
     return text + "..." if cut else text
 
 
-_NONPRINTABLE = None
+_NOT_PRINTABLE_ASCII = re.compile(r"[^ -~]")  # candidates: ASCII controls and every non-ASCII character
 
 
-def _nonprintable():
-    """A regex class of every code point ``str.isprintable()`` rejects (built once, ~0.2 s)."""
-    global _NONPRINTABLE
-    if _NONPRINTABLE is None:
-        import re
-
-        ranges, start = [], None
-        for cp in range(0x110000 + 1):
-            bad = cp < 0x110000 and not chr(cp).isprintable()
-            if bad and start is None:
-                start = cp
-            elif not bad and start is not None:
-                ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-                start = None
-        _NONPRINTABLE = re.compile("[" + "".join(ranges) + "]")
-    return _NONPRINTABLE
-
+def _escape(match) -> str:
+    char = match.group()
+    return char if char.isprintable() else repr(char)[1:-1]
 
 
 def no_duplicates(pairs):

@@ -250,6 +250,7 @@ def test_out_of_memory_is_one_error_line(tmp_path, monkeypatch):
     assert result.output.splitlines() == ["bfq: error: out of memory: this machine could not give bfq the memory the command needs"]
 
 
+@pytest.mark.slow  # a fresh interpreter (~5 s); test_out_of_memory_is_one_error_line covers the CLI path
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS as a memory limit is Linux's")
 def test_out_of_memory_under_a_real_limit(tmp_path):
     """`bfq inspect` of a valid file with a 16 MiB header, in a process allowed 20 MiB more
