@@ -11,6 +11,7 @@ the objects built are at most MAX_JSON_VALUES whatever the header holds.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -79,26 +80,31 @@ class _Scan:
 
     def _unescape(self, quote, backslash) -> None:
         """Clear `quote` where the quote follows an odd run of backslashes (an escaped quote);
-        runs may continue from the previous chunk."""
+        runs may continue from the previous chunk. simdjson's carry trick on the chunk's bits as
+        one Python integer: adding a run's start bit to the run carries out just after its end,
+        so the ends of odd runs come from two additions, whatever the runs' lengths."""
         import numpy as np
 
-        n = len(quote)
-        pos = np.flatnonzero(backslash)
-        if not len(pos):
-            quote[0] &= not self.odd_backslashes
-            self.odd_backslashes = False
-            return
-        breaks = np.flatnonzero(np.diff(pos) != 1)
-        starts = np.concatenate((pos[:1], pos[breaks + 1]))
-        ends = np.concatenate((pos[breaks], pos[-1:]))
-        lengths = ends - starts + 1
-        if starts[0] == 0:
-            lengths[0] += self.odd_backslashes
-        else:
-            quote[0] &= not self.odd_backslashes
-        after_odd = ends[(lengths & 1).astype(bool)] + 1
-        quote[after_odd[after_odd < n]] = False
-        self.odd_backslashes = bool(ends[-1] == n - 1 and lengths[-1] & 1)
+        n = len(backslash)
+        width = 1 << n
+        bits = int.from_bytes(np.packbits(backslash, bitorder="little").tobytes(), "little")
+        even = _even_bits(n) ^ int(self.odd_backslashes)  # a run continued from the last chunk starts "odd"
+        starts = bits & ~(bits << 1)
+        even_carries = bits + (starts & even)
+        odd_carries = (bits + (starts & ~even & (width - 1))) & (width - 1) | int(self.odd_backslashes)
+        odd_ends = (even_carries & ~bits & ~_even_bits(n)) | (odd_carries & ~bits & _even_bits(n))
+        odd_ends &= width - 1
+        last_other = (~bits & (width - 1)).bit_length() - 1  # the last byte that is not a backslash, or -1
+        self.odd_backslashes = bool((n - 1 - last_other + (self.odd_backslashes if last_other < 0 else 0)) & 1)
+        if odd_ends:
+            escaped = np.unpackbits(np.frombuffer(odd_ends.to_bytes(-(-n // 8), "little"), np.uint8), count=n, bitorder="little")
+            quote &= ~escaped.view(bool)
+
+
+@functools.lru_cache(maxsize=4)
+def _even_bits(n: int) -> int:
+    """The integer whose bits 0, 2, 4, ... below n are set."""
+    return int.from_bytes(b"\x55" * -(-n // 8), "little") & ((1 << n) - 1)
 
 
 def _prescan(raw) -> None:
