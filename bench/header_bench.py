@@ -7,7 +7,8 @@ Kinds: `long_string` (one metadata string), `short_strings`, `numbers`, `nesting
 deep, over and over), `escapes` (one string of `\\"`), all valid JSON (refused only for the 2^19
 JSON values of FORMAT.md §5); `unterminated_escapes` (`{"a":"` + `\\"` * n + `}`, the quadratic
 case of issue 17), `deep` (`[` * n) and `non_ascii` (one string with an emoji in it: CPython then
-holds the whole string at 4 bytes a character).
+holds the whole string at 4 bytes a character); `at_value_limit` (2^19 empty objects, the most
+values FORMAT.md §5 allows, and a long string filling the rest).
 
 Each case runs in a fresh process: the time is that of an untraced `open_bfq`; "peak" is
 tracemalloc's peak over a second one (Python and numpy allocations; the mapped file is not
@@ -32,7 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 MAX_HEADER = 64 * MiB
-KINDS = ("long_string", "short_strings", "numbers", "nesting", "escapes", "unterminated_escapes", "deep", "non_ascii")
+KINDS = ("long_string", "short_strings", "numbers", "nesting", "escapes", "unterminated_escapes", "deep", "non_ascii",
+         "at_value_limit")
+MAX_VALUES = 1 << 19
 
 
 def _valid(filler_key: str, open_: bytes, unit: bytes, close: bytes, size: int, *, sep: bytes = b"") -> bytes:
@@ -59,6 +62,9 @@ def header(kind: str, size: int) -> bytes:
         raw = _valid("s", b"[", b"[" * 27 + b"0" + b"]" * 27, b"]", size, sep=b",")
     elif kind == "escapes":
         raw = _valid("s", b'"', b'\\"', b'"', size)
+    elif kind == "at_value_limit":  # as many empty objects as FORMAT.md §5 allows, then one long string
+        objects = min(MAX_VALUES - 10, (size - 200) // 4)
+        raw = _valid("s", b'[' + b"{}," * objects + b'"', b"a", b'"]', size)
     elif kind == "non_ascii":
         raw = _valid("s", "\"\U0001F600".encode(), b"a", b'"', size)
     elif kind == "unterminated_escapes":

@@ -111,6 +111,15 @@ def test_a_long_string_is_read_once_not_copied_around(tmp_path):
     assert outcome is None and peak < 2.5 * size, f"{peak / size:.2f}x"
 
 
+def test_the_value_limit_bounds_the_objects_built(tmp_path):
+    """2^19 empty objects (the most FORMAT.md §5 allows; 4 MiB of `{}` would be 1.4 million) and a
+    string: a fixed cost of about 40 MiB for the objects, on top of the 2x of the string."""
+    size = 4 * MiB
+    outcome, seconds, peak = _open_cost(_file(tmp_path, BENCH.header("at_value_limit", size)))
+    assert outcome is None and seconds < SECONDS
+    assert peak < 2 * size + 48 * MiB, f"{peak / MiB:.0f} MiB"
+
+
 def _values_header(n: int) -> bytes:
     """A valid bfq header with exactly n JSON values (model.config.x holds n - 8 of them)."""
     filler = b",".join([b"[]", b"{}", b'""', b"0"] * ((n - 8) // 4) + [b"0"] * ((n - 8) % 4))
