@@ -476,7 +476,7 @@ def main(argv=None) -> int:
     # -- FORMAT.md v1.2: the last two-reading places settled ------------------------------------
     # §3.1/§4: the canonical form of every word, the last one included, is check 4 (deferrable)
     stream = bytearray(block_bytes(P, loose["codes"]))
-    n_words, shift = -(-14 // 3), (-(-14 // 3) - 1) * 10  # loose_k10_g3: [2, 7], g=3, k=10, one cell
+    shift = (-(-14 // 3) - 1) * 10  # loose_k10_g3: [2, 7], g=3, k=10: 5 words in one cell, the last at bit 40
     assert loose["shape"] == [2, 7] and loose["packing"]["word_bits"] == 10
     cell = int.from_bytes(stream[:8], "little")
     last = (cell >> shift) & 0x3FF

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import atheris
 
-import bfq.format._kernels  # noqa: E402,F401  numba kernels: imported first, so not instrumented (it breaks numba's typing)
+import bfq.format._kernels  # numba kernels: imported first, so not instrumented (it breaks numba's typing)
 
 with atheris.instrument_imports():  # bfq.format loads these lazily: import them here to instrument them
     import bfq._io
     import bfq.format.header
     import bfq.format.pack
     import bfq.format.reader
-    import bfq.format.strict_json
+    import bfq.format.strict_json  # noqa: F401
     from bfq import BfqFormatError
     from bfq.format.reader import open_bfq
 

@@ -302,7 +302,7 @@ def _fuzz(examples: int):
                     database=None, suppress_health_check=list(HealthCheck))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled() -> bool:
     """Decode every golden file once, so numba's first compilations are not timed as a hang."""
     for name in GOLDEN:

@@ -536,9 +536,8 @@ def test_writer_refuses_a_time_cache_that_depends_on_conditioning(tmp_path):
     """§2.3: bfq refuses to write what it refuses to read."""
     path = tmp_path / "sdxl.bfq"
     model = {"class_name": "UNet2DConditionModel", "config": {"addition_embed_type": "text_time"}}
-    with pytest.raises(BfqFormatError, match="depends on conditioning"):
-        with BfqWriter(path, model=model) as w:
-            w.set_time_cache("scheduler", [1, 2], {"down_blocks.0.resnets.0": np.ones((2, 3), np.float16)})
+    with pytest.raises(BfqFormatError, match="depends on conditioning"), BfqWriter(path, model=model) as w:
+        w.set_time_cache("scheduler", [1, 2], {"down_blocks.0.resnets.0": np.ones((2, 3), np.float16)})
     assert not path.exists()
     with BfqWriter(path, model=model) as w:  # the timestep-only grid table stays allowed, as does null
         w.set_time_cache("grid", [0, 1], {"time_embedding": np.ones((2, 3), np.float16)})

@@ -315,9 +315,8 @@ def _check_model(header: dict) -> None:
         _fail(f"{path}.kind", f"{_show(kind)} is not one of {sorted(SOURCE_KINDS)}")
     _only_keys(source, {"kind", *SOURCE_KINDS[kind]}, path)
     for key, (kind_type, required) in SOURCE_KINDS[kind].items():
-        if required or key in source:
-            if _get(source, key, kind_type, path) == "" and required:
-                _fail(f"{path}.{key}", "must not be empty")
+        if (required or key in source) and _get(source, key, kind_type, path) == "" and required:
+            _fail(f"{path}.{key}", "must not be empty")
     if kind == "file" and not re.fullmatch(SHA256_PATTERN, source["sha256"]):
         _fail(f"{path}.sha256", f"{_show(source['sha256'])} is not 64 lowercase hexadecimal digits")
 
