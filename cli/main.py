@@ -31,7 +31,7 @@ def describe(exc: BaseException) -> str:
         return display(f"{exc.filename}: {exc.strerror}")
     if isinstance(exc, MemoryError):
         return "out of memory: this machine could not give bfq the memory the command needs"
-    return " ".join(display(exc).split())
+    return display(" ".join(str(exc).split()))
 
 
 class BfqGroup(click.Group):
