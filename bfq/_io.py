@@ -1,7 +1,7 @@
 """Small file helpers shared by every stage: strict JSON reading (duplicate keys are errors), atomic
 writes (a temporary file next to the target, fsynced, then renamed over it), the one-line
-:class:`~bfq.errors.OutputError` for an output that cannot be written, and the lock of a work
-directory.
+:class:`~bfq.errors.OutputError` for an output that cannot be written, the lock of a work
+directory, and :func:`display`, the one rule for printing text taken from a file.
 
 Outputs follow one policy: missing folders are created; a file being replaced survives any failure;
 a new file gets the permissions the umask gives (``0o666 & ~umask``, as ``cp`` or ``touch`` would).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -19,6 +20,33 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bfq.errors import InputError, OutputError
+
+# -- display of text taken from a file ------------------------------------------------------------
+
+
+def display(text, limit: int | None = None) -> str:
+    """``text`` (any value: it is ``str()``-ed first) made safe to print: every character that
+    ``str.isprintable()`` rejects -- control characters (CR, LF, TAB, ESC, DEL, C1), format
+    characters (bidi overrides, zero-width characters), line and paragraph separators, non-ASCII
+    spaces, surrogates, private-use and unassigned code points -- becomes its Python escape
+    (``\\n``, ``\\x1b``, ``\\u202e``, ``\\U000e0001``); everything else is kept, a backslash
+    included, so that ``display(display(t)) == display(t)``. With ``limit``, at most ``limit``
+    characters of ``text`` are shown, then ``...``. Linear in the characters shown."""
+    text = text if isinstance(text, str) else str(text)
+    cut = limit is not None and len(text) > limit
+    if cut:
+        text = text[:limit]
+    if not text.isprintable():
+        text = _NOT_PRINTABLE_ASCII.sub(_escape, text)
+    return text + "..." if cut else text
+
+
+_NOT_PRINTABLE_ASCII = re.compile(r"[^ -~]")  # candidates: ASCII controls and every non-ASCII character
+
+
+def _escape(match) -> str:
+    char = match.group()
+    return char if char.isprintable() else repr(char)[1:-1]
 
 
 def no_duplicates(pairs):

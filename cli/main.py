@@ -16,6 +16,7 @@ import sys
 import click
 
 from bfq import BfqFormatError, UserError, __version__
+from bfq._io import display
 
 USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 EXIT_USER_ERROR = 2
@@ -23,12 +24,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells expect
 
 
 def describe(exc: BaseException) -> str:
-    """One line for a user error raised by the library."""
+    """One line for a user error raised by the library, safe to print (bfq._io.display: a
+    message may quote a file's text)."""
     if isinstance(exc, BfqFormatError):
-        return f"invalid .bfq file: {exc}"
+        return f"invalid .bfq file: {display(exc)}"
     if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror}"
-    return " ".join(str(exc).split())
+        return display(f"{exc.filename}: {exc.strerror}")
+    if isinstance(exc, MemoryError):
+        return "out of memory: this machine could not give bfq the memory the command needs"
+    return display(" ".join(str(exc).split()))
 
 
 class BfqGroup(click.Group):
@@ -39,7 +43,7 @@ class BfqGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            if not isinstance(exc, USER_ERRORS) or os.environ.get("BFQ_DEBUG"):
+            if not isinstance(exc, (*USER_ERRORS, MemoryError)) or os.environ.get("BFQ_DEBUG"):
                 raise
             raise click.ClickException(describe(exc)) from None
 

@@ -473,6 +473,63 @@ def main(argv=None) -> int:
     add("blocks_over_limit_with_time_table.bfq", assemble(raw, G.data), "open", "more than 1000000",
         "FORMAT.md 5: 2 x 499,999 layers + 2 tensors + 1 time table = 1,000,001 blocks")
 
+    # -- FORMAT.md v1.2: the last two-reading places settled ------------------------------------
+    # §3.1/§4: the canonical form of every word, the last one included, is check 4 (deferrable)
+    stream = bytearray(block_bytes(P, loose["codes"]))
+    shift = (-(-14 // 3) - 1) * 10  # loose_k10_g3: [2, 7], g=3, k=10: 5 words in one cell, the last at bit 40
+    assert loose["shape"] == [2, 7] and loose["packing"]["word_bits"] == 10
+    cell = int.from_bytes(stream[:8], "little")
+    last = (cell >> shift) & 0x3FF
+
+    def radix5(v):
+        out = []
+        for _ in range(3):
+            v *= 5
+            out.append(v >> 10)
+            v &= 0x3FF
+        return out
+
+    assert last + 1 < 1024 and radix5(last + 1) == radix5(last) and radix5(last)[2] == 0
+    stream[:8] = (cell + (1 << shift)).to_bytes(8, "little")
+    h = P.h()
+    h["layers"][loose_i]["codes"]["crc32"] = zlib.crc32(bytes(stream))
+    add("last_word_not_rounded_up.bfq", assemble(dump_json(h), patch(P.data, loose["codes"]["offset"], bytes(stream))),
+        "verify", "not canonically encoded",
+        "FORMAT.md 3.1/4 (v1.2): the last word holds v + 1, same digits, zero-completed; canonical form is check 4 for "
+        "every word, the last one included, so only verification rejects it")
+    # §2 types: numbers compare as binary64 under IEEE equality, -0.0 == 0
+    raw_case("time_duplicate_negative_zero.bfq", S, b'"timesteps":[999,666.5,333,0]', b'"timesteps":[999,666.5,-0.0,0]',
+             "duplicates", "FORMAT.md 2 (v1.2): -0.0 and 0 are one binary64 value under IEEE equality")
+    # §2.3: a time cache holds features of the timestep alone
+    for key, value in [("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("num_class_embeds", 10)]:
+        header_case(f"time_scheduler_with_{key}.bfq", S, lambda h, k=key, v=value: h["model"]["config"].update({k: v}),
+                    "depends on conditioning",
+                    f"FORMAT.md 2.3 (v1.2): a scheduler-mode cache on a model whose config has {key} = {value!r} "
+                    "(the per-ResNet features would depend on conditioning)")
+    header_case("time_grid_with_time_cond_proj_dim.bfq", G, lambda h: h["model"]["config"].update(time_cond_proj_dim=256),
+                "depends on conditioning", "FORMAT.md 2.3 (v1.2): a grid table on a model whose time MLP takes a "
+                "condition (time_cond_proj_dim)")
+    # §2 model.source: required strings are non-empty
+    header_case("model_source_hub_repo_empty.bfq", W, lambda h: h["model"].update(source={"kind": "hub", "repo": ""}),
+                "header.model.source.repo", "FORMAT.md 2 (v1.2): a hub source with an empty repo")
+    header_case("model_source_builtin_name_empty.bfq", W,
+                lambda h: h["model"].update(source={"kind": "builtin", "name": ""}), "header.model.source.name",
+                "FORMAT.md 2 (v1.2): a builtin source with an empty name")
+    # §5: at most 2^19 JSON values; W's header plus model.config.x = [0, 0, ...] makes one more
+    def values(v):
+        if isinstance(v, dict):
+            return 1 + sum(values(x) for x in v.values())
+        if isinstance(v, list):
+            return 1 + sum(values(x) for x in v)
+        return 1
+
+    h = W.h()
+    h["model"]["config"]["x"] = "@X@"
+    zeros = (1 << 19) + 1 - values(h)  # the string "@X@" stands for the array itself
+    raw = dump_json(h).replace(b'"@X@"', b"[" + b",".join([b"0"] * zeros) + b"]")
+    add("header_values_over_limit.bfq", assemble(raw, W.data), "open", "more than 524288 JSON values",
+        "FORMAT.md 5 (v1.2): 2^19 + 1 JSON values (a list of zeros in model.config)")
+
     # -- write -------------------------------------------------------------------------------
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):

@@ -1,9 +1,23 @@
-"""Fuzzing the reader with mutated golden files (seeded), and a property-based writer -> reader
-round trip. Every byte of a .bfq file is covered by some check (FORMAT.md section 3), so every
-change to a golden file must be rejected -- with BfqFormatError and nothing else, quickly."""
+"""Fuzzing the reader: seeded mutations of golden files, a property-based writer -> reader round
+trip, and (issue 17) hypothesis-driven fuzzing -- mutated golden vectors (spec/vectors/) and
+headers generated from spec/header.schema.json, some with a layout made to fit so that they reach
+the block checks and decoders. Every input ends in acceptance or exactly one BfqFormatError, in
+bounded time and memory; never another exception. Every byte of a .bfq file is covered by some
+check (FORMAT.md section 3), so every change to a golden file must be rejected.
+
+CI runs a short budget. A long run is one command (random, not derandomized, when the variable
+is set):
+
+    BFQ_FUZZ_EXAMPLES=100000 OMP_NUM_THREADS=1 python -m pytest -q tests/test_fuzz.py -k hypothesis
+
+Coverage-guided fuzzing (optional, not a test dependency: `pip install atheris`):
+
+    OMP_NUM_THREADS=1 python tests/fuzz_atheris.py -max_total_time=600 -rss_limit_mb=4096
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -272,3 +286,199 @@ def test_writer_reader_round_trip(layer_list, tensor_list, cache):
                 assert f.header.time_cache.timesteps == (999.0, 500.5, 0.0)
             elif cache == "grid":
                 assert np.array_equal(f.read_time_table("time_embedding"), table.astype(np.float16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hypothesis fuzzing (issue 17): acceptance or one BfqFormatError, in bounded time and memory
+
+FUZZ_EXAMPLES = int(os.environ.get("BFQ_FUZZ_EXAMPLES") or 0)
+SCHEMA = json.loads((VECTORS.parent / "header.schema.json").read_text("utf-8"))
+MAX_EXTRA_BYTES = 16 << 20  # decoding allocates a small multiple of the file (FORMAT.md §5); fuzz files are KBs
+
+
+def _fuzz(examples: int):
+    """A short, derandomized budget in CI; BFQ_FUZZ_EXAMPLES=N runs N random examples instead."""
+    return settings(max_examples=FUZZ_EXAMPLES or examples, deadline=None, derandomize=not FUZZ_EXAMPLES,
+                    database=None, suppress_health_check=list(HealthCheck))
+
+
+@functools.cache
+def _compiled() -> bool:
+    """Decode every golden file once, so numba's first compilations are not timed as a hang."""
+    for name in GOLDEN:
+        with open_bfq(VECTORS / name) as f:
+            f.verify_all()
+    return True
+
+
+def bounded_outcome(data: bytes) -> str | None:
+    """outcome() of these bytes as a file, with its tracemalloc peak bounded too."""
+    import tracemalloc
+
+    _compiled()
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as tmp:
+        path = _write(Path(tmp) / "f.bfq", data)
+        tracemalloc.start()
+        try:
+            result = outcome(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 64 * len(data) + MAX_EXTRA_BYTES, f"{peak} bytes for a {len(data)}-byte file"
+    return result
+
+
+EDITS = st.sampled_from(["flip", "set", "insert", "delete", "truncate", "repeat"])
+
+
+@st.composite
+def byte_edits(draw, n: int):
+    """One edit of a byte string of length n: (kind, position, payload)."""
+    kind = draw(EDITS)
+    pos = draw(st.integers(0, max(n - 1, 0)))
+    payload = draw(st.one_of(st.binary(min_size=1, max_size=8), st.lists(st.sampled_from(STRUCTURAL), min_size=1, max_size=8).map(bytes)))
+    return kind, pos, payload
+
+
+def _apply(data: bytes, edits) -> bytes:
+    out = bytearray(data)
+    for kind, pos, payload in edits:
+        pos = min(pos, len(out))
+        if kind == "flip" and pos < len(out):
+            out[pos] ^= payload[0] or 1
+        elif kind == "set":
+            out[pos : pos + len(payload)] = payload
+        elif kind == "insert":
+            out[pos:pos] = payload
+        elif kind == "delete":
+            del out[pos : pos + len(payload)]
+        elif kind == "truncate":
+            del out[pos:]
+        elif kind == "repeat":
+            out[pos:pos] = out[pos : pos + 8 * len(payload)]
+    return bytes(out)
+
+
+@_fuzz(150)
+@given(name=st.sampled_from(GOLDEN), where=st.sampled_from(["file", "header"]), data=st.data())
+def test_hypothesis_mutated_golden_vectors(name, where, data):
+    """Edits of the whole file (CRCs left stale) or of the header alone (CRC and length recomputed,
+    so the JSON parser and the validator see them): never anything but acceptance or one
+    BfqFormatError; a file edit is always refused (every byte is checked)."""
+    original = (VECTORS / name).read_bytes()
+    if where == "file":
+        mutated = _apply(original, data.draw(st.lists(byte_edits(len(original)), min_size=1, max_size=4)))
+        result = bounded_outcome(mutated)
+        assert result is not None or mutated == original
+    else:
+        raw, blocks = _split(original)
+        mutated = _apply(raw, data.draw(st.lists(byte_edits(len(raw)), min_size=1, max_size=4)))
+        bounded_outcome(_assemble(mutated, blocks))
+
+
+def _strategy(schema: dict, depth: int = 0):
+    """Values for the subset of JSON Schema that spec/header.schema.json uses (its if/then rules
+    are left to the reader to enforce); small sizes, with the bounds themselves now and then."""
+    if "$ref" in schema:
+        return _strategy(SCHEMA["$defs"][schema["$ref"].split("/")[-1]], depth)
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            base = {k: v for k, v in schema.items() if k != key}
+            return st.one_of([_strategy({**base, **branch}, depth) for branch in schema[key]])
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind is None:  # any JSON (model.config values)
+        return _any_json(depth)
+    if isinstance(kind, list):
+        return st.one_of([_strategy({**schema, "type": k}, depth) for k in kind])
+    if kind == "integer":
+        lo, hi = schema.get("minimum", -(2**63)), schema.get("maximum", 2**64)
+        small = st.integers(lo, min(hi, lo + 9)) if lo > -(2**63) else st.integers(-3, 9)
+        return st.one_of(small, small, small, st.sampled_from(sorted({lo, hi}))) if lo > -(2**63) else small
+    if kind == "number":
+        return st.one_of(st.integers(-3, 1000), st.floats(allow_nan=False, allow_infinity=False))
+    if kind == "string":
+        if "pattern" in schema:
+            return st.from_regex(schema["pattern"], fullmatch=True)
+        return st.text(min_size=schema.get("minLength", 0), max_size=12)
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "null":
+        return st.none()
+    if kind == "array":
+        items = _strategy(schema.get("items", {}), depth + 1)
+        lo = schema.get("minItems", 0)
+        return st.lists(items, min_size=lo, max_size=min(schema.get("maxItems", lo + 3), lo + 3))
+    assert kind == "object", schema
+    props = schema.get("properties", {})
+    required = {k: _strategy(props[k], depth + 1) for k in schema.get("required", []) if k in props}
+    optional = {k: _strategy(v, depth + 1) for k, v in props.items() if k not in required}
+    extra = schema.get("additionalProperties", True)
+    fixed = st.fixed_dictionaries(required, optional=optional)
+    if extra is False or not isinstance(extra, dict) and depth > 2:
+        return fixed
+    free = st.dictionaries(st.text(max_size=6), _strategy(extra, depth + 1) if isinstance(extra, dict) else _any_json(depth + 1),
+                           min_size=schema.get("minProperties", 0), max_size=3)
+    return st.tuples(fixed, free).map(lambda pair: {**pair[1], **pair[0]})
+
+
+def _any_json(depth: int):
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
+    if depth > 4:
+        return scalars
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                        max_leaves=6)
+
+
+def _fit_layout(header: dict) -> bytes | None:
+    """Give every block the offset, length and CRC its entry implies (zero bytes: finite scales,
+    canonical all-zero code words), so that the header reaches the checks after the layout.
+    None when an entry is too odd or too big to fit."""
+    from bfq.format import pack
+    from bfq.format.constants import DENSE_DTYPES, num_levels
+
+    data = bytearray()
+
+    def place(block: dict, length: int) -> None:
+        data.extend(b"\0" * (-len(data) % 64))
+        block.update(offset=len(data), length=length, crc32=zlib.crc32(bytes(length)))
+        data.extend(bytes(length))
+
+    try:
+        for layer in header["layers"]:
+            size = int(np.prod(layer["shape"], dtype=object))
+            g, k = layer["packing"]["digits_per_word"], layer["packing"]["word_bits"]
+            num_levels(layer["bits"], layer["levels"])
+            if size > 1 << 16:
+                return None
+            place(layer["scales"], layer["shape"][0] * DENSE_DTYPES[layer["scales"]["dtype"]][0])
+            place(layer["codes"], 8 * pack.stream_cells(size, g, k))
+        cache = header.get("time_cache") or {}
+        tables = list(cache.get("features", {}).values()) + ([cache["embedding"]] if "embedding" in cache else [])
+        for entry in header["tensors"] + tables:
+            size = int(np.prod(entry["shape"], dtype=object))
+            if size > 1 << 16:
+                return None
+            place(entry, size * DENSE_DTYPES[entry["dtype"]][0])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError):
+        return None
+    return bytes(data)
+
+
+@_fuzz(150)
+@given(header=_strategy(SCHEMA), fit=st.booleans())
+def test_hypothesis_headers_from_the_schema(header, fit):
+    """Headers generated from the JSON Schema, with their blocks made to fit or not: acceptance or
+    one BfqFormatError; and whatever the reader accepts, the schema accepts (the schema expresses
+    a subset of FORMAT.md's rules, never a rule the reader does not make)."""
+    import jsonschema
+
+    data = _fit_layout(header) if fit else None
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    result = bounded_outcome(_assemble(raw, data or b""))
+    if result is None:
+        jsonschema.Draft202012Validator(SCHEMA).validate(header)

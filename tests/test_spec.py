@@ -255,7 +255,9 @@ recipe_null model_unknown_field model_class_name_empty model_source_kind_unknown
 model_source_revision_null model_source_hub_without_repo model_source_sha256_uppercase model_source_seed_float
 recipe_avg_bits_bool recipe_n_weights_total_float recipe_n_weights_total_zero recipe_n_params_total_string
 time_scheduler_features_empty time_scheduler_feature_key_empty time_scheduler_keeps_time_emb_proj
-time_grid_keeps_time_embedding
+time_grid_keeps_time_embedding time_duplicate_negative_zero time_scheduler_with_addition_embed_type
+time_scheduler_with_class_embed_type time_scheduler_with_num_class_embeds time_grid_with_time_cond_proj_dim
+model_source_hub_repo_empty model_source_builtin_name_empty
 """.split()
 
 
@@ -446,3 +448,133 @@ def test_a_noncanonical_word_opens_and_decodes_and_only_verification_rejects_it(
             with pytest.raises(BfqFormatError, match="not canonically encoded"):
                 f.verify_all()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# FORMAT.md v1.2: one normative sentence per former two-reading place, and bfq follows each
+
+
+def test_crc32_parameters_and_check_value():
+    """§3: CRC-32/ISO-HDLC as a generic engine states it gives zlib's crc32, check value 0xCBF43926."""
+    import zlib
+
+    def generic_crc32(data: bytes) -> int:  # reflected 0x04C11DB7, register 0xFFFFFFFF, xorout 0xFFFFFFFF
+        register = 0xFFFFFFFF
+        for byte in data:
+            register ^= byte
+            for _ in range(8):
+                register = (register >> 1) ^ (0xEDB88320 if register & 1 else 0)
+        return register ^ 0xFFFFFFFF
+
+    from bfq.format.header import _crc32
+
+    assert generic_crc32(b"123456789") == zlib.crc32(b"123456789") == _crc32(b"123456789") == 0xCBF43926
+    data = bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
+    assert generic_crc32(data) == _crc32(data)
+    assert "0xCBF43926" in (ROOT / "FORMAT.md").read_text("utf-8")
+
+
+def test_float_byte_order_and_bf16(tmp_path):
+    """§1: floats little-endian; bf16 is the upper half of a binary32."""
+    path = tmp_path / "f.bfq"
+    with BfqWriter(path, model=MODEL) as w:
+        w.add_tensor("a", np.array([1.5, -2.0], np.float32))
+        w.add_tensor("b", np.array([1.5, -2.0], np.float16))
+        w.add_tensor("c", (np.array([1.5, -2.0], np.float32).view(np.uint32) >> 16).astype(np.uint16), dtype="bf16")
+    data = path.read_bytes()
+    with open_bfq(path) as f:
+        blocks = {name: data[f.data_start + t.block.offset:][: t.block.length] for name, t in f.tensors.items()}
+        assert blocks["a"] == bytes.fromhex("0000c03f000000c0") and blocks["b"] == bytes.fromhex("003e00c0")
+        assert blocks["c"] == bytes.fromhex("c03f00c0")
+        upper = f.read_tensor("c").astype(np.uint32) << 16
+        assert upper.view(np.float32).tolist() == [1.5, -2.0]
+
+
+def test_first_checks_in_their_order(tmp_path):
+    """§1: length against 24, magic, version, header_length limit, header_length against the file."""
+    magic = b"\x89BFQ\r\n\x1a\n"
+    cases = [(magic[:6], "file:"), (b"PK" + bytes(30), "magic"),
+             (magic + struct.pack("<IIQ", 2, 0, 2**64 - 1), "version"),
+             (magic + struct.pack("<IIQ", 1, 0, 2**64 - 1), "exceeds"),
+             (magic + struct.pack("<IIQ", 1, 0, 100), "runs past the end")]
+    for i, (data, message) in enumerate(cases):
+        (tmp_path / f"{i}.bfq").write_bytes(data)
+        with pytest.raises(BfqFormatError, match=message):
+            open_bfq(tmp_path / f"{i}.bfq")
+
+
+def test_numbers_compare_under_ieee_equality(tmp_path):
+    """§2 types: -0.0 == 0, so a grid timestep -0.0 is 0 (and [0, -0.0] are duplicates: spec/invalid)."""
+    path = tmp_path / "g.bfq"
+    with BfqWriter(path, model=MODEL) as w:
+        w.set_time_cache("grid", [-0.0, 1.0], {"time_embedding": np.ones((2, 3), np.float16)})
+    assert b'"timesteps":[-0.0,1.0]' in path.read_bytes()
+    with open_bfq(path) as f:
+        assert f.header.time_cache.timesteps == (0.0, 1.0)
+
+
+def test_float_overflow_edge():
+    """§2's example: ...158e308 rounds down to the largest binary64, ...159e308 to infinity."""
+    assert _parse('{"x":1.7976931348623158e308}')["x"] == sys.float_info.max
+    with pytest.raises(BfqFormatError, match="non-finite"):
+        _parse('{"x":1.7976931348623159e308}')
+
+
+def test_deferrable_failures_do_not_stop_reading():
+    """§3.1: a file that fails only check 4 (code CRC, canonical words, the last word's included)
+    opens and reads every block with verify=False; only verification rejects it."""
+    deferred = [name for name, e in INVALID_EXPECTED["files"].items() if e["stage"] == "verify"]
+    assert {"word_not_rounded_up.bfq", "last_word_not_rounded_up.bfq", "crc_mismatch_codes.bfq"} <= set(deferred)
+    for name in deferred:
+        with open_bfq(INVALID / name, verify=False) as f:
+            _read_every_block(f)
+            for layer in f.layers:
+                f.read_codes(layer)
+
+
+def test_writer_refuses_a_time_cache_that_depends_on_conditioning(tmp_path):
+    """§2.3: bfq refuses to write what it refuses to read."""
+    path = tmp_path / "sdxl.bfq"
+    model = {"class_name": "UNet2DConditionModel", "config": {"addition_embed_type": "text_time"}}
+    with pytest.raises(BfqFormatError, match="depends on conditioning"), BfqWriter(path, model=model) as w:
+        w.set_time_cache("scheduler", [1, 2], {"down_blocks.0.resnets.0": np.ones((2, 3), np.float16)})
+    assert not path.exists()
+    with BfqWriter(path, model=model) as w:  # the timestep-only grid table stays allowed, as does null
+        w.set_time_cache("grid", [0, 1], {"time_embedding": np.ones((2, 3), np.float16)})
+    model["config"] = {"addition_embed_type": None, "class_embed_type": None}
+    with BfqWriter(path, model=model) as w:
+        w.set_time_cache("scheduler", [1, 2], {"down_blocks.0.resnets.0": np.ones((2, 3), np.float16)})
+    with open_bfq(path) as f:
+        assert f.header.time_cache.mode == "scheduler"
+
+
+def test_runtime_timesteps_match_listed_values_exactly():
+    """§2.3: a float32 runtime timestep is widened to binary64 and matched by IEEE equality."""
+    import torch
+
+    from bfq.quant.time_modules import _TimeState
+
+    listed = [float(np.float32(946.42105)), 0.0]
+    state = _TimeState(listed)
+    sample = torch.zeros(1, 4, 8, 8)
+    for t, row in [(torch.tensor(946.42105, dtype=torch.float32), 0), (torch.tensor(-0.0), 1), (0, 1)]:
+        state.pre_hook(None, (sample, t), {})
+        assert state.rows(torch.device("cpu")).tolist() == [row]
+    with pytest.raises(ValueError, match="not in the time-feature cache"):
+        state.pre_hook(None, (sample, torch.tensor(946.42105, dtype=torch.float64)), {})
+
+
+def test_accounting_for_embedding_tables_and_no_weights(tmp_path):
+    """§2.4: a 2-D `*.weight` counts (an embedding table too), a 1-D one not; N_w = 0: no figures."""
+    from bfq.format.inspect import summarize
+
+    path = tmp_path / "a.bfq"
+    with BfqWriter(path, model=MODEL) as w:
+        w.add_tensor("class_embedding.weight", np.ones((10, 4), np.float32))
+        w.add_tensor("norm.weight", np.ones(4, np.float32))
+    summary = summarize(path)
+    assert summary["dense_weights"] == 40 and summary["avg_bits"] == 32.0
+    with BfqWriter(path, model=MODEL) as w:
+        w.add_tensor("norm.weight", np.ones(4, np.float32))
+    summary = summarize(path)
+    assert summary["n_weights_total"] == 0 and summary["avg_bits"] is None and summary["bits_on_disk"] is None

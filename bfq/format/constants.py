@@ -15,6 +15,7 @@ ALIGNMENT = 64  # data section and every block start on a multiple of this
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 32  # the top-level object is level 1; every `{` and `[` opens one
+MAX_JSON_VALUES = 1 << 19  # objects, arrays, strings, numbers, literals; member names do not count
 MAX_NDIM = 8
 MAX_DIM = 1 << 40
 MAX_ELEMENTS = 1 << 48
@@ -34,6 +35,15 @@ RECIPE_INTEGER_KEYS = ("n_weights_total", "n_params_total")
 RECIPE_NUMBER_KEYS = ("avg_bits",)
 
 TIME_CACHE_MODES = ("scheduler", "grid")
+# model.config keys whose non-null value mixes conditioning into the time embedding (FORMAT.md §2.3),
+# by the kind of cache: per-ResNet features (scheduler mode's "features") hold what the timestep alone
+# gives, so any such key makes them wrong; the time embedding alone (scheduler mode's "embedding",
+# §2.3.1, and grid mode) is taken before conditioning is added, and only time_cond_proj_dim, which
+# conditions the time MLP itself, rules it out
+CONDITIONED_TIME_KEYS = {
+    "features": ("addition_embed_type", "class_embed_type", "num_class_embeds", "time_cond_proj_dim"),
+    "embedding": ("time_cond_proj_dim",),
+}
 TIME_CACHE_KEYS = {  # scheduler mode holds exactly one of features (per ResNet) and embedding (v1.2, §2.3.1)
     "scheduler": frozenset({"mode", "timesteps", "features", "embedding"}),
     "grid": frozenset({"mode", "timesteps", "embedding"}),

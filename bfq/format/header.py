@@ -15,9 +15,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from bfq._io import display
 from bfq.errors import BfqFormatError
 from bfq.format.constants import (
     ALIGNMENT,
+    CONDITIONED_TIME_KEYS,
     DENSE_DTYPES,
     LEVEL_SETS,
     MAX_BITS,
@@ -62,6 +64,15 @@ def _fail(path: str, message: str):
     raise BfqFormatError(f"{path}: {message}")
 
 
+def _show(value) -> str:
+    """A header value quoted in a message: short, and safe to print (bfq._io.display)."""
+    if isinstance(value, str):
+        return f"'{display(value, 60)}'"
+    if isinstance(value, (list, dict)):
+        return f"({type(value).__name__} of {len(value)})"
+    return display(value, 40)
+
+
 def _get(obj: dict, key: str, kind, path: str):
     if not isinstance(obj, dict):
         _fail(path, "must be an object")
@@ -69,14 +80,14 @@ def _get(obj: dict, key: str, kind, path: str):
         _fail(f"{path}.{key}", "missing")
     value = obj[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        _fail(f"{path}.{key}", f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r:.60}")
+        _fail(f"{path}.{key}", f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__} {_show(value)}")
     return value
 
 
 def _only_keys(obj: dict, allowed: set, path: str) -> None:
     extra = set(obj) - allowed
     if extra:
-        _fail(path, f"unknown field(s) {sorted(extra)!r:.120}")
+        _fail(path, f"unknown field(s) {', '.join(_show(k) for k in sorted(extra)[:5])}" + (" ..." if len(extra) > 5 else ""))
 
 
 def _shape(obj: dict, path: str, min_ndim: int = 1) -> tuple[int, ...]:
@@ -85,7 +96,7 @@ def _shape(obj: dict, path: str, min_ndim: int = 1) -> tuple[int, ...]:
         _fail(f"{path}.shape", f"{len(shape)} dimensions, expected {min_ndim}..{MAX_NDIM}")
     for dim in shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or not (1 <= dim <= MAX_DIM):
-            _fail(f"{path}.shape", f"dimension {dim!r:.40} outside 1..2^40")
+            _fail(f"{path}.shape", f"dimension {_show(dim)} outside 1..2^40")
     if math.prod(shape) > MAX_ELEMENTS:
         _fail(f"{path}.shape", f"{math.prod(shape)} elements exceeds 2^48")
     return tuple(shape)
@@ -171,12 +182,12 @@ def _parse_layer(obj: Any, path: str) -> Layer:
         _fail(f"{path}.bits", f"{bits} outside {MIN_BITS}..{MAX_BITS}")
     levels = _get(obj, "levels", str, path)
     if levels not in LEVEL_SETS:
-        _fail(f"{path}.levels", f"{levels!r:.40} is not one of {LEVEL_SETS}")
+        _fail(f"{path}.levels", f"{_show(levels)} is not one of {LEVEL_SETS}")
     packing = _get(obj, "packing", dict, path)
     _only_keys(packing, {"scheme", "digits_per_word", "word_bits"}, f"{path}.packing")
     scheme = _get(packing, "scheme", str, f"{path}.packing")
     if scheme != PACKING_SCHEME:
-        _fail(f"{path}.packing.scheme", f"unknown scheme {scheme!r:.60}; this reader knows {PACKING_SCHEME!r}")
+        _fail(f"{path}.packing.scheme", f"unknown scheme {_show(scheme)}; this reader knows {PACKING_SCHEME!r}")
     g = _get(packing, "digits_per_word", int, f"{path}.packing")
     k = _get(packing, "word_bits", int, f"{path}.packing")
     if not is_legal_packing(num_levels(bits, levels), g, k):
@@ -185,7 +196,7 @@ def _parse_layer(obj: Any, path: str) -> Layer:
     _only_keys(scales, {"dtype", "offset", "length", "crc32"}, f"{path}.scales")
     scale_dtype = _get(scales, "dtype", str, f"{path}.scales")
     if scale_dtype not in SCALE_DTYPES:
-        _fail(f"{path}.scales.dtype", f"{scale_dtype!r:.40} is not one of {SCALE_DTYPES}")
+        _fail(f"{path}.scales.dtype", f"{_show(scale_dtype)} is not one of {SCALE_DTYPES}")
     scales_block = _block(scales, f"{path}.scales", shape[0] * DENSE_DTYPES[scale_dtype][0])
     codes = _get(obj, "codes", dict, path)
     _only_keys(codes, {"offset", "length", "crc32"}, f"{path}.codes")
@@ -200,7 +211,7 @@ def _parse_dense(obj: Any, path: str, name: str | None = None) -> Dense:
         name = _name(obj, path)
     dtype = _get(obj, "dtype", str, path)
     if dtype not in DENSE_DTYPES:
-        _fail(f"{path}.dtype", f"unknown dtype {dtype!r:.40}; expected one of {sorted(DENSE_DTYPES)}")
+        _fail(f"{path}.dtype", f"unknown dtype {_show(dtype)}; expected one of {sorted(DENSE_DTYPES)}")
     shape = _shape(obj, path)
     return Dense(name, shape, dtype, _block(obj, path, math.prod(shape) * DENSE_DTYPES[dtype][0]))
 
@@ -212,7 +223,7 @@ def _finite_number(value, path: str) -> float:
     except OverflowError:  # an integer beyond float range
         ok = False
     if not ok:
-        _fail(path, f"expected a finite number, got {str(value)[:40]}")
+        _fail(path, f"expected a finite number, got {_show(value)}")
     return float(value)
 
 
@@ -248,7 +259,7 @@ def _timesteps(obj: dict, path: str) -> tuple[float, ...]:
 def _parse_time_cache(obj: Any, path: str) -> TimeCache:
     mode = _get(obj, "mode", str, path)
     if mode not in TIME_CACHE_MODES:
-        _fail(f"{path}.mode", f"{mode!r:.40} is not one of {TIME_CACHE_MODES}")
+        _fail(f"{path}.mode", f"{_show(mode)} is not one of {TIME_CACHE_MODES}")
     _only_keys(obj, TIME_CACHE_KEYS[mode], path)
     steps = _timesteps(obj, path)
     if mode == "scheduler" and "embedding" in obj:  # v1.2: the timestep MLP's output only (§2.3.1)
@@ -259,7 +270,7 @@ def _parse_time_cache(obj: Any, path: str) -> TimeCache:
         features = _get(obj, "features", dict, path)
         if not features or not all(features):
             _fail(f"{path}.features", "must be a non-empty object with non-empty keys")
-        tables = {name: _parse_dense(t, f"{path}.features.{name}", name) for name, t in features.items()}
+        tables = {name: _parse_dense(t, f"{path}.features.{display(name, 80)}", name) for name, t in features.items()}
     else:
         tables = {"time_embedding": _parse_dense(_get(obj, "embedding", dict, path), f"{path}.embedding", "time_embedding")}
         if steps != tuple(float(i) for i in range(len(steps))):
@@ -311,13 +322,13 @@ def _check_model(header: dict) -> None:
     source = _get(model, "source", dict, "header.model")
     kind = _get(source, "kind", str, path)
     if kind not in SOURCE_KINDS:
-        _fail(f"{path}.kind", f"{kind!r:.40} is not one of {sorted(SOURCE_KINDS)}")
+        _fail(f"{path}.kind", f"{_show(kind)} is not one of {sorted(SOURCE_KINDS)}")
     _only_keys(source, {"kind", *SOURCE_KINDS[kind]}, path)
     for key, (kind_type, required) in SOURCE_KINDS[kind].items():
-        if required or key in source:
-            _get(source, key, kind_type, path)
+        if (required or key in source) and _get(source, key, kind_type, path) == "" and required:
+            _fail(f"{path}.{key}", "must not be empty")
     if kind == "file" and not re.fullmatch(SHA256_PATTERN, source["sha256"]):
-        _fail(f"{path}.sha256", f"{source['sha256']!r:.80} is not 64 lowercase hexadecimal digits")
+        _fail(f"{path}.sha256", f"{_show(source['sha256'])} is not 64 lowercase hexadecimal digits")
 
 
 def _check_recipe(header: dict) -> None:
@@ -341,7 +352,7 @@ def _entries(raw: list, parse, kind: str, taken: dict) -> dict:
     for i, obj in enumerate(raw):
         entry = parse(obj, f"{kind}[{i}]")
         if entry.name in out or entry.name in taken:
-            _fail(f"{kind}[{i}].name", f"duplicate name {entry.name!r}")
+            _fail(f"{kind}[{i}].name", f"duplicate name {_show(entry.name)}")
         out[entry.name] = entry
     return out
 
@@ -349,7 +360,18 @@ def _entries(raw: list, parse, kind: str, taken: dict) -> dict:
 def _check_time_layers_absent(cache: TimeCache, kind: str, names) -> None:
     for i, name in enumerate(names):
         if replaced_by_time_cache(name, cache.mode, cache.per_resnet):
-            _fail(f"{kind}[{i}].name", f"{name!r} is a time layer the {cache.mode} time cache replaces")
+            _fail(f"{kind}[{i}].name", f"{_show(name)} is a time layer the {cache.mode} time cache replaces")
+
+
+def _check_time_cache_fits(config: dict, cache: TimeCache) -> None:
+    """FORMAT.md §2.3: a time cache holds features of the timestep alone; a model whose time
+    embedding mixes in conditioning must not carry one that this conditioning would change."""
+    kind = "features" if cache.per_resnet else "embedding"
+    for key in CONDITIONED_TIME_KEYS[kind]:
+        if config.get(key) is not None:
+            what = "per-ResNet time features" if cache.per_resnet else "the time embedding"
+            _fail("time_cache", f"a {cache.mode}-mode cache of {what} holds features of the timestep alone, but "
+                                f"model.config.{key} is {_show(config[key])}: this model's cached features would depend on conditioning")
 
 
 def validate_header(header: dict) -> Header:
@@ -369,6 +391,7 @@ def validate_header(header: dict) -> Header:
     layers = _entries(layers_raw, _parse_layer, "layers", {})
     tensors = _entries(tensors_raw, _parse_dense, "tensors", layers)
     if cache:
+        _check_time_cache_fits(header["model"]["config"], cache)
         _check_time_layers_absent(cache, "layers", layers)
         _check_time_layers_absent(cache, "tensors", tensors)
     return Header(header, layers, tensors, cache)

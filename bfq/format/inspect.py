@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from bfq._io import display
 from bfq.format.constants import bits_per_level_ideal
 from bfq.format.header import Dense
 from bfq.format.reader import BfqFile, open_bfq
@@ -76,14 +77,15 @@ def summarize(source: str | os.PathLike | BfqFile) -> dict:
 
 def format_summary(summary: dict, *, max_rows: int | None = None) -> str:
     """Human-readable report: model, per-layer table (``max_rows`` rows; all for None, no table for
-    0), totals."""
+    0), totals. Every text taken from the file goes through `bfq._io.display`, so that a file
+    cannot add or overwrite a line of its own report."""
     lines = [
-        f"file        {summary['file']}  ({summary['file_bytes']:,} bytes, {summary['file_bytes'] / 1e6:.2f} MB)",
-        f"producer    {summary['producer']}",
-        f"model       {summary['model']['class_name']}  source={_source(summary['model']['source'])}",
+        f"file        {display(summary['file'])}  ({summary['file_bytes']:,} bytes, {summary['file_bytes'] / 1e6:.2f} MB)",
+        f"producer    {display(summary['producer'])}",
+        f"model       {display(summary['model']['class_name'])}  source={_source(summary['model']['source'])}",
     ]
     if summary["recipe_name"]:
-        lines.append(f"recipe      {summary['recipe_name']}")
+        lines.append(f"recipe      {display(summary['recipe_name'])}")
     cache = summary["time_cache"]
     if cache:
         lines.append(f"time cache  {cache['mode']}: {cache['timesteps']} timesteps, {cache['values']:,} values, {cache['bytes']:,} bytes")
@@ -111,12 +113,13 @@ def is_weight(tensor: Dense) -> bool:
 
 
 def _layer_table(summary: dict, max_rows: int | None) -> list[str]:
-    width = max([len(r["name"]) for r in summary["layers"]] + [5])
-    lines = ["", f"{'layer':<{width}}  {'shape':<18} {'bits':>4} {'levels':>6} {'bytes':>12} {'bits/w':>7}"]
     rows = summary["layers"] if max_rows is None else summary["layers"][:max_rows]
-    for r in rows:
+    names = [display(r["name"]) for r in rows]
+    width = max([len(name) for name in names] + [5])
+    lines = ["", f"{'layer':<{width}}  {'shape':<18} {'bits':>4} {'levels':>6} {'bytes':>12} {'bits/w':>7}"]
+    for name, r in zip(names, rows):
         shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['name']:<{width}}  {shape:<18} {r['bits']:>4} {r['num_levels']:>6} {r['bytes']:>12,} {r['bits_per_weight']:>7.3f}")
+        lines.append(f"{name:<{width}}  {shape:<18} {r['bits']:>4} {r['num_levels']:>6} {r['bytes']:>12,} {r['bits_per_weight']:>7.3f}")
     if len(rows) < len(summary["layers"]):
         lines.append(f"... {len(summary['layers']) - len(rows)} more layers (--all shows them)")
     return lines
@@ -125,7 +128,7 @@ def _layer_table(summary: dict, max_rows: int | None) -> list[str]:
 def _source(source) -> str:
     if not source:
         return "unknown"
-    return ",".join(f"{k}={v}" for k, v in source.items())
+    return ",".join(f"{k}={display(v)}" for k, v in source.items())
 
 
 def layer_bits_histogram(summary: dict) -> dict[int, int]:

@@ -61,10 +61,10 @@ class BfqFile:
             raise BfqFormatError(f"header_length: {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if PREAMBLE_SIZE + header_len > self.file_bytes:
             raise BfqFormatError(f"header_length: {header_len} runs past the end of the {self.file_bytes}-byte file")
-        raw = self._mmap[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]
-        if _crc32(raw) != header_crc:
-            raise BfqFormatError(f"header_crc32: stored {header_crc:#010x}, computed {_crc32(raw):#010x}")
-        header = validate_header(parse_header(raw))
+        with memoryview(self._mmap) as whole, whole[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len] as raw:  # not copied
+            if _crc32(raw) != header_crc:
+                raise BfqFormatError(f"header_crc32: stored {header_crc:#010x}, computed {_crc32(raw):#010x}")
+            header = validate_header(parse_header(raw))
         self.data_start = align_up(PREAMBLE_SIZE + header_len)
         data_len = check_layout(header.blocks())
         if self.data_start + data_len != self.file_bytes:

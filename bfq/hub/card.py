@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from bfq._io import sha256_file
+from bfq._io import display, sha256_file
 from bfq.download import _offline
 from bfq.families import FAMILIES, FamilyError, family_for_config
 
@@ -20,6 +20,8 @@ _SD_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a cozy wooden 
 _TINYSD_PROMPTS = ("a handwritten digit three", "a handwritten digit seven")
 _TINY = tuple(f.tiny_name for f in FAMILIES)  # the bundled tiny pipelines, trained on the same digits
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?", re.ASCII)  # a Hub repo id; anything else from a file is not linked
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>|~&])")  # what opens inline Markdown or HTML mid-line
 _BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|conv_in|conv_out)(?:\.|$)")
 
 
@@ -110,6 +112,13 @@ def _sampled_steps(summary: dict) -> int:
     return cache["timesteps"] if cache and cache["mode"] == "scheduler" else 50
 
 
+def _md(text, limit: int = 200) -> str:
+    """Text from a .bfq file as literal Markdown in the middle of a line: bfq._io.display, then the
+    characters that open inline Markdown backslash-escaped (a name cannot start a link, a table
+    cell, HTML, emphasis or a code span)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", display(text, limit))
+
+
 def _fmt_bytes(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
@@ -159,7 +168,10 @@ def model_card(
     summary = summary or summarize(path)
     filename = filename or path.name
     repo_id = repo_id or "USER/NAME"
-    base = base if base is not None else base_model_info(summary["model"]["source"], token=token)
+    base = dict(base if base is not None else base_model_info(summary["model"]["source"], token=token))
+    for key in ("base_model", "pipeline"):  # from the file: used in YAML, links and code only as a repo id
+        if base.get(key) and base[key] not in _TINY and not _REPO_ID.fullmatch(str(base[key])):
+            base[key] = None
     avg = summary["avg_bits"]
     files = sorted(files or [file_entry(filename, summary, sha256_file(path))], key=lambda f: f["file"])
     name_file = name_file or len(files) > 1
@@ -194,7 +206,7 @@ def model_card(
     quantized_from = (
         f"[{base['base_model']}](https://huggingface.co/{base['base_model']})" if base.get("base_model")
         else f"{base['pipeline']}, the small digit model bundled with bfq" if base.get("pipeline") in _TINY
-        else f"`{source.get('name', 'a Stable Diffusion UNet')}`"
+        else _md(source.get("name", "a Stable Diffusion UNet"))
     )  # fmt: skip
     title = repo_id.split("/")[-1]
     scheduler_cache = bool(summary["time_cache"]) and summary["time_cache"]["mode"] == "scheduler"
@@ -210,7 +222,7 @@ def model_card(
         f"The UNet of {quantized_from} quantized to **{avg:.2f} bits per weight** with "
         "bfq (BitsFusion, Sui et al., NeurIPS 2024), stored in "
         f"`{filename}`: a checksummed, memory-mappable `.bfq` container "
-        f"({_fmt_bytes(summary['file_bytes'])}), written by {summary['producer']}.",
+        f"({_fmt_bytes(summary['file_bytes'])}), written by {_md(summary['producer'])}.",
         "",
         "## Use it",
         "",
@@ -250,10 +262,10 @@ def model_card(
         "## Recipe" + (f" of `{filename}`" if len(files) > 1 else ""),
         "",
     ]
-    recipe = summary["recipe_name"] or "custom"
+    recipe = _md(summary["recipe_name"] or "custom")
     cache = summary["time_cache"]
     lines.append(
-        f"Recipe `{recipe}`; {summary['n_layers']} quantized layers ({summary['quantized_weights']:,} weights)"
+        f"Recipe {recipe}; {summary['n_layers']} quantized layers ({summary['quantized_weights']:,} weights)"
         + (f"; time features cached ({cache['mode']} mode, {cache['timesteps']} timesteps)." if cache else ".")
     )
     lines += ["", "| block | layers | weights | bit-widths (layers) | avg bits |", "|---|---:|---:|---|---:|"]
