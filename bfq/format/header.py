@@ -371,7 +371,7 @@ def _check_time_cache_fits(config: dict, cache: TimeCache) -> None:
         if config.get(key) is not None:
             what = "per-ResNet time features" if cache.per_resnet else "the time embedding"
             _fail("time_cache", f"a {cache.mode}-mode cache of {what} holds features of the timestep alone, but "
-                                f"model.config.{key} is {_show(config[key])}: this model's cached features would depend on conditioning")
+                                f"model.config.{key} is {_show(config[key])}: what it caches depends on conditioning")
 
 
 def validate_header(header: dict) -> Header:

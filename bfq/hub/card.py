@@ -310,20 +310,22 @@ def _files_table(files: list[dict], fp16_bytes: int | None) -> list[str]:
     lines = ["## Files", "", "| file | avg bits per weight | size | recipe |", "|---|---:|---:|---|"]
     for f in files:
         bits = f"{f['avg_bits']:.4f}" if f.get("avg_bits") is not None else "? (not pushed with `bfq push`)"
-        lines.append(f"| `{f['file']}` | {bits} | {_fmt_bytes(f['bytes'])} | {f.get('recipe') or '?'} |")
+        name = display(f["file"]).replace("`", "'")  # a code span: only a backtick could end it
+        lines.append(f"| `{name}` | {bits} | {_fmt_bytes(f['bytes'])} | {_md(f.get('recipe') or '?')} |")
     note = f" (the UNet in fp16: {_fmt_bytes(fp16_bytes)})" if fp16_bytes else ""
     return lines + ["", f"Pass any of these file names to `load_pipeline` or `bfq.load_unet` as above{note}.", ""]
 
 
 _RECORD = re.compile(r"^<!-- bfq-files: (\[.*\]) -->$", re.M)
+_RECORD_UNSAFE = re.compile(r'[^A-Za-z0-9._/:,\[\]{}"\\-]')
 
 
 def _files_record(files: list[dict]) -> str:
     """A hidden line listing the repo's .bfq files, for the next push to keep them on the card
-    (JSON, with '<' and '>' escaped so a file name cannot end the HTML comment)."""
+    (JSON whose strings keep only letters, digits and ``._-/:`` as they are, the rest \\u-escaped, so
+    a name from a file can neither end the HTML comment nor show as Markdown)."""
     text = json.dumps(files, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e")
-    return f"<!-- bfq-files: {text} -->"
+    return "<!-- bfq-files: " + _RECORD_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + " -->"
 
 
 def card_files(card: str) -> dict[str, dict]:
