@@ -310,7 +310,7 @@ def _files_table(files: list[dict], fp16_bytes: int | None) -> list[str]:
     lines = ["## Files", "", "| file | avg bits per weight | size | recipe |", "|---|---:|---:|---|"]
     for f in files:
         bits = f"{f['avg_bits']:.4f}" if f.get("avg_bits") is not None else "? (not pushed with `bfq push`)"
-        name = display(f["file"]).replace("`", "'")  # a code span: only a backtick could end it
+        name = display(f["file"]).replace("`", "'").replace("|", "\\|")  # a code span in a table cell
         lines.append(f"| `{name}` | {bits} | {_fmt_bytes(f['bytes'])} | {_md(f.get('recipe') or '?')} |")
     note = f" (the UNet in fp16: {_fmt_bytes(fp16_bytes)})" if fp16_bytes else ""
     return lines + ["", f"Pass any of these file names to `load_pipeline` or `bfq.load_unet` as above{note}.", ""]
