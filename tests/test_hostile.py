@@ -279,3 +279,32 @@ def test_out_of_memory_under_a_real_limit(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.splitlines() == ["bfq: error: out of memory: this machine could not give bfq the memory the command needs"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Free-text metadata that reaches diffusers (the sampler a scheduler cache was made for)
+
+
+@pytest.mark.parametrize("scheduler, steps", [
+    ("{not json", "20"),
+    ('{"class_name": "StableDiffusionPipeline", "config": {}}', "20"),  # not a scheduler class
+    ('{"class_name": "DDIMScheduler", "config": []}', "20"),
+    ('{"class_name": "DDIMScheduler", "config": {}}', "1e999"),
+    ('{"class_name": "DDIMScheduler", "config": {}}', "99999999999"),
+    ('{"class_name": "DDIMScheduler", "config": {"num_train_timesteps": "\\u001b[31mred"}}', "20"),
+    ('[' * 100_000, "20"),
+])  # fmt: skip
+def test_metadata_sampler_is_one_input_error(scheduler, steps):
+    from bfq.errors import InputError
+    from bfq.runtime.generate import cached_sampler
+
+    with pytest.raises(InputError) as caught:
+        cached_sampler({"scheduler": scheduler, "num_inference_steps": steps})
+    assert not any(c in str(caught.value) for c in UNSAFE)
+
+
+def test_metadata_sampler_of_a_real_scheduler_builds():
+    from bfq.runtime.generate import cached_sampler
+
+    scheduler, steps = cached_sampler({"scheduler": '{"class_name": "DDIMScheduler", "config": {}}', "num_inference_steps": "7"})
+    assert type(scheduler).__name__ == "DDIMScheduler" and steps == 7

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bfq._io import atomic_path, sha256_file
+from bfq._io import atomic_path, display, sha256_file
 from bfq._quiet import quiet_libraries
 from bfq.errors import InputError
 from bfq.families import FAMILIES, family_for_config
@@ -87,16 +87,32 @@ def _unet_sha256(unet_dir: Path) -> str | None:
 
 
 def cached_sampler(metadata: dict):
-    """(scheduler, steps) a scheduler-mode cache was made for, from the file's metadata, or (None, None)."""
+    """(scheduler, steps) a scheduler-mode cache was made for, from the file's metadata, or (None, None).
+
+    Metadata is free text that any writer may fill: what cannot be a diffusers scheduler is refused
+    in one line (:class:`InputError`, its text escaped) instead of reaching diffusers."""
     if "scheduler" not in metadata:
         return None, None
     import diffusers
 
-    spec = json.loads(metadata["scheduler"])
-    cls = getattr(diffusers, spec["class_name"], None)
+    try:
+        spec = json.loads(metadata["scheduler"])
+        name, config = spec["class_name"], spec["config"]
+        steps = int(metadata.get("num_inference_steps", DEFAULT_STEPS))
+        if not (isinstance(name, str) and name.endswith("Scheduler") and isinstance(config, dict) and 1 <= steps <= 10_000):
+            raise ValueError
+    except (ValueError, TypeError, KeyError, RecursionError):
+        raise InputError(f"the file's metadata names no usable sampler (scheduler {display(metadata['scheduler'], 80)}, "
+                         f"steps {display(metadata.get('num_inference_steps'), 20)})") from None  # fmt: skip
+    cls = getattr(diffusers, name, None)
     if cls is None:
         return None, None
-    return cls.from_config(spec["config"]), int(metadata.get("num_inference_steps", DEFAULT_STEPS))
+    try:
+        with quiet_libraries():
+            return cls.from_config(config), steps
+    except Exception as exc:  # a hostile config may break a scheduler's constructor anywhere
+        raise InputError(f"the file's scheduler {display(name, 60)} cannot be built from its metadata: "
+                         f"{display(str(exc), 120)}") from None  # fmt: skip
 
 
 def make_sampler(name: str, like):
