@@ -24,6 +24,7 @@ from torch import nn
 from bfq.errors import BfqFormatError, UserError
 from bfq.families import FamilyError, family_for_config
 from bfq.format import BfqFile, open_bfq
+from bfq.format.diffusers_layout import open_layout
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
 from bfq.runtime.packed import PACKED_TYPES, Workspace
 
@@ -51,7 +52,7 @@ def load_unet(
     """Build the diffusers model stored in a .bfq file.
 
     Args:
-        source: a local .bfq path, or a Hub repo id ("user/name", optionally with a file name
+        source: a local .bfq path, a folder in the diffusers layout (FORMAT.md appendix A), or a Hub repo id ("user/name", optionally with a file name
             "user/name/model.bfq") fetched through huggingface_hub.
         runtime: "packed" (weights stay ~2-bit in memory and are decoded at every forward),
             "dense" (decoded once into ``dtype``) or "auto" (default: packed on the CPU, where it
@@ -78,7 +79,7 @@ def load_unet(
     if dtype not in _DECODE_AS:
         raise ValueError(f"dtype must be one of {list(_DECODE_AS)}, got {dtype}")
     path = _resolve(source, revision)
-    bfq = open_bfq(path, verify=verify)
+    bfq = open_layout(path, verify=verify) if os.path.isdir(path) else open_bfq(path, verify=verify)
     try:
         model = _empty_model(bfq)
         _install_time_cache(model, bfq, dtype)
