@@ -75,11 +75,12 @@ def model_config(header: Header) -> dict:
     return config
 
 
-def write_layout(bfq, out_dir: str | os.PathLike, component: str) -> Path:
-    """Write the open, validated BfqFile ``bfq`` as ``out_dir/component/`` (checking every block's
-    CRC-32 on the way); returns the component folder. Refuses to replace an existing folder."""
-    folder = Path(out_dir) / component
-    if folder.exists() and any(folder.iterdir()):
+def write_layout(bfq, out_dir: str | os.PathLike, component: str | None, *, replace: bool = False) -> Path:
+    """Write the open, validated BfqFile ``bfq`` as ``out_dir/component/`` (``out_dir`` itself when
+    ``component`` is None), checking every block's CRC-32 on the way; returns the component folder.
+    Refuses to write into a non-empty folder unless ``replace`` (then only its two files are replaced)."""
+    folder = Path(out_dir) / component if component else Path(out_dir)
+    if not replace and folder.exists() and any(folder.iterdir()):
         raise OutputError(f"{folder}: already exists and is not empty; choose another output folder")
     entries = tensor_entries(bfq.header)
     header_bytes = bytes(bfq._mmap[PREAMBLE_SIZE : PREAMBLE_SIZE + bfq.header_length])
