@@ -294,3 +294,29 @@ def test_torch_compile_has_no_graph_break(tiny):
         assert torch.equal(compiled(sample, t, ehs).sample, unet(sample, t, ehs).sample)
     ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
     assert any("bfq.dequantize" in op for op in ops)
+
+
+def test_quantizing_on_load_equals_bfq_quantize_and_saves_the_layout(tiny, tmp_path):
+    """quantization_config=bfq.BfqConfig(...) on a float model (alone, or through
+    PipelineQuantizationConfig) quantizes as `bfq quantize` does (same codes and scales) and keeps
+    the model packed; save_pretrained writes a bfq folder that loads back packed."""
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig, UNet2DConditionModel
+
+    from bfq.tinysd import pipeline_dir
+
+    config = bfq.BfqConfig(recipe="uniform-2", steps=4)
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir(), subfolder="unet", quantization_config=config)
+    expected = bfq.load_unet(tiny[0])
+    assert unet.hf_quantizer.quantization_config.time_cache == "scheduler"
+    ours = {n: (m.codes, m.scale_bits) for n, m in packed_layers(unet)}
+    theirs = {n: (m.codes, m.scale_bits) for n, m in packed_layers(expected)}
+    assert ours.keys() == theirs.keys() and len(ours) == 119
+    assert all(torch.equal(ours[n][0], theirs[n][0]) and torch.equal(ours[n][1], theirs[n][1]) for n in ours)
+    unet.save_pretrained(tmp_path / "unet")
+    saved = json.loads((tmp_path / "unet" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "bfq" and saved["layer_bits"] == {"2": 117, "8": 2}
+    assert len(packed_layers(UNet2DConditionModel.from_pretrained(tmp_path / "unet"))) == 119
+    mapping = PipelineQuantizationConfig(quant_mapping={"unet": bfq.BfqConfig(recipe="uniform-2", steps=4)})
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir(), quantization_config=mapping)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert bytes(read_layout(tmp_path / "pipe")) == bytes(read_layout(tmp_path / "unet"))

@@ -28,7 +28,7 @@ LAYERS = {
     "tinysdxl": {"format", "families", "quant", "tinysd"},
     "pipeline": {"format", "families", "quant", "tinysd", "tinysdxl"},
     "runtime": {"format", "families", "quant", "tinysd", "tinysdxl"},
-    "diffusers": {"format", "families", "quant", "tinysd", "tinysdxl", "runtime"},
+    "diffusers": {"format", "families", "quant", "tinysd", "tinysdxl", "pipeline", "runtime"},
     "hub": {"format", "families", "quant", "tinysd", "tinysdxl", "runtime"},
 }
 BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq._quiet", "bfq.download", "bfq._diffusers_hook"}

@@ -30,12 +30,24 @@ class BfqConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a bfq model.
 
     Args:
+        bits, recipe: quantizing a float model on load (``from_pretrained(fp_repo, subfolder="unet",
+            quantization_config=BfqConfig(bits=2))``): a target average bit-width (the default
+            allocator, from the cached sensitivity analysis) or a recipe (a name such as
+            ``"uniform-2"`` or a recipe file), exactly as ``bfq quantize``; bfq's initialization
+            only, no fine-tuning. Ignored when the folder is already a bfq model.
+        time_cache: when quantizing, "scheduler" (default; needs the pipeline's scheduler next to
+            the model folder), "grid" or "none". In a saved config: the file's mode.
+        steps: when quantizing with a scheduler time cache, the sampler steps it is made for.
         runtime: "packed" (weights stay ~2-bit in memory), "dense" (decoded once) or "auto"
             (packed on the CPU, dense on accelerators), as in :func:`bfq.load_unet`.
-        layout, format_version, time_cache, avg_bits, layer_bits: what a saved folder's
-            config.json says about its file (informative; FORMAT.md appendix A).
+        layout, format_version, avg_bits, layer_bits: what a saved folder's config.json says
+            about its file (informative; FORMAT.md appendix A).
     """
 
+    quant_method: BfqMethod = BfqMethod.BFQ
+    bits: float | None = None
+    recipe: str | None = None
+    steps: int | None = None
     runtime: str = "auto"
     layout: int | None = LAYOUT_VERSION
     format_version: int | None = 1
@@ -48,7 +60,7 @@ class BfqConfig(QuantizationConfigMixin):
         if self.runtime not in RUNTIMES:
             raise ValueError(f"BfqConfig: runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict:  # quantizing options are not kept: a saved folder is a quantized model
         return {"quant_method": "bfq", "runtime": self.runtime, "layout": self.layout, "format_version": self.format_version,
                 "time_cache": self.time_cache, "avg_bits": self.avg_bits, "layer_bits": dict(self.layer_bits)}  # fmt: skip
 
@@ -61,7 +73,7 @@ class BfqConfig(QuantizationConfigMixin):
 
 class BfqQuantizer(DiffusersQuantizer):
     use_keep_in_fp32_modules = False
-    requires_calibration = True  # loads bfq folders; quantizing on load is not offered
+    requires_calibration = False
 
     def __init__(self, quantization_config: BfqConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -95,11 +107,39 @@ class BfqQuantizer(DiffusersQuantizer):
         if len(self.files) != 1 or not str(self.files[0]).endswith(".safetensors"):
             raise UserError(f"a bfq model is one diffusion_pytorch_model.safetensors file, got {self.files}")
         path = str(self.files[0])
-        with open(path, "rb") as fh:
-            bfq = BfqFile.from_bytes(layout_to_bfq_bytes(fh.read(), path), path)
+        if self.pre_quantized:
+            with open(path, "rb") as fh:
+                bfq = BfqFile.from_bytes(layout_to_bfq_bytes(fh.read(), path), path)
+        else:
+            bfq = self._quantize(path)
         runtime = resolve_runtime(self.quantization_config.runtime, torch.device("cpu"))
         build_into(model, bfq, runtime, self.dtype)
         return model
+
+    def _quantize(self, weights_file: str):
+        """Quantize the float model whose weights are ``weights_file`` as ``bfq quantize`` does, into memory."""
+        import os
+        import tempfile
+
+        from bfq.format.diffusers_layout import quantization_config
+        from bfq.format.reader import BfqFile
+        from bfq.pipeline.quantize import quantize
+
+        cfg = self.quantization_config
+        folder = os.path.dirname(weights_file)
+        parent = os.path.dirname(folder)
+        is_pipeline = os.path.isfile(os.path.join(parent, "model_index.json"))
+        source, subfolder = (parent, os.path.basename(folder)) if is_pipeline else (folder, None)
+        with tempfile.TemporaryDirectory(prefix="bfq-") as tmp:
+            out = os.path.join(tmp, "model.bfq")
+            quantize(source, out, bits=cfg.bits, recipe=cfg.recipe, time_cache=cfg.time_cache or "scheduler",
+                     steps=cfg.steps, subfolder=subfolder, progress=False)  # fmt: skip
+            with open(out, "rb") as fh:
+                bfq = BfqFile.from_bytes(bytearray(fh.read()), out)
+        for key, value in quantization_config(bfq.header).items():  # what the saved config.json will say
+            if key in cfg.__dataclass_fields__:
+                setattr(cfg, key, value)
+        return bfq
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         self.model = model
