@@ -320,3 +320,31 @@ def test_quantizing_on_load_equals_bfq_quantize_and_saves_the_layout(tiny, tmp_p
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir(), quantization_config=mapping)
     pipe.save_pretrained(tmp_path / "pipe")
     assert bytes(read_layout(tmp_path / "pipe")) == bytes(read_layout(tmp_path / "unet"))
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+def test_push_diffusers_then_from_pretrained_in_a_fresh_process_generates_the_bfq_images(tiny, reference, tmp_path, monkeypatch):
+    """`bfq push --diffusers` of tiny-sd's .bfq to the local Hub; a fresh Python process that runs
+    plain diffusers + `import bfq` on the repo id, offline from the Hub cache the second time,
+    generates the images `bfq.load_pipeline` makes from the .bfq (the same prompt, seed and steps)."""
+    from tests.hub_server import FakeHub, point_client_at
+
+    token = "hf_TestTokenMustNeverLeak0123456789"
+    with FakeHub(token=token) as server:
+        point_client_at(monkeypatch, server.url, tmp_path / "hf-home", token=token)
+        result = _cli("push", tiny[0], "--repo", "user/tiny-diffusers", "--diffusers")
+        assert result.exit_code == 0, result.output
+        card = server.file("user/tiny-diffusers", "README.md").decode()
+        assert 'pipe = DiffusionPipeline.from_pretrained("user/tiny-diffusers")' in card and "import bfq" in card
+        code = ("import sys, bfq, torch, numpy as np\n"
+                "from diffusers import DiffusionPipeline\n"
+                "pipe = DiffusionPipeline.from_pretrained('user/tiny-diffusers')\n"
+                "from bfq.runtime.packed import packed_layers\n"
+                "assert len(packed_layers(pipe.unet)) == 119\n"
+                f"images = pipe({PROMPT!r}, num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type='np').images\n"
+                "np.save(sys.argv[1], images)\n")  # fmt: skip
+        for offline, out in (("0", tmp_path / "online.npy"), ("1", tmp_path / "offline.npy")):
+            env = {**__import__("os").environ, "HF_HUB_OFFLINE": offline, "OMP_NUM_THREADS": "1"}
+            run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert np.array_equal(np.load(out), reference), offline
