@@ -348,3 +348,27 @@ def test_push_diffusers_then_from_pretrained_in_a_fresh_process_generates_the_bf
             run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
             assert run.returncode == 0, run.stderr[-3000:]
             assert np.array_equal(np.load(out), reference), offline
+
+
+def test_dense_runtime_and_verify_build_of_a_folder(tiny):
+    """BfqConfig(runtime="dense") when quantizing on load, and bfq.load_unet(folder, runtime="dense")
+    for a saved folder (diffusers takes a saved folder's own quantization_config over the caller's),
+    decode every layer once and compute what the packed model computes; `bfq verify --build` builds a folder."""
+    from diffusers import UNet2DConditionModel
+
+    from bfq.tinysd import pipeline_dir
+
+    dense = UNet2DConditionModel.from_pretrained(pipeline_dir(), subfolder="unet",
+                                                 quantization_config=bfq.BfqConfig(recipe="uniform-2", steps=4, runtime="dense"))  # fmt: skip
+    from_folder = bfq.load_unet(tiny[1], runtime="dense")
+    packed = bfq.load_unet(tiny[0])
+    assert not packed_layers(dense) and not packed_layers(from_folder)
+    t = bfq.format.open_bfq(tiny[0]).header.time_cache.timesteps[0]
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ehs = torch.randn(1, 7, packed.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = packed(sample, t, ehs).sample
+        assert torch.equal(dense(sample, t, ehs).sample, expected)
+        assert torch.equal(from_folder(sample, t, ehs).sample, expected)
+    result = _cli("verify", tiny[1], "--build")
+    assert result.exit_code == 0 and "ok:" in result.output and "not checked" not in result.output, result.output
