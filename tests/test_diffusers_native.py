@@ -131,7 +131,8 @@ def test_import_bfq_registers_the_backend_either_way(order):
     code = (f"import sys; {first}; {second}; import diffusers.quantizers.auto as a; "
             "from bfq.diffusers.quantizer import BfqQuantizer, BfqConfig; "
             "assert a.AUTO_QUANTIZER_MAPPING['bfq'] is BfqQuantizer; "
-            "assert a.AUTO_QUANTIZATION_CONFIG_MAPPING['bfq'] is BfqConfig; assert bfq.BfqConfig is BfqConfig")  # fmt: skip
+            "assert a.AUTO_QUANTIZATION_CONFIG_MAPPING['bfq'] is BfqConfig; assert bfq.BfqConfig is BfqConfig; "
+            "assert not {'numba', 'bfq.runtime.load'} & set(sys.modules)")  # registering stays light: no numba, no loader  # fmt: skip
     result = _python(code)
     assert result.returncode == 0, result.stderr
 
@@ -372,3 +373,12 @@ def test_dense_runtime_and_verify_build_of_a_folder(tiny):
         assert torch.equal(from_folder(sample, t, ehs).sample, expected)
     result = _cli("verify", tiny[1], "--build")
     assert result.exit_code == 0 and "ok:" in result.output and "not checked" not in result.output, result.output
+
+
+def test_runtimes_of_the_config_are_the_loaders():
+    from bfq.diffusers.quantizer import RUNTIMES
+    from bfq.runtime.load import RUNTIMES as LOADER_RUNTIMES
+
+    assert RUNTIMES == LOADER_RUNTIMES
+    with pytest.raises(ValueError, match="runtime must be one of auto, packed, dense"):
+        bfq.BfqConfig(runtime="fast")

@@ -18,7 +18,8 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from bfq.errors import UserError
 from bfq.format.diffusers_layout import HEADER_KEY, LAYOUT_KEY, LAYOUT_VERSION, layout_to_bfq_bytes, tensor_entries
-from bfq.runtime.load import RUNTIMES, bfq_bytes, build_into, resolve_runtime
+
+RUNTIMES = ("auto", "packed", "dense")  # bfq.runtime.load's, imported only when a model loads (keeps registration light)
 
 
 class BfqMethod(str, enum.Enum):  # diffusers reads quant_method.value
@@ -103,6 +104,7 @@ class BfqQuantizer(DiffusersQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         from bfq.format.reader import BfqFile
+        from bfq.runtime.load import build_into, resolve_runtime
 
         if len(self.files) != 1 or not str(self.files[0]).endswith(".safetensors"):
             raise UserError(f"a bfq model is one diffusion_pytorch_model.safetensors file, got {self.files}")
@@ -147,6 +149,7 @@ class BfqQuantizer(DiffusersQuantizer):
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
         from bfq.format.reader import BfqFile
+        from bfq.runtime.load import bfq_bytes
 
         data = bfq_bytes(self.model)
         bfq = BfqFile.from_bytes(data, "model")

@@ -13,11 +13,13 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bfq.errors import BfqFormatError, OutputError
 from bfq.format.constants import MAGIC, PREAMBLE_SIZE, VERSION
-from bfq.format.header import _PREAMBLE, Block, Header, _crc32, align_up, check_layout, validate_header
-from bfq.format.strict_json import parse_header
+
+if TYPE_CHECKING:
+    from bfq.format.header import Block, Header
 
 LAYOUT_VERSION = 1
 QUANT_METHOD = "bfq"
@@ -144,6 +146,9 @@ def layout_to_bfq_bytes(data, name: str = WEIGHTS_NAME) -> bytearray:
     """The .bfq file that the diffusers-layout weights file ``data`` (its bytes) holds, byte for
     byte. Raises BfqFormatError when the file is not one (no bfq header, a missing, extra or
     mis-typed tensor, a bad header); the block checksums are checked by whoever opens the result."""
+    from bfq.format.header import _PREAMBLE, align_up, check_layout, validate_header  # numba: only when used
+    from bfq.format.strict_json import parse_header
+
     st, start = read_safetensors_header(data)
     meta = st.pop("__metadata__", None) or {}
     if meta.get(LAYOUT_KEY) != str(LAYOUT_VERSION) or not isinstance(meta.get(HEADER_KEY), str):
@@ -165,6 +170,8 @@ def layout_to_bfq_bytes(data, name: str = WEIGHTS_NAME) -> bytearray:
 
 
 def _preamble(header_bytes: bytes) -> tuple:
+    from bfq.format.header import _crc32
+
     return MAGIC, VERSION, _crc32(header_bytes), len(header_bytes)
 
 
