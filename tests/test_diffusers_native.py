@@ -217,7 +217,8 @@ def test_save_pretrained_round_trip_is_bit_exact(tiny, tmp_path):
 
 
 def test_offloading_keeps_the_packed_layers(tiny, reference):
-    """enable_model_cpu_offload on the whole pipeline; enable_sequential_cpu_offload's per-module
+    """enable_model_cpu_offload on the whole pipeline; group offloading (leaf and block level) and
+    enable_sequential_cpu_offload's per-module
     hooks (accelerate.cpu_offload, which rebuilds every parameter with ``cls(t, requires_grad=...)``
     and moves it to meta and back) on the bfq UNet. (With transformers 5 the whole-pipeline
     sequential offload fails in the CLIP text encoder's Embedding, with or without bfq.)"""
@@ -232,6 +233,12 @@ def test_offloading_keeps_the_packed_layers(tiny, reference):
     assert any(p.is_meta for p in pipe.unet.parameters())  # really offloaded between forwards
     assert np.array_equal(_images(pipe), reference)
     assert len(packed_layers(pipe.unet)) == 119
+    for offload_type in ("leaf_level", "block_level"):  # diffusers' group offloading
+        pipe = DiffusionPipeline.from_pretrained(tiny[1])
+        cpu = torch.device("cpu")
+        pipe.unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type,
+                                       **({"num_blocks_per_group": 1} if offload_type == "block_level" else {}))  # fmt: skip
+        assert np.array_equal(_images(pipe), reference), offload_type
 
 
 def test_to_dtype_and_dequantize(tiny):
