@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_unet": "bfq.runtime.load",
     "load_pipeline": "bfq.runtime.generate",
+    "BfqConfig": "bfq.diffusers",
 }
 
 
@@ -34,5 +35,9 @@ def lazy_getattr(package: str, names: dict[str, str]):
 
 __getattr__ = lazy_getattr("bfq", _LAZY)  # `bfq.load_unet`, `bfq.load_pipeline`, `bfq.tinysd`, `bfq.format.inspect`, ...
 
+
+from bfq import _diffusers_hook  # noqa: E402  (after lazy_getattr: the hook needs nothing else of bfq)
+
+_diffusers_hook.install()  # after this, diffusers' from_pretrained loads bfq folders; diffusers is not imported here
 
 __all__ = ["BfqFormatError", "InputError", "OutputError", "RecipeError", "UserError", "__version__", *_LAZY]

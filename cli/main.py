@@ -137,17 +137,19 @@ def inspect_cmd(file, as_json, show_all, revision):
 @click.argument("file")
 @click.option("--build", is_flag=True, help="Also build the model: the diffusers class from the header's config, every tensor loaded into it (packed runtime, CPU).")
 def verify_cmd(file, build):
-    """Check that a .bfq FILE follows the format (FORMAT.md): every checksum, every field, every
-    tensor decoded; with --build, also that its model builds.
+    """Check that a .bfq FILE, or a folder in the diffusers layout (FORMAT.md appendix A), follows
+    the format (FORMAT.md): every checksum, every field, every tensor decoded; with --build, also
+    that its model builds.
 
     Prints one 'ok' line per check and exits 0; otherwise prints one line naming the problem and
     exits 2. Without --build the model's class and config are not tried (a file can follow the
     format and still describe a model diffusers cannot build).
     """
     from bfq.format import open_bfq
+    from bfq.format.diffusers_layout import open_layout
 
-    path = _local_file(file)
-    with open_bfq(path) as bfq:
+    path = file if os.path.isdir(file) else _local_file(file)
+    with (open_layout(path) if os.path.isdir(path) else open_bfq(path)) as bfq:
         bfq.verify_all()
         n = len(bfq.layers)
         class_name = bfq.header.model["class_name"]
@@ -186,6 +188,7 @@ def _register_optional_commands():
         ("bfq_cli.allocate_cmd", "allocate_cmd"),
         ("bfq_cli.finetune_cmd", "finetune_cmd"),
         ("bfq_cli.push_cmd", "push_cmd"),
+        ("bfq_cli.convert_cmd", "convert_cmd"),
     ):
         try:
             mod = importlib.import_module(module)

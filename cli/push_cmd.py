@@ -19,9 +19,13 @@ from bfq_cli.params import Device
 @click.option("--preview-steps", type=click.IntRange(1, 1000), help="Sampler steps of the preview (default: the steps a scheduler-mode time cache was made for, the only ones it can sample; else 50).")
 @click.option("--base", help="Pipeline (directory or Hub id) with the VAE and text encoder for the preview. Default: the model's source.")
 @click.option("--device", type=Device(), help="Device of the preview generation: cpu, cuda, cuda:N or mps (default: cuda when available).")
+@click.option("--diffusers", "as_diffusers", is_flag=True,
+              help="Also publish the repo as a diffusers pipeline: unet/ in bfq's diffusers layout, the file's scheduler and the "
+                   "base pipeline's other components (from --base, else the file's source) copied, so that `import bfq` + "
+                   "DiffusionPipeline.from_pretrained(REPO) loads it.")  # fmt: skip
 @runtime_option
 def push_cmd(file, repo_id, private, revision, filename, commit_message, preview, preview_prompts, preview_steps, base, device,
-             runtime):  # fmt: skip
+             as_diffusers, runtime):  # fmt: skip
     """Publish a .bfq FILE on the Hugging Face Hub, with a generated model card.
 
     The card carries the Hub metadata (library bfq, quantization tags, base_model with
@@ -40,7 +44,7 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     """
     from bfq.hub import push
 
-    _refuse_preview_options_without_preview(preview or bool(preview_prompts))
+    _refuse_preview_options_without_preview(preview or bool(preview_prompts), as_diffusers)
     if preview_steps is not None:  # refuse a step count the file cannot sample before any upload
         from bfq.runtime.generate import file_sampler
 
@@ -48,7 +52,7 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     result = push(file, repo_id, private=private, revision=revision, preview=preview or bool(preview_prompts),
                   commit_message=commit_message, filename=filename, preview_prompts=list(preview_prompts) or None,
                   preview_base=base, preview_steps=preview_steps, preview_device=device,
-                  preview_runtime=runtime)  # fmt: skip
+                  preview_runtime=runtime, diffusers=as_diffusers)  # fmt: skip
     where = result["repo_url"]
     sent = ", ".join(f"{u['path']} ({u['bytes']:,} bytes)" for u in result["uploaded"])
     if result["up_to_date"]:
@@ -62,12 +66,16 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     click.echo(f"commit {result['commit_url']}")
     rev = f", revision={result['revision']!r}" if result["revision"] != "main" else ""
     click.echo(f"load it: bfq.load_unet({result['load']!r}{rev})")
+    if as_diffusers:
+        click.echo(f"or: import bfq; DiffusionPipeline.from_pretrained({result['repo_id']!r}{rev})")
 
 
-def _refuse_preview_options_without_preview(preview: bool) -> None:
-    """--preview-steps, --base, --device and --runtime only shape the preview: refused without one."""
+def _refuse_preview_options_without_preview(preview: bool, as_diffusers: bool = False) -> None:
+    """--preview-steps, --base, --device and --runtime only shape the preview (--base also the
+    --diffusers pipeline): refused without one."""
     context = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in ("preview_steps", "base", "device", "runtime")
+    options = ("preview_steps", "device", "runtime") if as_diffusers else ("preview_steps", "base", "device", "runtime")
+    given = [f"--{name.replace('_', '-')}" for name in options
              if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
     if given and not preview:
         raise click.UsageError(f"{', '.join(given)} only apply to the preview image grid: add --preview (or drop them)")

@@ -701,6 +701,11 @@ def point_client_at(monkeypatch, endpoint: str, home, *, offline: bool = False, 
         "HF_HUB_DISABLE_XET": disable_xet,
     }.items():
         monkeypatch.setattr(constants, name, value)
+    from huggingface_hub import hf_api
+
+    # the module-level functions (model_info, ... which diffusers' from_pretrained calls) are bound
+    # to one HfApi made at import, whose endpoint was read then
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
     if no_retry_sleep:  # the request backoff (utils._http) and the download resume (file_download) sleep
         from huggingface_hub import file_download
         from huggingface_hub.utils import _http

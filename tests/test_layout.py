@@ -1,5 +1,5 @@
 """The package's shape: imports run one way (base <- format <- families <- quant <- pipeline stages <-
-the orchestrator; runtime <- format, families, quant; hub <- runtime) and never in a circle.
+the orchestrator; runtime <- format, families, quant; hub, diffusers <- runtime) and never in a circle.
 
 Walks every ``import`` statement of ``bfq/`` with ``ast``, including the ones inside functions
 (a lazy import is still a dependency).
@@ -28,9 +28,10 @@ LAYERS = {
     "tinysdxl": {"format", "families", "quant", "tinysd"},
     "pipeline": {"format", "families", "quant", "tinysd", "tinysdxl"},
     "runtime": {"format", "families", "quant", "tinysd", "tinysdxl"},
+    "diffusers": {"format", "families", "quant", "tinysd", "tinysdxl", "pipeline", "runtime"},
     "hub": {"format", "families", "quant", "tinysd", "tinysdxl", "runtime"},
 }
-BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq._quiet", "bfq.download"}
+BASE_MODULES = {"bfq", "bfq.errors", "bfq._io", "bfq._quiet", "bfq.download", "bfq._diffusers_hook"}
 # Stages of bfq.pipeline in the order a user runs them: a stage imports only earlier ones.
 STAGES = [("models", "plots", "sensitivity"), ("analyze",), ("allocate",), ("finetune",), ("export",), ("quantize",)]
 

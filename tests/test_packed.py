@@ -429,23 +429,3 @@ def test_forwards_in_several_threads_each_get_their_own_workspace(files):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: _run(packed), range(8)))
     assert all(torch.equal(r, expected) for r in results)
-
-
-def test_save_pretrained_refuses_what_plain_diffusers_cannot_load(files, tiny_sd, tmp_path):
-    """A packed UNet or a scheduler time cache would make save_pretrained write a folder diffusers
-    cannot load (or loads with random time layers): refused, saying what to do; a dense model of a
-    grid file (its time MLP kept) saves a folder plain diffusers loads to the same outputs."""
-    from diffusers import UNet2DConditionModel
-
-    from bfq.runtime.load import DiffusersSaveError
-
-    with pytest.raises(DiffusersSaveError, match="runtime='dense' to save float weights"):
-        bfq.load_unet(files["balanced"], runtime="packed").save_pretrained(tmp_path / "packed")
-    pipe, _ = _pipeline(tiny_sd[0], "dense")
-    with pytest.raises(DiffusersSaveError, match="scheduler time cache .*--time-cache grid"):
-        pipe.save_pretrained(tmp_path / "pipe")
-    assert not (tmp_path / "packed").exists() and not (tmp_path / "pipe" / "unet").exists()
-    assert not (tmp_path / "pipe" / "model_index.json").exists()
-    dense = bfq.load_unet(files["balanced"], runtime="dense")
-    dense.save_pretrained(tmp_path / "dense")
-    assert torch.equal(_run(UNet2DConditionModel.from_pretrained(tmp_path / "dense")), _run(dense))

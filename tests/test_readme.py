@@ -65,12 +65,13 @@ def test_every_readme_python_snippet_runs_as_written_on_a_cpu(tmp_path, monkeypa
     with FakeHub(token="hf_readme") as hub:
         point_client_at(monkeypatch, hub.url, tmp_path / "hf-home", token="hf_readme")
         hub.add_repo("you/tiny-sd-2bit")
-        push(tmp_path / "tiny.bfq", "you/tiny-sd-2bit")
+        push(tmp_path / "tiny.bfq", "you/tiny-sd-2bit", diffusers=True)
         scopes = []
         for i, block in enumerate(blocks):
             scopes.append({})
             exec(compile(block, f"README.md python block {i + 1}", "exec"), scopes[-1])
     assert scopes[0]["image"].size == (16, 16) and packed_layers(scopes[0]["unet"])
+    assert "DiffusionPipeline.from_pretrained" in blocks[0] and "import bfq" in blocks[0] and "load_" not in blocks[0]
     assert (tmp_path / "tiny-ft.bfq").is_file()  # the fine-tuning snippet wrote its file
     from_hub = next(scope for scope, block in zip(scopes, blocks) if "you/tiny-sd-2bit" in block)
     assert packed_layers(from_hub["unet"]) and from_hub["unet"].conv_in.bias.dtype.is_floating_point

@@ -34,6 +34,8 @@ class Family:
         hub_tag: the Hub tag of the family on a model card.
         added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
             ``text_embeds``, ``time_ids``); empty when nothing.
+        component: the model's folder in a diffusers pipeline repo (``unet``; ``transformer`` for
+            DiT families), where the diffusers layout (FORMAT.md appendix A) puts it.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Family:
     pipeline_kwargs: dict = {}
     hub_tag: str = "stable-diffusion"
     added_cond_keys: tuple[str, ...] = ()
+    component: str = "unet"
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:

@@ -65,6 +65,7 @@ class BfqFile:
             if _crc32(raw) != header_crc:
                 raise BfqFormatError(f"header_crc32: stored {header_crc:#010x}, computed {_crc32(raw):#010x}")
             header = validate_header(parse_header(raw))
+        self.header_length = header_len
         self.data_start = align_up(PREAMBLE_SIZE + header_len)
         data_len = check_layout(header.blocks())
         if self.data_start + data_len != self.file_bytes:
@@ -79,6 +80,17 @@ class BfqFile:
             end = block.offset + block.length
         return header
 
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray, name: str, *, verify: bool = True) -> BfqFile:
+        """A .bfq held in memory (``name`` is for messages): what the diffusers layout rebuilds."""
+        self = cls.__new__(cls)
+        self.path, self.verify, self.file_bytes = Path(name), verify, len(data)
+        if self.file_bytes < PREAMBLE_SIZE:
+            raise BfqFormatError(f"file: {self.file_bytes} bytes is shorter than the {PREAMBLE_SIZE}-byte preamble")
+        self._mmap = data
+        self.header = self._read_header()
+        return self
+
     def _check_padding(self, start: int, stop: int, what: str) -> None:
         if any(self._mmap[start:stop]):
             raise BfqFormatError(f"{what}: bytes {start}..{stop} must be zero")
@@ -86,7 +98,8 @@ class BfqFile:
     def close(self) -> None:
         if getattr(self, "_mmap", None) is not None:
             try:
-                self._mmap.close()
+                if isinstance(self._mmap, mmap.mmap):
+                    self._mmap.close()
             except BufferError:  # numpy views still alive; the map closes when they go
                 pass
             self._mmap = None

@@ -138,6 +138,7 @@ def model_card(
     token: str | bool | None = None,
     summary: dict | None = None,
     files: list[dict] | None = None,
+    diffusers: bool = False,
 ) -> str:
     """The README.md (model card) for a .bfq file as it will sit in `repo_id`.
 
@@ -226,6 +227,7 @@ def model_card(
         "",
         "## Use it",
         "",
+        *(_diffusers_snippet(repo_id, revision, prompt, steps_arg) if diffusers else []),
         "With the `bfq` Python package (plus torch and diffusers) installed, a whole pipeline"
         + (f" (the file named: this repo holds {len(files)} quantizations, listed below)" if len(files) > 1 else "")
         + ":",
@@ -298,6 +300,24 @@ def model_card(
         ]
     lines += ["", _files_record(files), ""]
     return "\n".join(lines)
+
+
+def _diffusers_snippet(repo_id, revision, prompt: str, steps_arg: str) -> list[str]:
+    rev = f", revision={revision!r}" if revision else ""
+    return [
+        "This repo is also a diffusers pipeline whose `unet/` holds the same model in bfq's diffusers layout: "
+        "plain diffusers loads it once `bfq` is imported (it registers the `bfq` quantization backend).",
+        "",
+        "```python",
+        "import bfq  # registers the \"bfq\" quantization backend with diffusers",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}"{rev})  # the UNet stays at ~2 bits per weight in memory',
+        f'image = pipe("{prompt}"{steps_arg}).images[0]',
+        'image.save("image.png")',
+        "```",
+        "",
+    ]
 
 
 def file_entry(filename: str, summary: dict, sha256: str) -> dict:

@@ -122,6 +122,7 @@ def push(
     preview_steps: int | None = None,
     preview_device: str | None = None,
     preview_runtime: str = "auto",
+    diffusers: bool = False,
 ) -> dict:
     """Publish a .bfq file on the Hub with a generated model card (and optionally a preview grid).
 
@@ -135,6 +136,12 @@ def push(
         dict: repo_id, revision, repo_url, file (its path in the repo), commit_url, commit_oid, uploaded (list of {path, bytes}),
         skipped (paths already identical on the Hub), up_to_date (nothing was committed), load (the
         id to pass to `bfq.load_unet`).
+
+    With ``diffusers``, the repo also becomes a diffusers pipeline repo (FORMAT.md appendix A):
+    ``unet/`` in the diffusers layout of this file, the file's scheduler, and every other component
+    of the base pipeline (``preview_base``, else the file's source: a local folder or a Hub repo)
+    copied with its ``model_index.json``, so that ``import bfq`` + ``DiffusionPipeline.from_pretrained(repo)``
+    loads it; the card's snippet is then that plain diffusers one.
 
     Raises:
         HubError: one line naming the stage that failed (preview, repo creation, upload, commit)
@@ -162,6 +169,7 @@ def push(
                                                  runtime=preview_runtime)
 
     local_sha = sha256_file(path)
+    layout, _tmp = _diffusers_files(path, preview_base) if diffusers else ([], None)  # _tmp: removed when push returns
     api = HfApi(token=token)
     where = f"{repo}" + (f" (branch {branch})" if branch else "")
     stage = "create the repo"
@@ -179,17 +187,19 @@ def push(
     name_file = len(files) > 1 or "/" in filename
     base = base_model_info(summary["model"]["source"], token=token)
     card = model_card(path, repo_id=repo, filename=filename, revision=branch, name_file=name_file, preview=preview_info,
-                      base=base, summary=summary, files=files).encode()  # fmt: skip
+                      base=base, summary=summary, files=files, diffusers=diffusers).encode()  # fmt: skip
 
-    wanted = [(filename, None, local_sha, path.stat().st_size), (CARD_FILE, card, None, len(card))]
+    wanted = [(filename, None, local_sha, path.stat().st_size, path), (CARD_FILE, card, None, len(card), None)]
     if preview_png is not None:
-        wanted.append((PREVIEW_FILE, preview_png, None, len(preview_png)))
+        wanted.append((PREVIEW_FILE, preview_png, None, len(preview_png), None))
+    wanted += [(name, None, sha256_file(local), local.stat().st_size, local) for name, local in layout]
     ops, uploaded, skipped = [], [], []
-    for name, data, sha, size in wanted:
-        if _same(remote.get(name), data, sha):
+    for name, data, sha, size, local in wanted:
+        local_bytes = data if data is not None or size > 10_000_000 else local.read_bytes()  # small: compared by git blob
+        if _same(remote.get(name), local_bytes, sha):
             skipped.append(name)
             continue
-        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path) if data is None else data))
+        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local) if data is None else data))
         uploaded.append({"path": name, "bytes": size})
     load = f"{repo}/{filename}" if name_file else repo
     result = {
@@ -225,6 +235,45 @@ def push(
         )
         raise _fail(HubError, f"push to {where}: commit failed", exc, token, after) from None
     return {**result, "up_to_date": False, "commit_oid": info.oid, "commit_url": info.commit_url}
+
+
+def _diffusers_files(path: Path, base: str | None):
+    """(path in the repo, local file) of a diffusers pipeline repo around ``path``: its component in
+    the diffusers layout, its scheduler, and the base pipeline's other components and model_index.json;
+    and the temporary folder holding the first two (removed when it is garbage-collected)."""
+    import tempfile
+
+    from bfq.families import family_for_config
+    from bfq.format import open_bfq
+    from bfq.format.diffusers_layout import write_layout
+    from bfq.runtime.generate import base_pipeline_for, file_sampler
+
+    sampler = file_sampler(str(path))
+    component = family_for_config(sampler.config, sampler.class_name).component
+    base = base or base_pipeline_for(sampler.source, path)
+    holder = tempfile.TemporaryDirectory(prefix="bfq-push-")
+    tmp = Path(holder.name)
+    with open_bfq(path) as bfq:
+        write_layout(bfq, tmp, component)
+    own = {component}
+    if sampler.scheduler is not None:  # the scheduler the time cache was made for
+        sampler.scheduler.save_pretrained(tmp / "scheduler")
+        own.add("scheduler")
+    base_dir = Path(base) if Path(base).is_dir() else _download_base(base, own)
+    files = [(p.relative_to(tmp).as_posix(), p) for p in sorted(tmp.rglob("*")) if p.is_file()]
+    for p in sorted(base_dir.rglob("*")):
+        rel = p.relative_to(base_dir)
+        if p.is_file() and len(rel.parts) > 1 and rel.parts[0] not in own and not rel.parts[0].startswith("."):
+            files.append((rel.as_posix(), p))
+    files.append(("model_index.json", base_dir / "model_index.json"))
+    return files, holder
+
+
+def _download_base(repo: str, own: set[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    ignore = [f"{c}/*" for c in own] + ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.pb", "*.md"]
+    return Path(snapshot_download(repo, ignore_patterns=ignore))
 
 
 def _other_files(api, repo: str, revision: str | None, remote: dict, filename: str) -> list[dict]:

@@ -24,8 +24,12 @@ from torch import nn
 from bfq.errors import BfqFormatError, UserError
 from bfq.families import FamilyError, family_for_config
 from bfq.format import BfqFile, open_bfq
+from bfq.format.diffusers_layout import open_layout
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
-from bfq.runtime.packed import PACKED_TYPES, Workspace
+from bfq.format.constants import MAGIC, PREAMBLE_SIZE, VERSION
+from bfq.format.header import _PREAMBLE, _crc32, align_up, check_layout, validate_header
+from bfq.format.strict_json import parse_header
+from bfq.runtime.packed import PACKED_TYPES, Workspace, packed_layers
 
 RUNTIMES = ("auto", "packed", "dense")
 _DECODE_AS = {torch.float32: ("float32", torch.float32), torch.float16: ("float16", torch.int16), torch.bfloat16: ("bfloat16", torch.int16)}
@@ -34,7 +38,7 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 class DiffusersSaveError(UserError, NotImplementedError):
-    """``save_pretrained`` on a model loaded from a .bfq that plain diffusers could not load back."""
+    """``save_pretrained`` on a bfq model that cannot give back the bytes it was loaded with."""
 
 
 def load_unet(
@@ -51,7 +55,7 @@ def load_unet(
     """Build the diffusers model stored in a .bfq file.
 
     Args:
-        source: a local .bfq path, or a Hub repo id ("user/name", optionally with a file name
+        source: a local .bfq path, a folder in the diffusers layout (FORMAT.md appendix A), or a Hub repo id ("user/name", optionally with a file name
             "user/name/model.bfq") fetched through huggingface_hub.
         runtime: "packed" (weights stay ~2-bit in memory and are decoded at every forward),
             "dense" (decoded once into ``dtype``) or "auto" (default: packed on the CPU, where it
@@ -78,43 +82,59 @@ def load_unet(
     if dtype not in _DECODE_AS:
         raise ValueError(f"dtype must be one of {list(_DECODE_AS)}, got {dtype}")
     path = _resolve(source, revision)
-    bfq = open_bfq(path, verify=verify)
+    bfq = open_layout(path, verify=verify) if os.path.isdir(path) else open_bfq(path, verify=verify)
     try:
-        model = _empty_model(bfq)
-        _install_time_cache(model, bfq, dtype)
-        if runtime == "packed":
-            _pack_layers(model, bfq, dtype, mmap=mmap, workspace=Workspace(workspace_bytes))
-            tensors = _dense_tensors(bfq, dtype)
-        else:
-            tensors = {**_decode_all(bfq, dtype), **_dense_tensors(bfq, dtype)}
-        _assign(model, tensors)
+        model = build_into(_empty_model(bfq), bfq, runtime, dtype, mmap=mmap, workspace=Workspace(workspace_bytes))
     finally:
         bfq.close()  # a memory map stays open while packed layers still view it
-    _refuse_diffusers_save(model, runtime, bfq.header.time_cache)
     return model.to(device).eval()
 
 
-def _refuse_diffusers_save(model: nn.Module, runtime: str, cache) -> None:
-    """Make ``model.save_pretrained`` (also what ``pipe.save_pretrained`` calls) raise instead of
-    writing a folder plain diffusers cannot load: packed layers hold codes, a time cache replaces
-    the time layers. An instance attribute, so a dense grid-MLP model still saves normally."""
-    if cache is not None and cache.mode == "scheduler":
-        why = (f"its time layers are replaced by a scheduler time cache ({len(cache.timesteps)} timesteps) that plain "
-               "diffusers cannot load; keep the .bfq file (bfq.load_unet reads it, `bfq push` publishes it), or make one "
-               "with `bfq quantize ... --time-cache grid` and load it with runtime='dense' to save float weights")  # fmt: skip
-    elif cache is not None:  # a bfq 0.1 grid table (grid files now keep the time MLP: no time_cache)
-        why = ("its time embedding is a bfq 0.1 grid table that plain diffusers cannot load; keep the .bfq file, or "
-               "quantize the model again with `--time-cache grid` and load it with runtime='dense' to save float weights")  # fmt: skip
-    elif runtime == "packed":
-        why = ("its layers hold 2-bit codes (runtime='packed') that plain diffusers cannot load; keep the .bfq file "
-               "(bfq.load_unet reads it, `bfq push` publishes it), or load it with runtime='dense' to save float weights")  # fmt: skip
-    else:
-        return
-    model.save_pretrained = functools.partial(_refuse_save, why)
+def keep_source(model: nn.Module, bfq: BfqFile, runtime: str) -> None:
+    """Remember what ``model`` needs to give back its .bfq bytes (:func:`bfq_bytes`): the header, and
+    the blocks its modules do not hold verbatim (dense tensors and time tables; every block for
+    the dense runtime, whose layers hold decoded weights). A plain attribute: not a tensor of the model."""
+    blocks = bfq.header.blocks()
+    if runtime == "packed":
+        coded = {b.path for layer in bfq.layers.values() for b in (layer.codes, layer.scales)}
+        blocks = [b for b in blocks if b.path not in coded]
+    header = bytes(bfq._mmap[PREAMBLE_SIZE : PREAMBLE_SIZE + bfq.header_length])
+    object.__setattr__(model, "_bfq_source", (header, {b.path: bytes(bfq._bytes(b, check=True)) for b in blocks}))
+    model.save_pretrained = functools.partial(save_layout, model)
 
 
-def _refuse_save(why: str, *args, **kwargs):
-    raise DiffusersSaveError(f"cannot save this bfq model with save_pretrained: {why}")
+def bfq_bytes(model: nn.Module) -> bytearray:
+    """The .bfq file ``model`` was loaded from, byte for byte, rebuilt from its packed layers' code
+    words and scales and the blocks it kept; every block's CRC-32 is checked against the header."""
+    source = getattr(model, "_bfq_source", None)
+    if source is None:
+        raise DiffusersSaveError("this model was not loaded from a .bfq or a bfq diffusers folder")
+    header_bytes, blocks = source[0], dict(source[1])
+    header = validate_header(parse_header(header_bytes))
+    modules = {f"{name}.weight": m for name, m in packed_layers(model)}
+    for name, layer in header.layers.items():
+        if name in modules:
+            blocks[layer.codes.path] = modules[name].codes.detach().cpu().numpy().tobytes()
+            blocks[layer.scales.path] = modules[name].scale_bits.detach().cpu().numpy().tobytes()
+    data_start = align_up(PREAMBLE_SIZE + len(header_bytes))
+    out = bytearray(data_start + check_layout(header.blocks()))
+    _PREAMBLE.pack_into(out, 0, MAGIC, VERSION, _crc32(header_bytes), len(header_bytes))
+    out[PREAMBLE_SIZE : PREAMBLE_SIZE + len(header_bytes)] = header_bytes
+    for block in header.blocks():
+        data = blocks.get(block.path)
+        if data is None or len(data) != block.length or _crc32(data) != block.crc32:
+            raise DiffusersSaveError(f"{block.path}: the model no longer holds the bytes it was loaded with")
+        out[data_start + block.offset : data_start + block.offset + block.length] = data
+    return out
+
+
+def save_layout(model: nn.Module, save_directory: str | os.PathLike, **_ignored) -> None:
+    """``model.save_pretrained`` of a bfq model: writes ``save_directory`` in the diffusers layout
+    (FORMAT.md appendix A: config.json + diffusion_pytorch_model.safetensors), which diffusers loads
+    back after ``import bfq``; the same bytes as the .bfq it came from."""
+    from bfq.format.diffusers_layout import write_layout
+
+    write_layout(BfqFile.from_bytes(bfq_bytes(model), "model"), save_directory, None, replace=True)
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
@@ -159,6 +179,21 @@ def _resolve(source, revision) -> str:
     from bfq.download import download_bfq
 
     return download_bfq(str(source), revision=revision)
+
+
+def build_into(model: nn.Module, bfq: BfqFile, runtime: str, dtype: torch.dtype, *, mmap: bool = False,
+               workspace: Workspace | None = None) -> nn.Module:  # fmt: skip
+    """Fill ``model`` (built from the file's config, on the meta device) from ``bfq``: time cache,
+    packed or decoded layers, dense tensors; ``save_pretrained`` then writes the diffusers layout."""
+    _install_time_cache(model, bfq, dtype)
+    if runtime == "packed":
+        _pack_layers(model, bfq, dtype, mmap=mmap, workspace=workspace or Workspace())
+        tensors = _dense_tensors(bfq, dtype)
+    else:
+        tensors = {**_decode_all(bfq, dtype), **_dense_tensors(bfq, dtype)}
+    _assign(model, tensors)
+    keep_source(model, bfq, runtime)
+    return model
 
 
 def _empty_model(bfq: BfqFile) -> nn.Module:
