@@ -359,9 +359,9 @@ def test_push_diffusers_then_from_pretrained_in_a_fresh_process_generates_the_bf
 
 
 def test_dense_runtime_and_verify_build_of_a_folder(tiny):
-    """BfqConfig(runtime="dense") when quantizing on load, and bfq.load_unet(folder, runtime="dense")
-    for a saved folder (diffusers takes a saved folder's own quantization_config over the caller's),
-    decode every layer once and compute what the packed model computes; `bfq verify --build` builds a folder."""
+    """BfqConfig(runtime="dense") when quantizing on load, when loading a saved folder (the caller's
+    runtime over the folder's saved config), and bfq.load_unet(folder, runtime="dense") decode every
+    layer once and compute what the packed model computes; `bfq verify --build` builds a folder."""
     from diffusers import UNet2DConditionModel
 
     from bfq.tinysd import pipeline_dir
@@ -369,8 +369,11 @@ def test_dense_runtime_and_verify_build_of_a_folder(tiny):
     dense = UNet2DConditionModel.from_pretrained(pipeline_dir(), subfolder="unet",
                                                  quantization_config=bfq.BfqConfig(recipe="uniform-2", steps=4, runtime="dense"))  # fmt: skip
     from_folder = bfq.load_unet(tiny[1], runtime="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the model's quantization_config will be used" warning
+        saved = UNet2DConditionModel.from_pretrained(tiny[1], subfolder="unet", quantization_config=bfq.BfqConfig(runtime="dense"))
     packed = bfq.load_unet(tiny[0])
-    assert not packed_layers(dense) and not packed_layers(from_folder)
+    assert not packed_layers(dense) and not packed_layers(from_folder) and not packed_layers(saved)
     t = bfq.format.open_bfq(tiny[0]).header.time_cache.timesteps[0]
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ehs = torch.randn(1, 7, packed.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
@@ -378,6 +381,7 @@ def test_dense_runtime_and_verify_build_of_a_folder(tiny):
         expected = packed(sample, t, ehs).sample
         assert torch.equal(dense(sample, t, ehs).sample, expected)
         assert torch.equal(from_folder(sample, t, ehs).sample, expected)
+        assert torch.equal(saved(sample, t, ehs).sample, expected)
     result = _cli("verify", tiny[1], "--build")
     assert result.exit_code == 0 and "ok:" in result.output and "not checked" not in result.output, result.output
 

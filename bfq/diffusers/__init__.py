@@ -37,6 +37,8 @@ def _problem() -> str | None:
     for name in ("AUTO_QUANTIZER_MAPPING", "AUTO_QUANTIZATION_CONFIG_MAPPING"):
         if not isinstance(getattr(auto, name, None), dict):
             return f"diffusers {diffusers.__version__} has no {_AUTO}.{name}"
+    if not hasattr(getattr(auto, "DiffusersAutoQuantizer", None), "merge_quantization_configs"):
+        return f"diffusers {diffusers.__version__} has no DiffusersAutoQuantizer.merge_quantization_configs"
     for hook in ("maybe_update_loaded_keys", "maybe_update_state_dict", "get_state_dict_and_metadata"):
         if not hasattr(DiffusersQuantizer, hook):
             return f"diffusers {diffusers.__version__}'s DiffusersQuantizer has no {hook}"
@@ -54,6 +56,27 @@ def register() -> None:
     auto = sys.modules[_AUTO]
     auto.AUTO_QUANTIZER_MAPPING["bfq"] = BfqQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING["bfq"] = BfqConfig
+    merge = auto.DiffusersAutoQuantizer.merge_quantization_configs
+    if not getattr(merge, "_bfq", False):
+        auto.DiffusersAutoQuantizer.merge_quantization_configs = classmethod(_runtime_from_args(merge.__func__))
+
+
+def _runtime_from_args(merge):
+    """diffusers takes a saved folder's quantization_config over the caller's (with a warning);
+    for a bfq folder the caller's BfqConfig still chooses how to load it: its ``runtime``."""
+
+    def merged(cls, quantization_config, quantization_config_from_args):
+        from bfq.diffusers.quantizer import BfqConfig
+
+        saved = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else None
+        if saved == "bfq" and isinstance(quantization_config_from_args, BfqConfig):
+            config = BfqConfig.from_dict(quantization_config)
+            config.runtime = quantization_config_from_args.runtime
+            return config
+        return merge(cls, quantization_config, quantization_config_from_args)
+
+    merged._bfq = True
+    return merged
 
 
 def register_or_warn() -> None:
