@@ -63,7 +63,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-per-digit", type=int, default=50, help="images per digit for the metric (CFG %g)" % DEFAULT_CFG)
     parser.add_argument("--seeds", default="0", help="comma-separated evaluation seeds (prompts and initial noise); the table gives the mean")
-    parser.add_argument("--only", help="comma-separated row numbers (1 = init only) to run; fp32 always runs")
+    parser.add_argument("--only", help="comma-separated row numbers (1 = init only) to run; fp32 runs unless --no-fp32")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 row (when completing a table)")
     parser.add_argument("--work-dir", help="keep the analysis, scales and checkpoints here (default: a temporary one)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
@@ -76,8 +77,9 @@ def main():
         from bfq.families import family_for_name
 
         metric["base"] = str(family_for_name(args.model).tiny_pipeline_dir())
-    results = [{"row": "fp32", "avg_bits": 32.0, **_scores(None, metric, seeds)}]
-    _print(results[-1])
+    results = [] if args.no_fp32 else [{"row": "fp32", "avg_bits": 32.0, **_scores(None, metric, seeds)}]
+    if results:
+        _print(results[-1])
     wanted = {int(i) for i in args.only.split(",")} if args.only else None
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(args.work_dir or tmp)
