@@ -70,6 +70,10 @@ def test_digit_batches_are_conditioned_as_the_pipeline_conditions(digits, text_p
     torch.testing.assert_close(batch["uncond_text_embeds"], empty_pooled[0].float())
     assert batch["uncond_text_embeds"].abs().sum() > 0
     torch.testing.assert_close(digits.batch(2)["latents"], batch["latents"])  # indexed: batch i is a pure function of i
+    from bfq.pipeline.finetune.data import make_source
+
+    by_name = make_source(None, model_name="tiny-sdxl", batch_size=6, seed=3).batch(2)  # the bundled pipeline's
+    torch.testing.assert_close(by_name["text_embeds"], batch["text_embeds"])
 
 
 def test_sdxl_prompt_encoding_uses_the_pipelines_image_size():

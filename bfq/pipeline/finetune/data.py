@@ -328,6 +328,10 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
                 "folder:PATH (images + .txt captions) or prompts:FILE (one prompt a line)"
             )
         spec = "tiny-sd-digits"
+    if pipeline_dir is None and model_name in TINY_MODELS:
+        from bfq.families import family_for_name
+
+        pipeline_dir = family_for_name(model_name).tiny_pipeline_dir()
     if spec == "tiny-sd-digits":
         return tinysd_digits(pipeline_dir if model_name != "tiny-sd" else None, batch_size=batch_size, seed=seed)
     kind, _, arg = spec.partition(":")
