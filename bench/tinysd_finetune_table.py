@@ -15,8 +15,8 @@ All rows share one work directory: the sensitivity analysis and the initialized 
 computed once, and the last row reuses the Stage I run of the row before it (so its CPU time is
 Stage II's alone). A rerun with the same --work-dir reuses finished stages.
 
-    OMP_NUM_THREADS=1 python bench/tinysd_finetune_table.py [--model tiny-sd|tiny-sdxl] [--stage1-steps 400] [--stage2-steps 400]
-        [--lr 1e-5] [--batch-size 32] [--n-per-digit 50] [--seeds 0,1,2] [--work-dir DIR] [--out table.json]
+    OMP_NUM_THREADS=1 python bench/tinysd_finetune_table.py [--model tiny-sd|tiny-sdxl] [--stage1-steps 400]
+        [--stage2-steps 400] [--lr 1e-5] [--batch-size 32] [--n-per-digit 50] [--seeds 0,1,2] [--work-dir DIR] [--out table.json]
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def main():
             results.append({"row": name, "avg_bits": summarize(path)["avg_bits"], "stage1_steps": s1, "stage2_steps": s2,
                             "finetune_s": done.seconds.get("finetune", 0.0), **scores})  # fmt: skip
             _print(results[-1])
-    print(f"\n{args.model}; metric: tiny-sd's, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}, mean over seeds {seeds}; "
+    print(f"\n{args.model}; metric: tiny-sd's, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}, "
+          f"mean over seeds {seeds}; "
           f"batch {args.batch_size}, lr {args.lr:g} (Stage II {stage2.lr:g}, {stage2.grad_accum} micro-batches a step), {torch.get_num_threads()} torch thread")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

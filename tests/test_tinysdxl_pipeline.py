@@ -86,8 +86,9 @@ def test_sdxl_prompt_encoding_uses_the_pipelines_image_size():
     pipe = load_pipeline()
     size = pipe.default_sample_size * pipe.vae_scale_factor
     assert size == 16
+    projection = pipe.text_encoder_2.config.projection_dim
     expected = pipe._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)  # fmt: skip
+                                      text_encoder_projection_dim=projection)  # fmt: skip
     torch.testing.assert_close(cond["added_cond_kwargs"]["time_ids"], expected.repeat(2, 1))
 
 
@@ -131,7 +132,8 @@ def test_eval_tiny_sdxl_and_a_file_made_from_it(tmp_path):
     pipeline; the float model's digits are recognized."""
     runner = CliRunner()
     out = tmp_path / "t.bfq"
-    assert runner.invoke(main, ["quantize", "tiny-sdxl", "--recipe", "uniform-4", "--quiet", "-o", str(out)]).exit_code == 0
+    made = runner.invoke(main, ["quantize", "tiny-sdxl", "--recipe", "uniform-4", "--quiet", "-o", str(out)])
+    assert made.exit_code == 0, made.output
     results = {}
     for model in ("tiny-sdxl", str(out)):
         result = runner.invoke(main, ["eval", model, "--n-per-digit", "3", "--cfg", "3", "--quiet", "--json"])
