@@ -1,9 +1,10 @@
-"""Issue 6's table on tiny-sd at 1.99 bits: init only, the paper's Stage I ablation steps, Stage II.
+"""Issue 6's table on tiny-sd at 1.99 bits: init only, the paper's Stage I ablation steps, Stage II;
+with --model tiny-sdxl, issue 19's table on the bundled tiny-sdxl (same metric and data).
 
 Rows (every quantized row goes the whole user path: `bfq.pipeline.quantize.quantize` with
 `stage1_steps`/`stage2_steps` -> .bfq on disk -> `bfq.load_unet` -> the tiny-sd metric):
 
-  fp32                      the bundled tiny-sd UNet
+  fp32                      the bundled tiny model's UNet
   init only                 --bits 1.99, balanced levels, alternating scales, no training
   I: noise distillation     Stage I, CFG-aware noise distillation only, uniform t
   I: + feature distill.     + lambda=0.01 down/up-block feature distillation, uniform t
@@ -14,8 +15,8 @@ All rows share one work directory: the sensitivity analysis and the initialized 
 computed once, and the last row reuses the Stage I run of the row before it (so its CPU time is
 Stage II's alone). A rerun with the same --work-dir reuses finished stages.
 
-    OMP_NUM_THREADS=1 python bench/tinysd_finetune_table.py [--stage1-steps 400] [--stage2-steps 400]
-        [--lr 1e-5] [--batch-size 32] [--n-per-digit 50] [--seeds 0,1,2] [--work-dir DIR] [--out table.json]
+    OMP_NUM_THREADS=1 python bench/tinysd_finetune_table.py [--model tiny-sd|tiny-sdxl] [--stage1-steps 400]
+        [--stage2-steps 400] [--lr 1e-5] [--batch-size 32] [--n-per-digit 50] [--seeds 0,1,2] [--work-dir DIR] [--out table.json]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main():
     from bfq.tinysd.evaluate import DEFAULT_CFG, DEFAULT_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-sd", choices=("tiny-sd", "tiny-sdxl"), help="the bundled tiny model")
     parser.add_argument("--bits", type=float, default=1.99)
     parser.add_argument("--allocator", default="optimal", help="the allocator of --bits (the published table: optimal)")
     parser.add_argument("--stage1-steps", type=int, default=400)
@@ -61,7 +63,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-per-digit", type=int, default=50, help="images per digit for the metric (CFG %g)" % DEFAULT_CFG)
     parser.add_argument("--seeds", default="0", help="comma-separated evaluation seeds (prompts and initial noise); the table gives the mean")
-    parser.add_argument("--only", help="comma-separated row numbers (1 = init only) to run; fp32 always runs")
+    parser.add_argument("--only", help="comma-separated row numbers (1 = init only) to run; fp32 runs unless --no-fp32")
+    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 row (when completing a table)")
     parser.add_argument("--work-dir", help="keep the analysis, scales and checkpoints here (default: a temporary one)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
@@ -70,8 +73,13 @@ def main():
     base = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, progress=False)
     stage2 = base.replace(lr=args.stage2_lr or args.lr, grad_accum=args.stage2_grad_accum)
     seeds = [int(x) for x in args.seeds.split(",")]
-    results = [{"row": "fp32", "avg_bits": 32.0, **_scores(None, metric, seeds)}]
-    _print(results[-1])
+    if args.model != "tiny-sd":
+        from bfq.families import family_for_name
+
+        metric["base"] = str(family_for_name(args.model).tiny_pipeline_dir())
+    results = [] if args.no_fp32 else [{"row": "fp32", "avg_bits": 32.0, **_scores(None, metric, seeds)}]
+    if results:
+        _print(results[-1])
     wanted = {int(i) for i in args.only.split(",")} if args.only else None
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(args.work_dir or tmp)
@@ -79,7 +87,7 @@ def main():
             if wanted and i not in wanted:
                 continue
             path = work_dir / f"row{i}.bfq"
-            done = quantize("tiny-sd", path, bits=args.bits, allocator=args.allocator, steps=DEFAULT_STEPS,
+            done = quantize(args.model, path, bits=args.bits, allocator=args.allocator, steps=DEFAULT_STEPS,
                             work_dir=work_dir, progress=False,
                             stage1_steps=s1, stage2_steps=s2, finetune_config=base.replace(**settings),
                             finetune_stage2_config=stage2)  # fmt: skip
@@ -87,7 +95,8 @@ def main():
             results.append({"row": name, "avg_bits": summarize(path)["avg_bits"], "stage1_steps": s1, "stage2_steps": s2,
                             "finetune_s": done.seconds.get("finetune", 0.0), **scores})  # fmt: skip
             _print(results[-1])
-    print(f"\nmetric: tiny-sd, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}, mean over seeds {seeds}; "
+    print(f"\n{args.model}; metric: tiny-sd's, {10 * args.n_per_digit} images, DDIM {DEFAULT_STEPS}, CFG {DEFAULT_CFG:g}, "
+          f"mean over seeds {seeds}; "
           f"batch {args.batch_size}, lr {args.lr:g} (Stage II {stage2.lr:g}, {stage2.grad_accum} micro-batches a step), {torch.get_num_threads()} torch thread")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -1,4 +1,5 @@
-"""``bfq eval MODEL``: the tiny-sd quality metric (prompt alignment and Fréchet distance)."""
+"""``bfq eval MODEL``: the tiny-sd quality metric (prompt alignment and Fréchet distance) of the
+bundled tiny models (tiny-sd, tiny-sdxl) and the .bfq files made from them."""
 
 from __future__ import annotations
 
@@ -19,34 +20,44 @@ from bfq.tinysd.evaluate import (
 )
 
 
+def _tiny_dirs() -> dict[str, Path]:
+    """The bundled tiny pipelines the metric scores, by built-in name (``tiny-sd``, ``tiny-sdxl``)."""
+    from bfq.families import FAMILIES
+
+    return {f.tiny_name: f.tiny_pipeline_dir() for f in FAMILIES}
+
+
 def _resolve(model: str, steps: int | None, runtime: str):
-    """``(unet, base, scheduler, steps, note)`` for MODEL: ``tiny-sd``, a ``.bfq`` made from it, or a
-    pipeline directory. Everything is checked before anything is generated: the step count (within
-    the scheduler's training timesteps), the file's origin, and for a ``.bfq`` with a scheduler-mode
-    time cache the steps it was made for (the default; others are refused). Such a file is sampled
-    with the evaluation's DDIM sampler when its timesteps are cached, else with its own scheduler."""
+    """``(unet, base, scheduler, steps, note)`` for MODEL: a bundled tiny model (``tiny-sd``,
+    ``tiny-sdxl``), a ``.bfq`` made from one, or a pipeline directory. Everything is checked before
+    anything is generated: the step count (within the scheduler's training timesteps), the file's
+    origin, and for a ``.bfq`` with a scheduler-mode time cache the steps it was made for (the
+    default; others are refused). Such a file is sampled with the evaluation's DDIM sampler when
+    its timesteps are cached, else with its own scheduler."""
     from bfq.quant.timecache import scheduler_timesteps
     from bfq.tinysd.evaluate import ddim_sampler
 
     path = Path(model)
-    if model == "tiny-sd" or (path / "model_index.json").is_file():
-        base = None if model == "tiny-sd" else path
+    tiny = _tiny_dirs()
+    if model in tiny or (path / "model_index.json").is_file():
+        base = None if model == "tiny-sd" else tiny.get(model, path)
         steps = steps or DEFAULT_STEPS
         scheduler_timesteps(ddim_sampler(base), steps)
         return None, base, None, steps, None
     if not model.endswith(".bfq"):
-        raise click.BadParameter("expected 'tiny-sd', a .bfq file made from it, or a StableDiffusionPipeline directory",
+        raise click.BadParameter(f"expected {', '.join(tiny)}, a .bfq file made from one, or a pipeline directory",
                                  param_hint="MODEL")  # fmt: skip
     if not path.is_file():
         raise click.BadParameter(f"no such file: {model}", param_hint="MODEL")
     from bfq.runtime.generate import file_sampler
 
     sampler = file_sampler(model)
-    _check_made_from_tiny_sd(model, sampler.config)
+    name = _made_from(model, sampler.config, tiny)
+    base = None if name == "tiny-sd" else tiny[name]
     steps = steps or sampler.steps or DEFAULT_STEPS
     scheduler, note = None, None
     try:
-        sampler.check_steps(steps, ddim_sampler())
+        sampler.check_steps(steps, ddim_sampler(base))
     except InputError:
         if sampler.scheduler is None or sampler.cache_mode != "scheduler":
             raise
@@ -58,17 +69,21 @@ def _resolve(model: str, steps: int | None, runtime: str):
 
     import bfq
 
-    return bfq.load_unet(model, dtype=torch.float32, runtime=runtime), None, scheduler, steps, note
+    return bfq.load_unet(model, dtype=torch.float32, runtime=runtime), base, scheduler, steps, note
 
 
-def _check_made_from_tiny_sd(model: str, config: dict) -> None:
-    from bfq.tinysd import pipeline_dir
+_SHAPE_KEYS = ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels", "addition_embed_type")
 
-    tiny = json.loads((pipeline_dir() / "unet" / "config.json").read_text())
-    for key in ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels"):
-        if config.get(key) != tiny.get(key):
-            raise InputError(f"{model} was not made from tiny-sd (its UNet's {key} is {config.get(key)}, tiny-sd's "
-                             f"{tiny.get(key)}): bfq eval scores tiny-sd models only")  # fmt: skip
+
+def _made_from(model: str, config: dict, tiny: dict[str, Path]) -> str:
+    """The bundled tiny model whose UNet shape ``config`` has (InputError when none)."""
+    for name, directory in tiny.items():
+        ref = json.loads((directory / "unet" / "config.json").read_text())
+        if all(config.get(k) == ref.get(k) for k in _SHAPE_KEYS):
+            return name
+    shape = ", ".join(f"{k} {config.get(k)}" for k in _SHAPE_KEYS[:4])
+    raise InputError(f"{model} was not made from {' or '.join(tiny)} (its UNet has {shape}): "
+                     "bfq eval scores the bundled tiny models only")  # fmt: skip
 
 
 @click.command("eval")
@@ -91,7 +106,7 @@ def _check_made_from_tiny_sd(model: str, config: dict) -> None:
 @runtime_option
 @force_option
 def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, device, quiet, runtime, force):
-    """Score MODEL (tiny-sd or a .bfq made from it) by prompt alignment and Fréchet distance.
+    """Score MODEL (tiny-sd, tiny-sdxl, or a .bfq made from either) by prompt alignment and Fréchet distance.
 
     Generates 10 x N-PER-DIGIT images from fixed prompts and seeds at each CFG scale, labels
     them with the bundled digit classifier and compares their features with the real digits.

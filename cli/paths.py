@@ -137,11 +137,10 @@ def model_paths(model: str) -> list[str]:
     """The local files or folders a MODEL argument reads (none for a Hub repo id)."""
     if os.path.exists(model):
         return [model]
-    if model == "tiny-sd":
-        from bfq.tinysd import pipeline_dir
+    from bfq.families import FAMILIES
 
-        return [str(pipeline_dir())]
-    return []
+    tiny = {f.tiny_name: f.tiny_pipeline_dir() for f in FAMILIES}
+    return [str(tiny[model])] if model in tiny else []
 
 
 def check_outputs(ctx: click.Context, inputs: dict[str, str | list[str] | None]) -> None:

@@ -15,7 +15,7 @@ def quantize_cmd(model, **params):
 
     MODEL is `tiny-sd` (bundled), `sd15-random` (SD-v1.5-shaped, random weights), `sd15` (the Hub's
     Stable Diffusion v1.5; needs network), `sdxl-random` / `sdxl` (the same for SDXL base 1.0),
-    `tiny-sdxl` (bundled, when built), a Hub repo id, a diffusers pipeline directory, a UNet
+    `tiny-sdxl` (bundled, trained on tiny-sd's digits), a Hub repo id, a diffusers pipeline directory, a UNet
     directory (config.json + weights) or a .safetensors checkpoint, of an SD-1/2-class or an
     SDXL-class UNet.
 
@@ -23,6 +23,7 @@ def quantize_cmd(model, **params):
     Examples:
       bfq quantize tiny-sd --bits 1.99 -o tiny.bfq
       bfq quantize tiny-sd --bits 1.99 --stage1-steps 400 --lr 1e-4 --batch-size 32 -o tiny-ft.bfq
+      bfq quantize tiny-sdxl --bits 1.99 --stage1-steps 400 --stage2-steps 400 -o tiny-sdxl-ft.bfq
       bfq quantize sd15-random --recipe bitsfusion-sd15 -o sd15.bfq
       bfq quantize ./my-unet --recipe uniform-2 --time-cache grid -o my.bfq
     """

@@ -30,6 +30,8 @@ class Family:
             package that makes and evaluates it; its files are in ``bfq/data/<tiny_name>``.
         time_features: :data:`TIMESTEP_ONLY` or :data:`TIMESTEP_AND_CONDITIONING`.
         default_steps: sampler steps of the reference pipeline (what a scheduler time cache is made for).
+        tiny_steps: sampler steps of the bundled tiny model's metric (``bfq.tinysd.evaluate``): what
+            a time cache of ``tiny_name`` is made for by default.
         pipeline_kwargs: extra keyword arguments for ``pipeline_class.from_pretrained``.
         hub_tag: the Hub tag of the family on a model card.
         added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
@@ -48,6 +50,7 @@ class Family:
     tiny_package: str
     time_features: str = TIMESTEP_ONLY
     default_steps: int = 50
+    tiny_steps: int = 20
     pipeline_kwargs: dict = {}
     hub_tag: str = "stable-diffusion"
     added_cond_keys: tuple[str, ...] = ()

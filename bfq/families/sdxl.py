@@ -117,19 +117,17 @@ class SDXL(Family):
 
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         out = super().conditioning(config, batch, seq_len=seq_len, generator=gen, dtype=dtype, device=device)
-        n_ids, text_dim = time_ids_layout(config)
-        h = VAE_SCALE * int(height or config["sample_size"])
-        w = VAE_SCALE * int(width or config["sample_size"])
-        ids = [h, w, 0, 0, h, w] if n_ids == 6 else [h, w, 0, 0, 6.0]  # refiner: aesthetic score 6
-        text = torch.randn(batch, text_dim, generator=gen)
-        time_ids = torch.tensor(ids, dtype=torch.float32).repeat(batch, 1)
+        text = torch.randn(batch, time_ids_layout(config)[1], generator=gen)
+        time_ids = size_ids(config, batch, VAE_SCALE * int(height or config["sample_size"]),
+                            VAE_SCALE * int(width or config["sample_size"]))  # fmt: skip
         out["added_cond_kwargs"] = {"text_embeds": text.to(device=device, dtype=dtype),
                                     "time_ids": time_ids.to(device=device, dtype=dtype)}  # fmt: skip
         return out
 
     def encode_prompts(self, base_dir, texts: list[str], config: dict, device=None) -> dict:
         """Both text encoders of the SDXL pipeline in ``base_dir`` (its own ``encode_prompt``; the
-        empty prompt as the pipeline encodes it), with the size conditions of ``sample_size``."""
+        empty prompt as the pipeline encodes it), with the size conditions of the pipeline's default image
+        size (``sample_size`` times its VAE's scale)."""
         import torch
         from diffusers import StableDiffusionXLPipeline
 
@@ -138,9 +136,31 @@ class SDXL(Family):
             ehs, _, pooled, _ = pipe.encode_prompt(texts, device=device, do_classifier_free_guidance=False)
         if all(t == "" for t in texts) and pipe.config.get("force_zeros_for_empty_prompt", True):
             ehs, pooled = torch.zeros_like(ehs), torch.zeros_like(pooled)  # what the pipeline uses for CFG
-        size = self.conditioning(config, len(texts), device=device)["added_cond_kwargs"]["time_ids"]
+        pixels = int(config["sample_size"]) * _vae_scale(base_dir)  # the pipeline's default image size
+        size = size_ids(config, len(texts), pixels, pixels).to(device)
         return {"encoder_hidden_states": ehs.float(),
                 "added_cond_kwargs": {"text_embeds": pooled.float(), "time_ids": size.float()}}  # fmt: skip
+
+
+def size_ids(config: dict, batch: int, height: int, width: int):
+    """``time_ids`` ``[batch, n]`` (float32) of uncropped ``height`` x ``width``-pixel images:
+    original size, crop corner (0, 0), target size; the refiner's 5 end with an aesthetic score of 6."""
+    import torch
+
+    ids = [height, width, 0, 0, height, width] if time_ids_layout(config)[0] == 6 else [height, width, 0, 0, 6.0]
+    return torch.tensor(ids, dtype=torch.float32).repeat(batch, 1)
+
+
+def _vae_scale(base_dir) -> int:
+    """Pixels per latent cell of the pipeline in ``base_dir``, as ``StableDiffusionXLPipeline`` computes
+    it (``2 ** (VAE levels - 1)``; SDXL's 8 when the pipeline has no VAE config)."""
+    import json
+    from pathlib import Path
+
+    vae_config = Path(base_dir) / "vae" / "config.json"
+    if not vae_config.is_file():
+        return VAE_SCALE
+    return 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
 
 
 def time_ids_layout(config: dict) -> tuple[int, int]:

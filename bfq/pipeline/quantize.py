@@ -288,12 +288,13 @@ def _resumable(work_dir: Path) -> bool:
 
 
 def default_steps(model: str | os.PathLike) -> int:
-    """Sampler steps a scheduler cache is made for when none are given: tiny-sd's evaluation's (20),
-    else the paper's PNDM-50."""
-    if os.fspath(model) == "tiny-sd":
-        from bfq.tinysd.evaluate import DEFAULT_STEPS as TINY_SD_STEPS
+    """Sampler steps a scheduler cache is made for when none are given: for a bundled tiny model
+    (tiny-sd, tiny-sdxl) its family's ``tiny_steps`` (the tiny-sd metric's 20), else the paper's PNDM-50."""
+    from bfq.families import family_for_name, is_builtin
 
-        return TINY_SD_STEPS
+    name = os.fspath(model)
+    if is_builtin(name) and name == family_for_name(name).tiny_name:
+        return family_for_name(name).tiny_steps
     return DEFAULT_STEPS
 
 

@@ -198,6 +198,12 @@ def _n_time_features(unet, time_cache: str, scheduler, cache_steps: int) -> int:
 
 
 def _default_cache_steps(base_dir, source) -> int:
+    from bfq.families import FAMILIES
+
+    name = (source or {}).get("name") if (source or {}).get("kind") == "builtin" else None
+    tiny = {f.tiny_name: f.tiny_steps for f in FAMILIES}
+    if name in tiny:
+        return tiny[name]
     if _is_tinysd(base_dir, source):
         from bfq.tinysd.evaluate import DEFAULT_STEPS
 

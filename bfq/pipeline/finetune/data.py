@@ -18,7 +18,8 @@ function of ``i`` and the source's seed, so a resumed run (or rank ``r`` of ``wo
 reads exactly the batches it would have read without interruption, without replaying the ones
 before:
 
-* :func:`tinysd_digits`: the bundled tiny-sd's digits, encoded by its VAE, with its captions;
+* :func:`tinysd_digits`: the bundled tiny-sd's digits, encoded by its VAE, with its captions (or by
+  tiny-sdxl's, with both its text encoders);
 * :func:`image_caption_folder`: ``NAME.png|jpg|... + NAME.txt`` pairs, encoded once by a pipeline's
   VAE and text encoder on the training device (cached in the work directory,
   :mod:`bfq.pipeline.finetune.encoding`);
@@ -52,6 +53,7 @@ from bfq.pipeline.finetune.encoding import (
 )
 
 DATA_KINDS = ("tiny-sd-digits", "folder:PATH", "prompts:FILE")
+TINY_MODELS = ("tiny-sd", "tiny-sdxl")  # the bundled models whose built-in data is tiny-sd's digits
 
 
 def _seed(*parts: int) -> int:
@@ -159,11 +161,13 @@ class DigitBatches(IndexedBatches):
     """The tiny-sd training set: 1,797 digits (VAE posterior samples) with captions drawn from
     tiny-sd's templates, like :mod:`bfq.tinysd.train`. Built by :func:`tinysd_digits`."""
 
-    def __init__(self, mean, std, labels, captions: list[str], caption_table, uncond, *, batch_size: int, seed: int):
+    def __init__(self, mean, std, labels, captions: list[str], caption_table, uncond, *, batch_size: int, seed: int,
+                 added: dict | None = None):  # fmt: skip
         super().__init__()
         _check_sizes(len(mean), batch_size)
         self.mean, self.std, self.labels = mean, std, torch.as_tensor(labels)
         self.captions, self.table, self.uncond = captions, caption_table, uncond
+        self.added = added or {}  # SDXL: text_embeds/time_ids per caption, uncond_text_embeds
         self.n_templates = len(captions) // 10
         self.n, self.batch_size, self.seed = len(mean), int(batch_size), int(seed)
 
@@ -172,7 +176,9 @@ class DigitBatches(IndexedBatches):
         z = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)
         template = torch.randint(0, self.n_templates, (len(idx),), generator=gen)
         rows = self.labels[idx] * self.n_templates + template
-        return {"encoder_hidden_states": self.table[rows], "uncond_hidden_states": self.uncond, "latents": z}
+        out = {"encoder_hidden_states": self.table[rows], "uncond_hidden_states": self.uncond, "latents": z}
+        out.update({k: v if k.startswith("uncond_") else v[rows] for k, v in self.added.items()})
+        return out
 
     def caption(self, i: int) -> list[str]:
         """The captions of batch ``i`` (for inspection)."""
@@ -187,8 +193,13 @@ def tinysd_digits(pipeline_dir: str | os.PathLike | None = None, *, batch_size: 
     """tiny-sd's own training data: every digit image encoded by the bundled VAE, each with a
     caption drawn from tiny-sd's templates (``"the number 7"``, ``"seven"``, ...).
 
+    For an SDXL-class pipeline (tiny-sdxl) the captions are encoded by its model family
+    (both text encoders, the pooled ``text_embeds``, the ``time_ids`` of its default image size)
+    and the empty prompt as its pipeline encodes it for classifier-free guidance.
+
     Args:
-        pipeline_dir: the tiny-sd pipeline (default: the bundled one).
+        pipeline_dir: the pipeline whose VAE and text encoder(s) encode the data (default: the
+            bundled tiny-sd).
         batch_size: examples per batch.
         seed: seeds the order, the posterior samples and the caption choices.
     """
@@ -201,6 +212,13 @@ def tinysd_digits(pipeline_dir: str | os.PathLike | None = None, *, batch_size: 
     images = torch.from_numpy(1.0 - ink)[:, None].repeat(1, 3, 1, 1) * 2 - 1  # dark ink on white, [-1, 1]
     mean, std = encode_images(load_vae(base), images)
     captions = [t.format(w=DIGIT_WORDS[d], n=str(d)) for d in range(10) for t in DIGIT_TEMPLATES]
+    family, config = _pipeline_family(base)
+    if family.added_cond_keys:
+        cond = family.encode_prompts(base, captions, config)
+        uncond = family.encode_prompts(base, [""], config)
+        added = {**cond["added_cond_kwargs"], "uncond_text_embeds": uncond["added_cond_kwargs"]["text_embeds"][0]}
+        return DigitBatches(mean, std, labels, captions, cond["encoder_hidden_states"],
+                            uncond["encoder_hidden_states"][0], batch_size=batch_size, seed=seed, added=added)  # fmt: skip
     tokenizer, encoder = load_text_encoder(base)
     table = encode_text(tokenizer, encoder, captions + [""])
     return DigitBatches(mean, std, labels, captions, table[:-1], table[-1], batch_size=batch_size, seed=seed)
@@ -294,7 +312,7 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
 
     Args:
         spec: ``"tiny-sd-digits"``, ``"folder:PATH"``, ``"prompts:FILE"``, or None for the model's
-            built-in data (tiny-sd's digits for ``model_name == "tiny-sd"``).
+            built-in data (tiny-sd's digits for tiny-sd and tiny-sdxl).
         model_name: the model's name (``bfq.pipeline.models.ResolvedModel.name``).
         pipeline_dir: the pipeline whose VAE/text encoder encode folder and prompt data.
         device: where the VAE and text encoder run.
@@ -304,16 +322,17 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
         ValueError: an unknown spec, or a spec that needs a pipeline directory the model lacks.
     """
     if spec is None:
-        if model_name != "tiny-sd":
+        if model_name not in TINY_MODELS:
             raise ValueError(
                 f"no built-in training data for {model_name or 'this model'}: give data as "
                 "folder:PATH (images + .txt captions) or prompts:FILE (one prompt a line)"
             )
         spec = "tiny-sd-digits"
+    if pipeline_dir is None and model_name in TINY_MODELS:
+        from bfq.families import family_for_name
+
+        pipeline_dir = family_for_name(model_name).tiny_pipeline_dir()
     if spec == "tiny-sd-digits":
-        if pipeline_dir is not None and model_name != "tiny-sd" and _pipeline_family(pipeline_dir)[0].added_cond_keys:
-            raise ValueError(f"tiny-sd-digits data is encoded for SD-v1.5-class models only, not for "
-                             f"{_pipeline_family(pipeline_dir)[0].title}: use prompts:FILE")  # fmt: skip
         return tinysd_digits(pipeline_dir if model_name != "tiny-sd" else None, batch_size=batch_size, seed=seed)
     kind, _, arg = spec.partition(":")
     if kind not in ("folder", "prompts") or not arg:

@@ -73,12 +73,18 @@ def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: flo
 
 
 def default_eval_fn(resolved_model, config=None) -> Callable | None:
-    """The periodic evaluation for a resolved model: the tiny-sd metric for tiny-sd; the CLIP score
-    when ``config.eval_clip`` names a local CLIP model and ``config.eval_prompts`` a prompt file
-    (needs the model's pipeline directory); else None."""
-    if getattr(resolved_model, "name", "") == "tiny-sd":
-        return tinysd_eval_fn()
+    """The periodic evaluation for a resolved model: the tiny-sd metric for the bundled tiny models
+    (tiny-sd, tiny-sdxl: with its own pipeline); the CLIP score when ``config.eval_clip`` names a
+    local CLIP model and ``config.eval_prompts`` a prompt file (needs the model's pipeline
+    directory); else None."""
+    from bfq.families import FAMILIES
+
+    name = getattr(resolved_model, "name", "")
     base = getattr(resolved_model, "base_dir", None)
+    if name == "tiny-sd":
+        return tinysd_eval_fn()
+    if name in {f.tiny_name for f in FAMILIES} and base is not None:
+        return tinysd_eval_fn(base=base)
     if config is not None and config.eval_clip and config.eval_prompts and base is not None:
         return clip_eval_fn(base, config.eval_clip, config.eval_prompts)
     return None
