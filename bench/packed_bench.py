@@ -116,19 +116,19 @@ def _forward(unet, x, t, ehs) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-VARIANTS = ("dense fp32", "packed fp32", "packed bf16", "packed bf16 cl")
+VARIANTS = ("dense fp32", "packed fp32", "packed bf16", "dense bf16")
 
 
 def _variant(path: str, name: str, workspace_mb: int):
-    """A model for a variant name: runtime, compute dtype, and "cl" for channels-last activations."""
+    """A model for a variant name: runtime and compute dtype (bf16 on the CPU computes with
+    channels-last activations, see bfq.runtime.load)."""
     import torch
 
     import bfq
 
-    runtime, dtype, *rest = name.split()
+    runtime, dtype = name.split()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    unet = bfq.load_unet(path, runtime=runtime, dtype=dtype, workspace_bytes=workspace_mb << 20)
-    return unet, dtype, "cl" in rest
+    return bfq.load_unet(path, runtime=runtime, dtype=dtype, workspace_bytes=workspace_mb << 20), dtype
 
 
 def measure_speed(path: str, threads: list[int], sizes: list[int], runs: int, workspaces_mb: list[int],
@@ -150,9 +150,8 @@ def measure_speed(path: str, threads: list[int], sizes: list[int], runs: int, wo
             x, ehs = inputs(size)
 
             def run(name):
-                unet, dtype, cl = models[name]
-                xi = x.to(dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
-                return _forward(unet, xi, t, ehs.to(dtype))
+                unet, dtype = models[name]
+                return _forward(unet, x.to(dtype), t, ehs.to(dtype))
 
             for name in models:  # warm-up
                 run(name)
@@ -332,7 +331,7 @@ def main() -> None:
     ap.add_argument("--workspaces", default="32", help="Packed-runtime workspace sizes in MB, the default first "
                     "(e.g. 32,8,128: 128 MB holds every SD-v1.5 layer whole).")
     ap.add_argument("--variants", default="dense fp32,packed fp32,packed bf16", help="Speed rows, comma-separated: "
-                    f"dense fp32 first, then any of {', '.join(VARIANTS)} (cl: channels-last activations).")
+                    f"dense fp32 first, then any of {', '.join(VARIANTS)}.")
     ap.add_argument("--only", default="memory,speed,decode,generate,compile")
     ap.add_argument("--compile-caches", default="scheduler,grid", help="Time-cache modes of the compile rows, in order "
                     "(the first pays the compiler's one-time start-up in the process).")
