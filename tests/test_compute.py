@@ -47,6 +47,17 @@ def test_bf16_on_the_cpu_takes_and_returns_float32_close_to_fp32_compute(tiny_fi
     assert 0 < rel < 0.03, rel  # bf16 rounds (so not equal), but stays close
 
 
+def test_a_bf16_model_cast_to_float32_computes_in_float32(tiny_file):
+    """Only the dense tensors keep their bf16 rounding: the boundary steps aside, nothing is cast."""
+    bf16 = bfq.load_unet(tiny_file, dtype=torch.bfloat16)
+    cast = bfq.load_unet(tiny_file, dtype=torch.bfloat16).to(torch.float32)
+    sample, ehs = tiny_inputs(cast, seq=5)
+    with torch.no_grad():
+        out, before = cast(sample, 37, ehs).sample, bf16(sample, 37, ehs).sample
+        by_hand = cast(sample.bfloat16().float(), 37, ehs.bfloat16().float()).sample
+    assert out.dtype == torch.float32 and not torch.equal(out, before) and not torch.equal(out, by_hand)
+
+
 def test_fp32_and_fp16_loads_have_no_bf16_boundary(tiny_file):
     for dtype in (torch.float32, torch.float16):
         unet = bfq.load_unet(tiny_file, dtype=dtype)

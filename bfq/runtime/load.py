@@ -129,6 +129,8 @@ def _bf16(value, channels_last: bool = False):
 
 
 def _to_bf16(module, args, kwargs):
+    if module.dtype != torch.bfloat16 or module.device.type != "cpu":  # moved or cast since loading
+        return None
     sample = args[0] if args else kwargs.get("sample")
     module._bfq_in_dtype = sample.dtype if isinstance(sample, torch.Tensor) else None
     args = tuple(_bf16(a, i == 0) for i, a in enumerate(args))
