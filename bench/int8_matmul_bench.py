@@ -25,6 +25,18 @@ def timed(fn, runs):
     return sorted(out)[runs // 2]
 
 
+def _on(engine, fn, *args):
+    torch.backends.quantized.engine = engine
+    return fn(*args)
+
+
+def _prepack(codes):
+    """What a packed layer would pay at every forward to hand its codes to torch's int8 Linear."""
+    scales = torch.full((codes.shape[0],), 0.01, dtype=torch.float64)
+    weight = torch._make_per_channel_quantized_tensor(codes, scales, torch.zeros(codes.shape[0], dtype=torch.int64), 0)
+    return torch.ops.quantized.linear_prepack(weight, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -48,7 +60,8 @@ def main() -> None:
         if engine in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = engine
             q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-            rows[f"dynamic int8 Linear ({engine})"] = lambda q=q: q(a)
+            rows[f"dynamic int8 Linear ({engine})"] = lambda q=q, e=engine: _on(e, q, a)
+            rows[f"  its weight prepack from int8 codes + scales ({engine})"] = lambda e=engine: _on(e, _prepack, wi.t().contiguous())
     times = {name: [] for name in rows}
     for _ in range(2):  # two interleaved rounds
         for name, fn in rows.items():
