@@ -124,9 +124,10 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
         progress=not quiet,
     )
     result["model"] = model
+    result["settings"]["compute"] = compute
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(format_report(result, title=f"bfq eval {model}"))
+        click.echo(format_report(result, title=f"bfq eval {model}" + (f" (UNet in {compute})" if compute != "fp32" else "")))
         if grid:
             click.echo(f"grid: {grid}")

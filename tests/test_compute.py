@@ -103,3 +103,18 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0():
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0], proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_compute_bf16_is_recorded_with_the_scores(tmp_path):
+    import json
+
+    from bfq.pipeline.quantize import quantize
+
+    path = quantize("tiny-sd", tmp_path / "tiny.bfq", recipe="uniform-2", time_cache="grid", progress=False).path
+    runs = {c: CliRunner().invoke(main, ["eval", str(path), "--compute", c, "--n-per-digit", "1", "--cfg", "3", "--steps", "4",
+                                         "--json", "--quiet"]) for c in ("fp32", "bf16")}  # fmt: skip
+    results = {c: json.loads(r.stdout) for c, r in runs.items() if r.exit_code == 0}
+    assert set(results) == {"fp32", "bf16"}, {c: r.output for c, r in runs.items()}
+    assert results["bf16"]["settings"]["compute"] == "bf16" and results["fp32"]["settings"]["compute"] == "fp32"
+    assert results["bf16"]["fd"] != results["fp32"]["fd"]  # really computed in bf16 (close, not equal)
+    assert abs(results["bf16"]["fd"] - results["fp32"]["fd"]) < 0.1 * results["fp32"]["fd"]
