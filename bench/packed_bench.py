@@ -9,11 +9,14 @@ Measures, printing how each figure was obtained:
   minus RSS before (torch, diffusers and bfq imported), and the bytes of the module's parameters,
   buffers and workspace (`bfq.runtime.packed.resident_bytes`); packed (read and memory-mapped),
   dense fp32, dense fp16;
-* speed: one UNet forward, batch 2 (classifier-free guidance), fp32, at 512x512 (64x64 latents)
-  and 256x256 (32x32), packed and dense alternating in one process, `--runs` each, medians of
-  wall time (and of process CPU time, steadier on a shared machine), per torch thread count;
+* speed: one UNet forward, batch 2 (classifier-free guidance), at 512x512 (64x64 latents) and
+  256x256 (32x32), each `--variants` entry (runtime and compute dtype: dense fp32, packed fp32,
+  packed bf16, dense bf16; bf16 on the CPU runs channels-last, see bfq.runtime.load) alternating in
+  one process, `--runs` each, medians of wall time (and of process CPU time, steadier on a shared
+  machine) and ratios to dense fp32, per torch thread count;
 * decode: the packed runtime's decode alone, every layer in the blocks a forward uses, into the
-  workspace, next to `np.copyto` of the same output bytes, in the same run (G weights/s);
+  workspace, in fp32 and in bf16, next to `np.copyto` of the same output bytes, in the same run
+  (G weights/s);
 * generate: a whole `bfq generate` at 512x512, 4 steps, packed and dense, peak RSS of the process
   (`--base`: an SD-shaped pipeline directory; by default one is built with random VAE and text
   encoder weights, since no download is possible here);
@@ -354,7 +357,7 @@ def main() -> None:
         print("memory (fresh process per runtime):", flush=True)
         results["memory"] = measure_memory(path)
     if "speed" in only:
-        print(f"one UNet forward, batch 2, fp32, medians of {args.runs}:", flush=True)
+        print(f"one UNet forward, batch 2, medians of {args.runs}:", flush=True)
         results["speed"] = measure_speed(path, threads, [int(s) for s in args.sizes.split(",")], args.runs,
                                          [int(mb) for mb in args.workspaces.split(",")], args.variants.split(","))
     if "decode" in only:
