@@ -83,7 +83,7 @@ def memory_child(path: str, runtime: str, dtype: str, mmap: bool) -> dict:
     unet = bfq.load_unet(path, runtime=runtime, dtype=getattr(torch, dtype), mmap=mmap)
     loaded = rss()
     out = {"rss_load": loaded - before, "module_bytes": resident_bytes(unet)}
-    if dtype == "float32":  # CPUs compute in fp32 (an fp16 forward takes minutes here)
+    if dtype in ("float32", "bfloat16"):  # what CPUs compute in (an fp16 forward takes minutes here)
         x, ehs = inputs(32)
         with torch.no_grad():
             unet(x, first_timestep(path), ehs)
@@ -93,7 +93,8 @@ def memory_child(path: str, runtime: str, dtype: str, mmap: bool) -> dict:
 
 def measure_memory(path: str) -> dict:
     out = {}
-    for label, runtime, dtype, mmap in (("packed", "packed", "float32", False), ("packed, mmap", "packed", "float32", True),
+    for label, runtime, dtype, mmap in (("packed", "packed", "float32", False), ("packed bf16", "packed", "bfloat16", False),
+                                        ("packed, mmap", "packed", "float32", True),
                                         ("dense fp32", "dense", "float32", False), ("dense fp16", "dense", "float16", False)):  # fmt: skip
         code = f"import json,sys; sys.path.insert(0, {str(HERE.parent)!r}); import packed_bench as b; " \
                f"print(json.dumps(b.memory_child({path!r}, {runtime!r}, {dtype!r}, {mmap!r})))"  # fmt: skip
