@@ -29,7 +29,7 @@ runtime_option = click.option(
 compute_option = click.option(
     "--compute", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
     help="The quantized UNet's compute dtype: auto is bf16 on a CPU with native bf16 (AVX-512 BF16 or AMX; "
-         "about 0.45x the fp32 time, same tiny-sd scores, see README), fp16 on CUDA, fp32 elsewhere. The VAE and "
+         "about half the fp32 time, same tiny-sd scores, see README), fp16 on CUDA, fp32 elsewhere. The VAE and "
          "text encoder stay fp32 on a CPU.",
 )  # fmt: skip
 

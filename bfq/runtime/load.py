@@ -172,7 +172,7 @@ def _refuse_save(why: str, *args, **kwargs):
 
 def compute_dtype(compute: str, device: str | torch.device) -> torch.dtype:
     """The UNet's compute dtype for a ``--compute`` name: fp32, bf16, fp16, or "auto": float16 on
-    CUDA, bfloat16 on a CPU with native bf16 (:func:`cpu_has_native_bf16`: about 0.45x the fp32
+    CUDA, bfloat16 on a CPU with native bf16 (:func:`cpu_has_native_bf16`: about half the fp32
     forward time of SD-v1.5, same scores on tiny-sd), float32 elsewhere."""
     if compute != "auto":
         if compute not in COMPUTES:
