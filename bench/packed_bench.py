@@ -9,11 +9,14 @@ Measures, printing how each figure was obtained:
   minus RSS before (torch, diffusers and bfq imported), and the bytes of the module's parameters,
   buffers and workspace (`bfq.runtime.packed.resident_bytes`); packed (read and memory-mapped),
   dense fp32, dense fp16;
-* speed: one UNet forward, batch 2 (classifier-free guidance), fp32, at 512x512 (64x64 latents)
-  and 256x256 (32x32), packed and dense alternating in one process, `--runs` each, medians of
-  wall time (and of process CPU time, steadier on a shared machine), per torch thread count;
+* speed: one UNet forward, batch 2 (classifier-free guidance), at 512x512 (64x64 latents) and
+  256x256 (32x32), each `--variants` entry (runtime and compute dtype: dense fp32, packed fp32,
+  packed bf16, dense bf16; bf16 on the CPU runs channels-last, see bfq.runtime.load) alternating in
+  one process, `--runs` each, medians of wall time (and of process CPU time, steadier on a shared
+  machine) and ratios to dense fp32, per torch thread count;
 * decode: the packed runtime's decode alone, every layer in the blocks a forward uses, into the
-  workspace, next to `np.copyto` of the same output bytes, in the same run (G weights/s);
+  workspace, in fp32 and in bf16, next to `np.copyto` of the same output bytes, in the same run
+  (G weights/s);
 * generate: a whole `bfq generate` at 512x512, 4 steps, packed and dense, peak RSS of the process
   (`--base`: an SD-shaped pipeline directory; by default one is built with random VAE and text
   encoder weights, since no download is possible here);
@@ -80,7 +83,7 @@ def memory_child(path: str, runtime: str, dtype: str, mmap: bool) -> dict:
     unet = bfq.load_unet(path, runtime=runtime, dtype=getattr(torch, dtype), mmap=mmap)
     loaded = rss()
     out = {"rss_load": loaded - before, "module_bytes": resident_bytes(unet)}
-    if dtype == "float32":  # CPUs compute in fp32 (an fp16 forward takes minutes here)
+    if dtype in ("float32", "bfloat16"):  # what CPUs compute in (an fp16 forward takes minutes here)
         x, ehs = inputs(32)
         with torch.no_grad():
             unet(x, first_timestep(path), ehs)
@@ -90,7 +93,8 @@ def memory_child(path: str, runtime: str, dtype: str, mmap: bool) -> dict:
 
 def measure_memory(path: str) -> dict:
     out = {}
-    for label, runtime, dtype, mmap in (("packed", "packed", "float32", False), ("packed, mmap", "packed", "float32", True),
+    for label, runtime, dtype, mmap in (("packed", "packed", "float32", False), ("packed bf16", "packed", "bfloat16", False),
+                                        ("packed, mmap", "packed", "float32", True),
                                         ("dense fp32", "dense", "float32", False), ("dense fp16", "dense", "float16", False)):  # fmt: skip
         code = f"import json,sys; sys.path.insert(0, {str(HERE.parent)!r}); import packed_bench as b; " \
                f"print(json.dumps(b.memory_child({path!r}, {runtime!r}, {dtype!r}, {mmap!r})))"  # fmt: skip
@@ -116,43 +120,62 @@ def _forward(unet, x, t, ehs) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure_speed(path: str, threads: list[int], sizes: list[int], runs: int, workspaces_mb: list[int]) -> list[dict]:
-    """Dense fp32 against the packed runtime with each workspace size (the default first); a
-    workspace of at least the largest layer (118 MB for SD-v1.5) decodes every layer whole."""
+VARIANTS = ("dense fp32", "packed fp32", "packed bf16", "dense bf16")
+
+
+def _variant(path: str, name: str, workspace_mb: int):
+    """A model for a variant name: runtime and compute dtype (bf16 on the CPU computes with
+    channels-last activations, see bfq.runtime.load)."""
     import torch
 
     import bfq
 
-    models = {"dense": bfq.load_unet(path, runtime="dense")}
-    for mb in workspaces_mb:
-        models[f"packed {mb} MB"] = bfq.load_unet(path, runtime="packed", workspace_bytes=mb << 20)
-    default = f"packed {workspaces_mb[0]} MB"
+    runtime, dtype = name.split()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return bfq.load_unet(path, runtime=runtime, dtype=dtype, workspace_bytes=workspace_mb << 20), dtype
+
+
+def measure_speed(path: str, threads: list[int], sizes: list[int], runs: int, workspaces_mb: list[int],
+                  variants: list[str] = ("dense fp32", "packed fp32")) -> list[dict]:  # fmt: skip
+    """Dense fp32 against the packed runtime in each variant (runtime, compute dtype, activation
+    layout) and with each workspace size (the default first, for the plain packed fp32 variant); a
+    workspace of at least the largest layer (118 MB for SD-v1.5) decodes every layer whole."""
+    import torch
+
+    models = {name: _variant(path, name, workspaces_mb[0]) for name in variants}
+    for mb in workspaces_mb[1:]:
+        models[f"packed fp32 {mb} MB"] = _variant(path, "packed fp32", mb)
+    baseline = "dense fp32"
     t = first_timestep(path)
     rows = []
     for n in threads:
         torch.set_num_threads(n)
         for size in sizes:
             x, ehs = inputs(size)
-            for unet in models.values():  # warm-up
-                _forward(unet, x, t, ehs)
+
+            def run(name):
+                unet, dtype = models[name]
+                return _forward(unet, x.to(dtype), t, ehs.to(dtype))
+
+            for name in models:  # warm-up
+                run(name)
             times = {name: [] for name in models}
             for _ in range(runs):
-                for name, unet in models.items():  # interleaved, so drifting load hits every variant alike
-                    times[name].append(_forward(unet, x, t, ehs))
+                for name in models:  # interleaved, so drifting load hits every variant alike
+                    times[name].append(run(name))
             row = {"threads": n, "latent": size, "image": 8 * size}
             for name, values in times.items():
                 row[name] = {"wall_s": median(v[0] for v in values), "cpu_s": median(v[1] for v in values)}
-                row[name]["ratio_wall"] = row[name]["wall_s"] / median(v[0] for v in times["dense"])
-                row[name]["ratio_cpu"] = row[name]["cpu_s"] / median(v[1] for v in times["dense"])
+                row[name]["ratio_wall"] = row[name]["wall_s"] / median(v[0] for v in times[baseline])
+                row[name]["ratio_cpu"] = row[name]["cpu_s"] / median(v[1] for v in times[baseline])
             rows.append(row)
-            others = ", ".join(f"{name} {row[name]['ratio_wall']:.3f}x" for name in models if name not in ("dense", default))
-            print(f"  {n} thread(s), {8 * size}x{8 * size}: dense {row['dense']['wall_s']:.2f} s, {default} "
-                  f"{row[default]['wall_s']:.2f} s -> {row[default]['ratio_wall']:.3f}x "
-                  f"(CPU time {row[default]['ratio_cpu']:.3f}x){'; ' + others if others else ''}", flush=True)  # fmt: skip
+            others = ", ".join(f"{name} {row[name]['wall_s']:.2f} s {row[name]['ratio_wall']:.3f}x "
+                               f"(CPU {row[name]['ratio_cpu']:.3f}x)" for name in models if name != baseline)  # fmt: skip
+            print(f"  {n} thread(s), {8 * size}x{8 * size}: {baseline} {row[baseline]['wall_s']:.2f} s; {others}", flush=True)
     return rows
 
 
-def measure_decode(path: str, threads: list[int], runs: int) -> list[dict]:
+def measure_decode(path: str, threads: list[int], runs: int, dtype_name: str = "fp32") -> list[dict]:
     """The decode a packed forward performs, alone, next to np.copyto of the same bytes."""
     import numpy as np
     import torch
@@ -160,7 +183,8 @@ def measure_decode(path: str, threads: list[int], runs: int) -> list[dict]:
     import bfq
     from bfq.runtime.packed import packed_layers
 
-    unet = bfq.load_unet(path, runtime="packed")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    unet = bfq.load_unet(path, runtime="packed", dtype=dtype)
     layers = [m for _, m in packed_layers(unet)]
     rows = []
     for n in threads:
@@ -170,10 +194,10 @@ def measure_decode(path: str, threads: list[int], runs: int) -> list[dict]:
             for m in layers:
                 for c0, c1 in m._blocks():
                     count = (c1 - c0) * m.per_channel
-                    m.dequantize(c0, c1, out=m.workspace.get(m.codes.device, torch.float32, count))
+                    m.dequantize(c0, c1, out=m.workspace.get(m.codes.device, dtype, count))
 
-        largest = max(m.workspace.block_channels(m.per_channel, m.weight_shape[0], torch.float32) * m.per_channel for m in layers)
-        src, dst = np.ones(largest, np.float32), np.empty(largest, np.float32)
+        largest = max(m.workspace.block_channels(m.per_channel, m.weight_shape[0], dtype) * m.per_channel for m in layers)
+        src, dst = np.ones(largest, np.float32 if dtype_name == 'fp32' else np.uint16), np.empty(largest, np.float32 if dtype_name == 'fp32' else np.uint16)
         sizes = [(c1 - c0) * m.per_channel for m in layers for c0, c1 in m._blocks()]
 
         def copy_all():
@@ -190,11 +214,11 @@ def measure_decode(path: str, threads: list[int], runs: int) -> list[dict]:
             copy_all()
             copy_times.append(time.perf_counter() - t0)
         weights = sum(sizes)
-        row = {"threads": n, "weights": weights, "decode_s": median(decode_times), "copyto_s": median(copy_times)}
+        row = {"threads": n, "dtype": dtype_name, "weights": weights, "decode_s": median(decode_times), "copyto_s": median(copy_times)}
         row["decode_gweights_s"] = weights / row["decode_s"] / 1e9
         row["copyto_gweights_s"] = weights / row["copyto_s"] / 1e9
         rows.append(row)
-        print(f"  {n} thread(s): decode of {weights / 1e6:.0f} M weights into fp32 {row['decode_s']:.3f} s "
+        print(f"  {n} thread(s): decode of {weights / 1e6:.0f} M weights into {dtype_name} {row['decode_s']:.3f} s "
               f"({row['decode_gweights_s']:.2f} G weights/s); np.copyto of the same bytes {row['copyto_gweights_s']:.2f} G/s", flush=True)  # fmt: skip
     return rows
 
@@ -310,6 +334,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,32", help="Latent sizes (64 = 512x512 images).")
     ap.add_argument("--workspaces", default="32", help="Packed-runtime workspace sizes in MB, the default first "
                     "(e.g. 32,8,128: 128 MB holds every SD-v1.5 layer whole).")
+    ap.add_argument("--variants", default="dense fp32,packed fp32,packed bf16", help="Speed rows, comma-separated: "
+                    f"dense fp32 first, then any of {', '.join(VARIANTS)}.")
     ap.add_argument("--only", default="memory,speed,decode,generate,compile")
     ap.add_argument("--compile-caches", default="scheduler,grid", help="Time-cache modes of the compile rows, in order "
                     "(the first pays the compiler's one-time start-up in the process).")
@@ -332,12 +358,12 @@ def main() -> None:
         print("memory (fresh process per runtime):", flush=True)
         results["memory"] = measure_memory(path)
     if "speed" in only:
-        print(f"one UNet forward, batch 2, fp32, medians of {args.runs}:", flush=True)
+        print(f"one UNet forward, batch 2, medians of {args.runs}:", flush=True)
         results["speed"] = measure_speed(path, threads, [int(s) for s in args.sizes.split(",")], args.runs,
-                                         [int(mb) for mb in args.workspaces.split(",")])
+                                         [int(mb) for mb in args.workspaces.split(",")], args.variants.split(","))
     if "decode" in only:
         print("decode alone (what one packed forward decodes):", flush=True)
-        results["decode"] = measure_decode(path, threads, args.runs)
+        results["decode"] = [row for name in ("fp32", "bf16") for row in measure_decode(path, threads, args.runs, name)]
     if "generate" in only:
         base = Path(args.base) if args.base else sd_base_pipeline(work / "sd15-random-base")
         print("bfq generate 512x512, 4 steps, 2 threads:", flush=True)

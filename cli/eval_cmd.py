@@ -27,7 +27,7 @@ def _tiny_dirs() -> dict[str, Path]:
     return {f.tiny_name: f.tiny_pipeline_dir() for f in FAMILIES}
 
 
-def _resolve(model: str, steps: int | None, runtime: str):
+def _resolve(model: str, steps: int | None, runtime: str, compute: str = "fp32"):
     """``(unet, base, scheduler, steps, note)`` for MODEL: a bundled tiny model (``tiny-sd``,
     ``tiny-sdxl``), a ``.bfq`` made from one, or a pipeline directory. Everything is checked before
     anything is generated: the step count (within the scheduler's training timesteps), the file's
@@ -69,7 +69,8 @@ def _resolve(model: str, steps: int | None, runtime: str):
 
     import bfq
 
-    return bfq.load_unet(model, dtype=torch.float32, runtime=runtime), base, scheduler, steps, note
+    unet = bfq.load_unet(model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[compute], runtime=runtime)
+    return unet, base, scheduler, steps, note
 
 
 _SHAPE_KEYS = ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels", "addition_embed_type")
@@ -104,17 +105,23 @@ def _made_from(model: str, config: dict, tiny: dict[str, Path]) -> str:
 @click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @runtime_option
+@click.option("--compute", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="The quantized UNet's compute dtype; bf16 on the cpu device only (fp32 keeps the scores comparable "
+                   "with every earlier evaluation).")
 @force_option
-def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, device, quiet, runtime, force):
+def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, device, quiet, runtime, compute,
+             force):  # fmt: skip
     """Score MODEL (tiny-sd, tiny-sdxl, or a .bfq made from either) by prompt alignment and Fréchet distance.
 
     Generates 10 x N-PER-DIGIT images from fixed prompts and seeds at each CFG scale, labels
     them with the bundled digit classifier and compares their features with the real digits.
     """
     check_outputs(click.get_current_context(), {"MODEL": model_paths(model)})
+    if compute != "fp32" and (device != "cpu" or not model.endswith(".bfq")):
+        raise click.BadParameter("bf16 applies to a .bfq file on the cpu device only", param_hint="--compute")
     from bfq.tinysd.evaluate import evaluate, format_report
 
-    unet, base, scheduler, steps, note = _resolve(model, steps, runtime)
+    unet, base, scheduler, steps, note = _resolve(model, steps, runtime, compute)
     if note:
         click.echo(f"note: {note}", err=True)
     result = evaluate(
@@ -132,9 +139,10 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
         progress=not quiet,
     )
     result["model"] = model
+    result["settings"]["compute"] = compute
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(format_report(result, title=f"bfq eval {model}"))
+        click.echo(format_report(result, title=f"bfq eval {model}" + (f" (UNet in {compute})" if compute != "fp32" else "")))
         if grid:
             click.echo(f"grid: {grid}")

@@ -6,7 +6,7 @@ import os
 import secrets
 
 import click
-from bfq_cli.options import refuse_unused, runtime_option
+from bfq_cli.options import compute_option, refuse_unused, runtime_option
 from bfq_cli.params import TORCH_SEED, Count, Device, Finite, ImageSide
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
@@ -30,9 +30,10 @@ from bfq.runtime.generate import SAMPLERS
 @click.option("--revision", help="Hub revision of MODEL when it is a repo id.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @runtime_option
+@compute_option
 @force_option
 def generate_cmd(model, prompts, negative_prompt, base, out, num_images, width, height, steps, sampler, guidance, seed, device,
-                 revision, quiet, runtime, force):  # fmt: skip
+                 revision, quiet, runtime, compute, force):  # fmt: skip
     """Generate images with MODEL: a .bfq file or Hub repo id holding one (the quantized UNet), or
     any model name `bfq quantize` accepts (tiny-sd, sd15, a pipeline folder, a Hub pipeline: the
     float UNet, to compare with).
@@ -50,6 +51,7 @@ def generate_cmd(model, prompts, negative_prompt, base, out, num_images, width, 
     refuse_unused(ctx, [
         ("negative_prompt", guidance <= 1, "needs --cfg above 1 (diffusers uses it only with classifier-free guidance)"),
         ("runtime", not quantized, "applies to a .bfq file only (MODEL is a float model)"),
+        ("compute", not quantized, "applies to a .bfq file only (MODEL is a float model)"),
         ("revision", os.path.exists(model), "applies to a Hub repo id only (MODEL is a local path)"),
     ])  # fmt: skip
     check_outputs(ctx, {"MODEL": model_paths(model), "--base": base})
@@ -61,7 +63,7 @@ def generate_cmd(model, prompts, negative_prompt, base, out, num_images, width, 
                   negative_prompt=negative_prompt, width=width, height=height, sampler=sampler, progress=not quiet)  # fmt: skip
     base = _pipeline_location(base) if base else None
     if quantized:
-        path = generate(model, list(prompts), base=base, runtime=runtime, **kwargs)
+        path = generate(model, list(prompts), base=base, runtime=runtime, compute=compute, **kwargs)
     else:
         from bfq.pipeline.models import resolve_model
 

@@ -153,7 +153,7 @@ def _python_blocks(card: str) -> list[str]:
 
 def test_card_pipeline_snippet_runs_as_written_on_a_cpu(hub, tmp_path, monkeypatch):
     """The card of a tiny-sd file: its pipeline snippet, run as written, loads the UNet once (packed,
-    float32 on this CPU), samples the cached steps and saves an image."""
+    in this CPU's default compute dtype), samples the cached steps and saves an image."""
     from bfq.pipeline.quantize import quantize
     from bfq.runtime import load as runtime_load
 
@@ -169,7 +169,7 @@ def test_card_pipeline_snippet_runs_as_written_on_a_cpu(hub, tmp_path, monkeypat
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert len(loads) == 1 and (tmp_path / "image.png").is_file() and "num_inference_steps=2)" in blocks[0]
     unet = scope["pipe"].unet
-    assert unet.conv_in.bias.dtype == torch.float32 and packed_layers(unet)
+    assert unet.conv_in.bias.dtype == runtime_load.compute_dtype("auto", "cpu") and packed_layers(unet)
 
 
 def test_model_card_sources_and_block_grouping(models):

@@ -235,7 +235,7 @@ def model_card(
         "```python",
         "import bfq",
         "",
-        f'pipe = bfq.load_pipeline("{spec}"{rev}{base_arg})  # float16 on CUDA, float32 on the CPU',
+        f'pipe = bfq.load_pipeline("{spec}"{rev}{base_arg})  # float16 on CUDA, float32 on the CPU (the UNet in bf16 where the CPU has native bf16)',
         f'image = pipe("{prompt}"{steps_arg}).images[0]',
         'image.save("image.png")',
         "```",

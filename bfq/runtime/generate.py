@@ -22,6 +22,7 @@ from bfq._quiet import quiet_libraries
 from bfq.errors import InputError
 from bfq.families import FAMILIES, family_for_config
 from bfq.quant.timecache import check_cached_steps, scheduler_timesteps
+from bfq.runtime.load import compute_dtype
 
 DEFAULT_STEPS = 50
 GUTTER = 4  # pixels between the images of a grid
@@ -198,7 +199,8 @@ def float_sampler(unet, scheduler=None) -> FileSampler:
 
 
 def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                  revision: str | None = None, runtime: str = "auto", sampler: FileSampler | None = None, unet=None):  # fmt: skip
+                  revision: str | None = None, runtime: str = "auto", sampler: FileSampler | None = None, unet=None,
+                  compute: str = "auto"):  # fmt: skip
     """The model family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``)
     around the quantized UNet of ``model`` (a .bfq path or Hub repo id), ready to call::
 
@@ -209,17 +211,20 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
     default from the model the file was made from (its header records it); a scheduler-mode file
     brings the scheduler its time cache was made for, and samples only its step count (``bfq
     inspect`` shows it). ``runtime`` is :func:`bfq.load_unet`'s ("auto": packed on the CPU, dense on
-    accelerators); ``dtype`` defaults to float16 on CUDA, else float32. ``unet`` (with ``sampler``
+    accelerators); ``dtype`` (the pipeline's) defaults to float16 on CUDA, else float32. ``compute``
+    is the quantized UNet's dtype when ``dtype`` is not given (:func:`bfq.runtime.load.compute_dtype`;
+    "auto": bf16 on a CPU with native bf16, behind the float32 pipeline). ``unet`` (with ``sampler``
     from :func:`float_sampler`) uses that UNet instead of a file's."""
     import bfq
 
     sampler = sampler or file_sampler(model, revision)
     family = family_for_config(sampler.config, sampler.class_name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unet_dtype = dtype or compute_dtype(compute, device)
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     base = base or base_pipeline_for(sampler.source, sampler.path)
     if unet is None:
-        unet = bfq.load_unet(sampler.path, device=device, dtype=dtype, runtime=runtime)
+        unet = bfq.load_unet(sampler.path, device=device, dtype=unet_dtype, runtime=runtime)
     with quiet_libraries():
         import diffusers
 
@@ -237,7 +242,7 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
 
 def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_images=1, steps=None, guidance=7.5, seed=0,
              device=None, revision=None, runtime="auto", negative_prompt=None, width=None, height=None, sampler=None,
-             progress=False, unet=None, scheduler=None) -> Path:  # fmt: skip
+             progress=False, unet=None, scheduler=None, compute="auto") -> Path:  # fmt: skip
     """Generate ``num_images`` per prompt and save them as one image grid (a row per prompt, gutters
     between images). The step count defaults to the one a scheduler-mode time cache was made for;
     a step count or ``sampler`` (a key of SAMPLERS; default the file's or the base's own scheduler)
@@ -249,7 +254,8 @@ def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_i
     steps = steps or facts.default_steps()
     facts.check_steps(steps)
     chosen = facts.check_sampler(sampler, steps) if sampler else None
-    pipe = load_pipeline(model, base=base, device=device, revision=revision, sampler=facts, runtime=runtime, unet=unet)
+    pipe = load_pipeline(model, base=base, device=device, revision=revision, sampler=facts, runtime=runtime, unet=unet,
+                         compute=compute)  # fmt: skip
     if sampler and chosen is None:  # the file names no scheduler: the base's schedule
         chosen = facts.check_sampler(sampler, steps, pipe.scheduler)
     pipe.scheduler = chosen or pipe.scheduler

@@ -89,14 +89,15 @@ def _load(unet, base):
 def _pipeline(unet, base, scheduler=None):
     """The pipeline at ``base`` with ``unet`` swapped in and ``scheduler`` (default :func:`ddim_sampler`).
 
-    Everything runs in float32: a UNet with half-precision weights is evaluated as a float32 copy.
+    Everything runs in float32: a UNet with half-precision weights is evaluated as a float32 copy,
+    except one that computes in bf16 behind a float32 interface (``bfq_compute``, a CPU bf16 load).
     """
     import copy
 
     import torch
 
     tensors = unet.state_dict().values() if unet is not None else ()
-    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+    if getattr(unet, "bfq_compute", None) is None and any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         unet = copy.deepcopy(unet).float()
     pipe = _load(unet, base)
     pipe.scheduler = copy.deepcopy(scheduler) if scheduler is not None else ddim_sampler(base)
