@@ -182,7 +182,7 @@ def _images(pipe, steps=4):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    return _images(bfq.load_pipeline(str(tiny[0]), device="cpu", runtime="packed"))
+    return _images(bfq.load_pipeline(str(tiny[0]), device="cpu", runtime="packed", compute="fp32"))  # diffusers loads float32
 
 
 def test_from_pretrained_builds_the_packed_runtime_and_generates_the_same_images(tiny, reference):
@@ -274,7 +274,7 @@ def test_lora_through_load_lora_weights_equals_the_bfq_pipeline(tiny, tmp_path):
     torch.manual_seed(0)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v", "conv1"]))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
-    pipes = [DiffusionPipeline.from_pretrained(tiny[1]), bfq.load_pipeline(str(tiny[0]), device="cpu", runtime="packed")]
+    pipes = [DiffusionPipeline.from_pretrained(tiny[1]), bfq.load_pipeline(str(tiny[0]), device="cpu", runtime="packed", compute="fp32")]
     images = []
     for pipe in pipes:
         pipe.load_lora_weights(tmp_path / "lora")
