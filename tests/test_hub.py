@@ -609,7 +609,9 @@ def test_preview_failure_uploads_nothing(hub, models, monkeypatch):
     result = _cli("push", str(models.v1), "--repo", REPO, "--preview")
     line = _one_error_line(result)
     assert "preview: generating images with v1.bfq failed (OSError: no VAE here); nothing was uploaded" in line
-    assert hub.requests == []
+    # only the base pipeline was looked for (read before the preview, the heavy part)
+    assert [(r.method, r.path) for r in hub.requests] == [("HEAD", f"/{BASE_REPO}/resolve/main/model_index.json")]
+    assert REPO not in hub.repos
 
 
 # -- transports and the environment --------------------------------------------------------------

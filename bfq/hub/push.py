@@ -167,13 +167,14 @@ def push(
     if not token:
         raise HubError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN (a token with write access)")
 
+    # the base pipeline is found (or refused) before the preview, the heavy part
+    pipeline_base, note = _pipeline_base(path, preview_base, diffusers, token) if diffusers is not False else (None, None)
     preview_png, preview_info = (None, None)
     if preview:
         preview_png, preview_info = make_preview(path, prompts=preview_prompts, base=preview_base, steps=preview_steps, device=preview_device,
                                                  runtime=preview_runtime)
 
     local_sha = sha256_file(path)
-    pipeline_base, note = _pipeline_base(path, preview_base, diffusers, token) if diffusers is not False else (None, None)
     layout, _tmp = _diffusers_files(path, pipeline_base) if pipeline_base else ([], None)  # _tmp: removed when push returns
     api = HfApi(token=token)
     where = f"{repo}" + (f" (branch {branch})" if branch else "")
@@ -265,7 +266,8 @@ def _pipeline_base(path: Path, base: str | None, required: bool | None, token: s
     if found is not None:
         return found, None
     if given or required:
-        raise HubError(f"{'--base' if given else '--diffusers: the base'} {base!r} is not a diffusers pipeline (no model_index.json found)")
+        asked = "--base" if given else "--diffusers: the base"
+        raise HubError(f"{asked} {base!r} is not a diffusers pipeline (no model_index.json found)")
     return None, _not_a_pipeline(f"its base {base!r} is not a diffusers pipeline (no model_index.json found)")
 
 
