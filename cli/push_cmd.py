@@ -17,16 +17,24 @@ from bfq_cli.params import Device
 @click.option("--preview", is_flag=True, help="Generate a small image grid with the model and show it on the model card.")
 @click.option("--preview-prompt", "preview_prompts", multiple=True, help="Prompt of the preview (repeat for several; implies --preview).")
 @click.option("--preview-steps", type=click.IntRange(1, 1000), help="Sampler steps of the preview (default: the steps a scheduler-mode time cache was made for, the only ones it can sample; else 50).")
-@click.option("--base", help="Pipeline (directory or Hub id) with the VAE and text encoder for the preview. Default: the model's source.")
+@click.option("--base", help="Pipeline (directory or Hub id) whose VAE, text encoders, tokenizers and model_index.json the published "
+                                "pipeline copies (and the preview uses). Default: the model's source, as `bfq generate` finds it.")  # fmt: skip
 @click.option("--device", type=Device(), help="Device of the preview generation: cpu, cuda, cuda:N or mps (default: cuda when available).")
 @click.option("--diffusers", "as_diffusers", is_flag=True,
-              help="Also publish the repo as a diffusers pipeline: unet/ in bfq's diffusers layout, the file's scheduler and the "
-                   "base pipeline's other components (from --base, else the file's source) copied, so that `import bfq` + "
-                   "DiffusionPipeline.from_pretrained(REPO) loads it.")  # fmt: skip
+              help="Require the diffusers pipeline (the default when the base is found): fail, before any upload, if the base "
+                   "pipeline cannot be found.")  # fmt: skip
+@click.option("--bfq-only", is_flag=True, help="Publish the .bfq and its card alone, not the diffusers pipeline.")
 @runtime_option
 def push_cmd(file, repo_id, private, revision, filename, commit_message, preview, preview_prompts, preview_steps, base, device,
-             as_diffusers, runtime):  # fmt: skip
-    """Publish a .bfq FILE on the Hugging Face Hub, with a generated model card.
+             as_diffusers, bfq_only, runtime):  # fmt: skip
+    """Publish a .bfq FILE on the Hugging Face Hub as a diffusers pipeline, with a generated model card.
+
+    The repo gets unet/ in bfq's diffusers layout (FORMAT.md appendix A), the scheduler the file's
+    time cache was made for, the base pipeline's other components and model_index.json (copied from
+    --base, else from the file's source), and the .bfq beside them: `import bfq` +
+    DiffusionPipeline.from_pretrained(REPO) loads it. When the file's base cannot be found, only
+    the .bfq and its card are pushed and a note says what to pass (--base); --diffusers makes that
+    an error, --bfq-only pushes the .bfq alone on purpose.
 
     The card carries the Hub metadata (library bfq, quantization tags, base_model with
     base_model_relation: quantized, the base's license where known), the bits per block, the
@@ -44,7 +52,9 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     """
     from bfq.hub import push
 
-    _refuse_preview_options_without_preview(preview or bool(preview_prompts), as_diffusers)
+    if as_diffusers and bfq_only:
+        raise click.UsageError("--diffusers and --bfq-only contradict each other: give one")
+    _refuse_preview_options_without_preview(preview or bool(preview_prompts), not bfq_only)
     if preview_steps is not None:  # refuse a step count the file cannot sample before any upload
         from bfq.runtime.generate import file_sampler
 
@@ -52,7 +62,7 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     result = push(file, repo_id, private=private, revision=revision, preview=preview or bool(preview_prompts),
                   commit_message=commit_message, filename=filename, preview_prompts=list(preview_prompts) or None,
                   preview_base=base, preview_steps=preview_steps, preview_device=device,
-                  preview_runtime=runtime, diffusers=as_diffusers)  # fmt: skip
+                  preview_runtime=runtime, diffusers=True if as_diffusers else False if bfq_only else None)  # fmt: skip
     where = result["repo_url"]
     sent = ", ".join(f"{u['path']} ({u['bytes']:,} bytes)" for u in result["uploaded"])
     if result["up_to_date"]:
@@ -66,15 +76,17 @@ def push_cmd(file, repo_id, private, revision, filename, commit_message, preview
     click.echo(f"commit {result['commit_url']}")
     rev = f", revision={result['revision']!r}" if result["revision"] != "main" else ""
     click.echo(f"load it: bfq.load_unet({result['load']!r}{rev})")
-    if as_diffusers:
+    if result["note"]:
+        click.echo(f"note: {result['note']}", err=True)
+    if result["pipeline"]:
         click.echo(f"or: import bfq; DiffusionPipeline.from_pretrained({result['repo_id']!r}{rev})")
 
 
-def _refuse_preview_options_without_preview(preview: bool, as_diffusers: bool = False) -> None:
+def _refuse_preview_options_without_preview(preview: bool, pipeline: bool = False) -> None:
     """--preview-steps, --base, --device and --runtime only shape the preview (--base also the
-    --diffusers pipeline): refused without one."""
+    published pipeline, unless --bfq-only): refused without one."""
     context = click.get_current_context()
-    options = ("preview_steps", "device", "runtime") if as_diffusers else ("preview_steps", "base", "device", "runtime")
+    options = ("preview_steps", "device", "runtime") if pipeline else ("preview_steps", "base", "device", "runtime")
     given = [f"--{name.replace('_', '-')}" for name in options
              if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]  # fmt: skip
     if given and not preview:

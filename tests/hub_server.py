@@ -196,6 +196,12 @@ class FakeHub:
             blob = repo.commits[oid].files.get(path) if oid else None
             return blob.data if blob else None
 
+    def files(self, repo_id: str, revision: str = "main") -> list[str]:
+        """The paths of every file of `repo_id` at `revision` (sorted)."""
+        with self._lock:
+            repo = self.repos[repo_id]
+            return sorted(repo.commits[repo.resolve(revision)].files)
+
     def head(self, repo_id: str, branch: str = "main") -> str | None:
         with self._lock:
             repo = self.repos.get(repo_id)

@@ -331,16 +331,17 @@ def test_quantizing_on_load_equals_bfq_quantize_and_saves_the_layout(tiny, tmp_p
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
-def test_push_diffusers_then_from_pretrained_in_a_fresh_process_generates_the_bfq_images(tiny, reference, tmp_path, monkeypatch):
-    """`bfq push --diffusers` of tiny-sd's .bfq to the local Hub; a fresh Python process that runs
-    plain diffusers + `import bfq` on the repo id, offline from the Hub cache the second time,
-    generates the images `bfq.load_pipeline` makes from the .bfq (the same prompt, seed and steps)."""
+def test_push_then_from_pretrained_in_a_fresh_process_generates_the_bfq_images(tiny, reference, tmp_path, monkeypatch):
+    """`bfq push` (by default the diffusers pipeline) of tiny-sd's .bfq to the local Hub; a fresh
+    Python process that runs plain diffusers + `import bfq` on the repo id, offline from the Hub cache
+    the second time, generates the images `bfq.load_pipeline` makes from the .bfq (the same prompt,
+    seed and steps)."""
     from tests.hub_server import FakeHub, point_client_at
 
     token = "hf_TestTokenMustNeverLeak0123456789"
     with FakeHub(token=token) as server:
         point_client_at(monkeypatch, server.url, tmp_path / "hf-home", token=token)
-        result = _cli("push", tiny[0], "--repo", "user/tiny-diffusers", "--diffusers")
+        result = _cli("push", tiny[0], "--repo", "user/tiny-diffusers")
         assert result.exit_code == 0, result.output
         card = server.file("user/tiny-diffusers", "README.md").decode()
         assert 'pipe = DiffusionPipeline.from_pretrained("user/tiny-diffusers")' in card and "import bfq" in card

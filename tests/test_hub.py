@@ -10,6 +10,7 @@ with Xet enabled the client does take the Xet route (and that its failure is one
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -87,6 +88,11 @@ def _one_error_line(result) -> str:
     return errors[0]
 
 
+def _pushed(server, repo: str) -> set[str]:
+    """The repo's files but the .gitattributes the Hub makes with it."""
+    return set(server.files(repo)) - {".gitattributes"}
+
+
 def _api_calls(server):
     """Requests to the Hub API (the presigned storage URLs under /__lfs/ carry no token, as on S3)."""
     return [r for r in server.requests if not r.path.startswith("/__lfs/")]
@@ -151,25 +157,68 @@ def _python_blocks(card: str) -> list[str]:
     return [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
 
 
-def test_card_pipeline_snippet_runs_as_written_on_a_cpu(hub, tmp_path, monkeypatch):
-    """The card of a tiny-sd file: its pipeline snippet, run as written, loads the UNet once (packed,
-    in this CPU's default compute dtype), samples the cached steps and saves an image."""
+def test_default_push_of_a_file_with_a_known_base_publishes_the_diffusers_pipeline(hub, tmp_path, monkeypatch):
+    """`bfq push` of a tiny-sd file (its base found as bfq.load_pipeline finds it): unet/ in the
+    diffusers layout, the file's scheduler, the base's other components and model_index.json, the
+    .bfq beside them; the card's first snippet is plain diffusers, and its bfq.load_pipeline snippet,
+    run as written, loads the UNet once (packed, in this CPU's default compute dtype), samples the cached steps and
+    saves an image. (tests/test_diffusers_native.py loads the repo with plain diffusers.)"""
     from bfq.pipeline.quantize import quantize
     from bfq.runtime import load as runtime_load
+    from bfq.tinysd import pipeline_dir
 
     path = quantize("tiny-sd", tmp_path / "tiny.bfq", recipe="uniform-2", steps=2, progress=False).path
-    bfq_hub.push(path, REPO)
+    result = _cli("push", str(path), "--repo", REPO)
+    assert result.exit_code == 0 and "note:" not in result.output, result.output
+    assert f"DiffusionPipeline.from_pretrained('{REPO}')" in result.stdout
+    base = Path(pipeline_dir())
+    copied = {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file() and p.parent != base
+              and p.relative_to(base).parts[0] not in ("unet", "scheduler")}  # fmt: skip
+    assert {"vae/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json"} <= copied
+    assert _pushed(hub, REPO) == {"tiny.bfq", "README.md", "model_index.json", "unet/config.json",
+                                    "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} | copied  # fmt: skip
+    assert all(hub.file(REPO, name) == (base / name).read_bytes() for name in copied | {"model_index.json"})
+    assert hub.file(REPO, "tiny.bfq") == Path(path).read_bytes()
+    assert json.loads(hub.file(REPO, "unet/config.json"))["quantization_config"]["quant_method"] == "bfq"
     blocks = _python_blocks(hub.file(REPO, "README.md").decode())
+    assert f'DiffusionPipeline.from_pretrained("{REPO}")' in blocks[0] and "load_" not in blocks[0]
     loads = []
     real_load = runtime_load.load_unet
     monkeypatch.setattr(runtime_load, "load_unet", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(bfq, "load_unet", runtime_load.load_unet)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)
-    assert len(loads) == 1 and (tmp_path / "image.png").is_file() and "num_inference_steps=2)" in blocks[0]
+    block = next(b for b in blocks if "bfq.load_pipeline(" in b)
+    exec(compile(block, "README.md", "exec"), scope)
+    assert len(loads) == 1 and (tmp_path / "image.png").is_file() and "num_inference_steps=2)" in block
     unet = scope["pipe"].unet
     assert unet.conv_in.bias.dtype == runtime_load.compute_dtype("auto", "cpu") and packed_layers(unet)
+    # --bfq-only: the .bfq and its card alone, the card without the diffusers snippet
+    only = _cli("push", str(path), "--repo", "user/only", "--bfq-only")
+    assert only.exit_code == 0 and "note:" not in only.output and "DiffusionPipeline" not in only.stdout, only.output
+    assert _pushed(hub, "user/only") == {"tiny.bfq", "README.md"}
+    assert "DiffusionPipeline" not in hub.file("user/only", "README.md").decode()
+
+
+def test_without_a_base_the_default_pushes_the_bfq_with_a_note_and_diffusers_refuses(hub, models):
+    """v2 records no source and v1's source repo holds no pipeline: the default pushes the .bfq and
+    its card and says in one note line that the repo is not a diffusers pipeline and what to pass;
+    --diffusers (or a --base that is no pipeline) fails in one line and creates nothing."""
+    for model, why in ((models.v2, "does not say which pipeline"), (models.v1, f"'{BASE_REPO}' is not a diffusers pipeline")):
+        repo = f"user/{model.stem}"
+        result = _cli("push", str(model), "--repo", repo)
+        assert result.exit_code == 0, result.output
+        notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+        assert len(notes) == 1 and "not a diffusers pipeline" in notes[0] and "--base DIR_OR_REPO" in notes[0], result.stderr
+        assert why in notes[0] and "DiffusionPipeline" not in result.stdout
+        assert _pushed(hub, repo) == {model.name, "README.md"}
+        refused = _one_error_line(_cli("push", str(model), "--repo", "user/refused", "--diffusers"))
+        assert "--diffusers" in refused and "user/refused" not in hub.repos
+    assert bfq_hub.push(models.v2, "user/lib")["note"] is not None and not bfq_hub.push(models.v2, "user/lib")["pipeline"]
+    with pytest.raises(HubError, match="needs the base pipeline"):
+        bfq_hub.push(models.v2, "user/lib2", diffusers=True)
+    line = _one_error_line(_cli("push", str(models.v2), "--repo", "user/refused", "--base", str(models.v2.parent)))
+    assert "is not a diffusers pipeline" in line and "user/refused" not in hub.repos and "user/lib2" not in hub.repos
 
 
 def test_model_card_sources_and_block_grouping(models):
@@ -509,7 +558,7 @@ def test_push_rejects_bad_arguments(hub, models, tmp_path):
     (["--revision", "dev branch"], "not a valid branch name"), (["--revision", "x.lock"], "not a valid branch name"),
     (["--repo", "user/a b"], "give a Hub repo id"), (["--preview-steps", "3"], "--preview-steps only apply to the preview"),
     (["--device", "cpu"], "--device only apply"), (["--runtime", "dense"], "--runtime only apply"),
-    (["--base", "x"], "--base only apply"),
+    (["--bfq-only", "--base", "x"], "--base only apply"), (["--diffusers", "--bfq-only"], "contradict each other"),
 ])  # fmt: skip
 def test_every_bad_argument_is_refused_before_the_first_hub_call(hub, models, args, expected):
     """`bfq push --filename ../x.bfq` used to create the repo and then crash: every argument is
@@ -560,7 +609,9 @@ def test_preview_failure_uploads_nothing(hub, models, monkeypatch):
     result = _cli("push", str(models.v1), "--repo", REPO, "--preview")
     line = _one_error_line(result)
     assert "preview: generating images with v1.bfq failed (OSError: no VAE here); nothing was uploaded" in line
-    assert hub.requests == []
+    # only the base pipeline was looked for (read before the preview, the heavy part)
+    assert [(r.method, r.path) for r in hub.requests] == [("HEAD", f"/{BASE_REPO}/resolve/main/model_index.json")]
+    assert REPO not in hub.repos
 
 
 # -- transports and the environment --------------------------------------------------------------

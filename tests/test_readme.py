@@ -65,7 +65,7 @@ def test_every_readme_python_snippet_runs_as_written_on_a_cpu(tmp_path, monkeypa
     with FakeHub(token="hf_readme") as hub:
         point_client_at(monkeypatch, hub.url, tmp_path / "hf-home", token="hf_readme")
         hub.add_repo("you/tiny-sd-2bit")
-        push(tmp_path / "tiny.bfq", "you/tiny-sd-2bit", diffusers=True)
+        push(tmp_path / "tiny.bfq", "you/tiny-sd-2bit")  # as the README's `bfq push` does: the diffusers pipeline
         scopes = []
         for i, block in enumerate(blocks):
             scopes.append({})

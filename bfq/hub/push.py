@@ -122,7 +122,7 @@ def push(
     preview_steps: int | None = None,
     preview_device: str | None = None,
     preview_runtime: str = "auto",
-    diffusers: bool = False,
+    diffusers: bool | None = None,
 ) -> dict:
     """Publish a .bfq file on the Hub with a generated model card (and optionally a preview grid).
 
@@ -135,13 +135,17 @@ def push(
     Returns:
         dict: repo_id, revision, repo_url, file (its path in the repo), commit_url, commit_oid, uploaded (list of {path, bytes}),
         skipped (paths already identical on the Hub), up_to_date (nothing was committed), load (the
-        id to pass to `bfq.load_unet`).
+        id to pass to `bfq.load_unet`), pipeline (the repo is a diffusers pipeline), note (why it
+        is not, when the default could not find the base pipeline; else None).
 
-    With ``diffusers``, the repo also becomes a diffusers pipeline repo (FORMAT.md appendix A):
-    ``unet/`` in the diffusers layout of this file, the file's scheduler, and every other component
-    of the base pipeline (``preview_base``, else the file's source: a local folder or a Hub repo)
-    copied with its ``model_index.json``, so that ``import bfq`` + ``DiffusionPipeline.from_pretrained(repo)``
-    loads it; the card's snippet is then that plain diffusers one.
+    By default the repo is also a diffusers pipeline repo (FORMAT.md appendix A): ``unet/`` in the
+    diffusers layout of this file, the file's scheduler, and every other component of the base
+    pipeline (``preview_base``, else the file's source, found as ``bfq.load_pipeline`` finds it: a
+    local folder or a Hub repo) copied with its ``model_index.json``, so that ``import bfq`` +
+    ``DiffusionPipeline.from_pretrained(repo)`` loads it; the card's first snippet is then that plain
+    diffusers one. When no base pipeline is found the .bfq and its card are pushed alone and
+    ``note`` says so; ``diffusers=True`` makes that a HubError instead (before any Hub write), and
+    ``diffusers=False`` pushes the .bfq and its card alone.
 
     Raises:
         HubError: one line naming the stage that failed (preview, repo creation, upload, commit)
@@ -163,13 +167,15 @@ def push(
     if not token:
         raise HubError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN (a token with write access)")
 
+    # the base pipeline is found (or refused) before the preview, the heavy part
+    pipeline_base, note = _pipeline_base(path, preview_base, diffusers, token) if diffusers is not False else (None, None)
     preview_png, preview_info = (None, None)
     if preview:
         preview_png, preview_info = make_preview(path, prompts=preview_prompts, base=preview_base, steps=preview_steps, device=preview_device,
                                                  runtime=preview_runtime)
 
     local_sha = sha256_file(path)
-    layout, _tmp = _diffusers_files(path, preview_base) if diffusers else ([], None)  # _tmp: removed when push returns
+    layout, _tmp = _diffusers_files(path, pipeline_base) if pipeline_base else ([], None)  # _tmp: removed when push returns
     api = HfApi(token=token)
     where = f"{repo}" + (f" (branch {branch})" if branch else "")
     stage = "create the repo"
@@ -187,7 +193,7 @@ def push(
     name_file = len(files) > 1 or "/" in filename
     base = base_model_info(summary["model"]["source"], token=token)
     card = model_card(path, repo_id=repo, filename=filename, revision=branch, name_file=name_file, preview=preview_info,
-                      base=base, summary=summary, files=files, diffusers=diffusers).encode()  # fmt: skip
+                      base=base, summary=summary, files=files, diffusers=bool(layout)).encode()  # fmt: skip
 
     wanted = [(filename, None, local_sha, path.stat().st_size, path), (CARD_FILE, card, None, len(card), None)]
     if preview_png is not None:
@@ -211,6 +217,8 @@ def push(
         "sha256": local_sha,
         "uploaded": uploaded,
         "skipped": skipped,
+        "pipeline": bool(layout),
+        "note": note,
     }
     if not ops:
         try:
@@ -237,29 +245,93 @@ def push(
     return {**result, "up_to_date": False, "commit_oid": info.oid, "commit_url": info.commit_url}
 
 
-def _diffusers_files(path: Path, base: str | None):
+def _pipeline_base(path: Path, base: str | None, required: bool | None, token: str) -> tuple[Path | None, str | None]:
+    """The local folder of the base pipeline (VAE, text encoders, tokenizers, model_index.json) that a
+    pipeline repo of ``path`` copies: ``base``, else the file's source as ``bfq.load_pipeline`` finds
+    it; a Hub base is downloaded (without the components the file replaces). (None, note) when the
+    file's own base cannot be found and the pipeline is not ``required``; a HubError when ``base``
+    was given or the pipeline is required. Hub reads only: nothing is created on the Hub."""
+    from bfq.errors import InputError
+    from bfq.runtime.generate import base_pipeline_for, file_sampler
+
+    given = base is not None
+    if not given:
+        try:
+            base = base_pipeline_for(file_sampler(str(path)).source, path)
+        except InputError as exc:
+            if required:
+                raise HubError(f"--diffusers needs the base pipeline: {_first_line(str(exc))}") from None
+            return None, _not_a_pipeline(_first_line(str(exc)).split(": pass --base")[0])
+    found = _base_folder(path, base, token)
+    if found is not None:
+        return found, None
+    if given or required:
+        asked = "--base" if given else "--diffusers: the base"
+        raise HubError(f"{asked} {base!r} is not a diffusers pipeline (no model_index.json found)")
+    return None, _not_a_pipeline(f"its base {base!r} is not a diffusers pipeline (no model_index.json found)")
+
+
+def _not_a_pipeline(why: str) -> str:
+    return (f"the repo is not a diffusers pipeline, only the .bfq and its card were pushed: {why}; "
+            "pass --base DIR_OR_REPO (its VAE and text encoder) to publish the pipeline too")  # fmt: skip
+
+
+def _base_folder(path: Path, base: str, token: str) -> Path | None:
+    """``base`` as a local pipeline folder (a Hub repo: downloaded without the file's own
+    components), or None when it has no model_index.json. Hub failures other than "no such repo or
+    file" are one-line HubErrors."""
+    if Path(base).is_dir():
+        return Path(base) if (Path(base) / "model_index.json").is_file() else None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(base, "model_index.json", token=token)
+    except GatedRepoError as exc:
+        raise _fail(HubError, f"reading the base pipeline {base}", exc, token, "nothing was uploaded") from None
+    except (EntryNotFoundError, RepositoryNotFoundError, HFValidationError):
+        return None
+    except Exception as exc:
+        raise _fail(HubError, f"reading the base pipeline {base}", exc, token, "nothing was uploaded") from None
+    ignore = [f"{c}/*" for c in _own_components(path)]
+    ignore += ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.pb", "*.md"]
+    try:
+        return Path(snapshot_download(base, ignore_patterns=ignore, token=token))
+    except Exception as exc:
+        raise _fail(HubError, f"downloading the base pipeline {base}", exc, token, "nothing was uploaded") from None
+
+
+def _own_components(path: Path) -> set[str]:
+    """The pipeline components the file itself provides: its model's, and the scheduler it records."""
+    from bfq.families import family_for_config
+    from bfq.runtime.generate import file_sampler
+
+    sampler = file_sampler(str(path))
+    own = {family_for_config(sampler.config, sampler.class_name).component}
+    return own | ({"scheduler"} if sampler.scheduler is not None else set())
+
+
+def _diffusers_files(path: Path, base_dir: Path):
     """(path in the repo, local file) of a diffusers pipeline repo around ``path``: its component in
-    the diffusers layout, its scheduler, and the base pipeline's other components and model_index.json;
-    and the temporary folder holding the first two (removed when it is garbage-collected)."""
+    the diffusers layout, its scheduler, and the other components and model_index.json of the base
+    pipeline at ``base_dir``; and the temporary folder holding the first two (removed when it is
+    garbage-collected)."""
     import tempfile
 
     from bfq.families import family_for_config
     from bfq.format import open_bfq
     from bfq.format.diffusers_layout import write_layout
-    from bfq.runtime.generate import base_pipeline_for, file_sampler
+    from bfq.runtime.generate import file_sampler
 
     sampler = file_sampler(str(path))
     component = family_for_config(sampler.config, sampler.class_name).component
-    base = base or base_pipeline_for(sampler.source, path)
     holder = tempfile.TemporaryDirectory(prefix="bfq-push-")
     tmp = Path(holder.name)
     with open_bfq(path) as bfq:
         write_layout(bfq, tmp, component)
-    own = {component}
     if sampler.scheduler is not None:  # the scheduler the time cache was made for
         sampler.scheduler.save_pretrained(tmp / "scheduler")
-        own.add("scheduler")
-    base_dir = Path(base) if Path(base).is_dir() else _download_base(base, own)
+    own = _own_components(path)
     files = [(p.relative_to(tmp).as_posix(), p) for p in sorted(tmp.rglob("*")) if p.is_file()]
     for p in sorted(base_dir.rglob("*")):
         rel = p.relative_to(base_dir)
@@ -267,13 +339,6 @@ def _diffusers_files(path: Path, base: str | None):
             files.append((rel.as_posix(), p))
     files.append(("model_index.json", base_dir / "model_index.json"))
     return files, holder
-
-
-def _download_base(repo: str, own: set[str]) -> Path:
-    from huggingface_hub import snapshot_download
-
-    ignore = [f"{c}/*" for c in own] + ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.pb", "*.md"]
-    return Path(snapshot_download(repo, ignore_patterns=ignore))
 
 
 def _other_files(api, repo: str, revision: str | None, remote: dict, filename: str) -> list[dict]:
