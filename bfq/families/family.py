@@ -32,6 +32,10 @@ class Family:
         default_steps: sampler steps of the reference pipeline (what a scheduler time cache is made for).
         pipeline_kwargs: extra keyword arguments for ``pipeline_class.from_pretrained``.
         hub_tag: the Hub tag of the family on a model card.
+        random_per_layer: ``random_name``'s weights come from one seeded stream per parameter
+            (:func:`bfq.families.lazy.random_source`), so ``bfq quantize`` reads them layer by layer
+            instead of holding the float model; False: one stream in module order
+            (:func:`bfq.families.build.build_random_unet`, whose published figures depend on it).
         added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
             ``text_embeds``, ``time_ids``); empty when nothing.
     """
@@ -49,6 +53,7 @@ class Family:
     pipeline_kwargs: dict = {}
     hub_tag: str = "stable-diffusion"
     added_cond_keys: tuple[str, ...] = ()
+    random_per_layer: bool = False
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:

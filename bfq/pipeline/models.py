@@ -38,6 +38,7 @@ import torch
 from bfq._io import sha256_file
 from bfq.errors import InputError
 from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, sd15, sdxl
+from bfq.families.lazy import full_unet, lazy_unet, random_source
 from bfq.families.build import _empty_unet, build_meta_unet, build_random_unet, n_params  # noqa: F401 (public names)
 from bfq.families.sd15 import SD15_N_LINEAR_CONV_WEIGHTS, SD15_N_PARAMS, SD15_REPO  # noqa: F401 (public names)
 
@@ -298,11 +299,21 @@ def _check_family(unet, what: str) -> None:
         raise ModelError(f"{what}: {e}") from None
 
 
-def _resolve_builtin(family: Family, name: str, revision, subfolder, allow_pickle, seed, cache_dir) -> ResolvedModel:
-    if name == family.random_name:
+def _random_unet(family: Family, name: str, seed: int, lazy: bool):
+    if not family.random_per_layer:
         check_memory_for(family, name)
+        return build_random_unet(family.config(), seed)
+    source = random_source(family.config(), seed)
+    if lazy:
+        return lazy_unet(family.config(), source)
+    check_memory_for(family, name)
+    return full_unet(family.config(), source)
+
+
+def _resolve_builtin(family: Family, name: str, revision, subfolder, allow_pickle, seed, cache_dir, lazy) -> ResolvedModel:
+    if name == family.random_name:
         source = {"kind": "builtin", "name": name, "seed": seed}
-        return ResolvedModel(build_random_unet(family.config(), seed), family.scheduler(), source, name=name)
+        return ResolvedModel(_random_unet(family, name, seed, lazy), family.scheduler(), source, name=name)
     if name == family.tiny_name:
         base = family.tiny_pipeline_dir()
         if not (base / "model_index.json").is_file():
@@ -320,6 +331,7 @@ def resolve_model(
     allow_pickle: bool = False,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    lazy: bool = False,
 ) -> ResolvedModel:
     """Resolve a model name or path (see the module docstring) to a :class:`ResolvedModel`.
 
@@ -331,6 +343,9 @@ def resolve_model(
         allow_pickle: allow pickle-based weights (.ckpt/.bin/.pt/.pth); off by default.
         seed: seed of "sd15-random" and "sdxl-random".
         cache_dir: Hugging Face cache directory (default: huggingface_hub's).
+        lazy: where the model allows it (a family's random model with per-layer streams, e.g.
+            "sdxl-random"), a lazy UNet (:mod:`bfq.families.lazy`: weights read layer by layer on
+            use, never the whole float model in memory); other models load as usual.
 
     Raises:
         ModelError: unknown name, missing files, pickle weights without opt-in, a Hub model that
@@ -339,7 +354,7 @@ def resolve_model(
     """
     name = os.fspath(name_or_path)
     if name in BUILTIN_MODELS:
-        return _resolve_builtin(family_for_name(name), name, revision, subfolder, allow_pickle, seed, cache_dir)
+        return _resolve_builtin(family_for_name(name), name, revision, subfolder, allow_pickle, seed, cache_dir, lazy)
     path = Path(name).expanduser()
     if subfolder and path.is_dir():
         return _resolve_local_subfolder(path, subfolder, allow_pickle, name)

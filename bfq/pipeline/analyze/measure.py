@@ -94,7 +94,8 @@ class _Context:
     def __init__(self, unet, settings: dict, base_dir, device, batch_size: int):
         self.unet, self.s, self.base_dir, self.device, self.bs = unet, settings, base_dir, device, batch_size
         cfg = unet.config
-        self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        size = settings.get("resolution", cfg.sample_size)  # local mode records at a small size
+        self.shape = (cfg.in_channels, size, size)
         self.dtype = next(unet.parameters()).dtype
         cond, uncond = self._conditioning()
         self.cond = _cond_map(cond, lambda v: v.to(self.device, self.dtype))
@@ -310,3 +311,78 @@ def _finetuned_weight(ctx: _Context, name: str, mod: nn.Module, bits: int) -> to
 # ------------------------------------------------------------------------------ the analysis
 
 
+
+
+# ------------------------------------------------------------------------------ local mode
+
+
+def _paired_rows(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """``[2, k', C]`` rows of a Linear input whose batch is ``[uncond; cond]`` halves, the same rows
+    of both halves (so the layer's share of the guidance direction can be measured)."""
+    half = x.reshape(2, -1, x.shape[-1])
+    idx = torch.randperm(half.shape[1], generator=g)[:k]
+    return half[:, idx].to(torch.bfloat16)
+
+
+def _paired_maps(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """``[2, n', C, H, W]``: whole feature maps of a Conv2d input, enough samples for ~``k`` positions."""
+    half = x.reshape(2, -1, *x.shape[1:])
+    n = max(1, min(half.shape[1], -(-k // (x.shape[-1] * x.shape[-2]))))
+    idx = torch.randperm(half.shape[1], generator=g)[:n]
+    return half[:, idx].to(torch.bfloat16)
+
+
+@torch.no_grad()
+def record_layer_inputs(ctx: _Context, names: list[str]) -> dict[str, torch.Tensor]:
+    """One forward of the float model on the proxy set (CFG pairs of trajectory states), recording
+    a few hundred input rows (Linear) or feature maps (Conv2d) of each layer in ``names``."""
+    s, rows = ctx.s, {}
+    g = torch.Generator().manual_seed(s["seed"] + 104729)
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach().float()
+            rows[name] = (_paired_maps if isinstance(module, nn.Conv2d) else _paired_rows)(x, s["max_rows"], g)
+        return pre
+
+    handles = [_module(ctx.unet, n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        x, t, e = ctx.proxy_inputs
+        _predict(ctx.unet, x, t, e, x.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def _layer_out(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Conv2d):
+        x = x.flatten(0, 1)
+        y = torch.nn.functional.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return y.reshape(2, -1, *y.shape[1:])
+    return x @ w.t()
+
+
+def local_metrics(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> dict:
+    """Layer-local errors of ``w_hat`` for ``w`` on recorded inputs ``x`` (uncond/cond pairs):
+    ``mse`` the relative squared error of the layer's output, ``snr_db`` its inverse in dB and
+    ``guidance_err`` the relative squared error of the output's cond − uncond difference (0 where
+    the layer sees no difference)."""
+    x = x.float()
+    y, yq = _layer_out(mod, x, w.float()).double(), _layer_out(mod, x, w_hat.float()).double()
+    rel = float(((yq - y) ** 2).sum() / (y**2).sum().clamp_min(1e-300))
+    d, dq = y[1] - y[0], yq[1] - yq[0]
+    dd = float((d**2).sum())
+    derr = float(((dq - d) ** 2).sum() / dd) if dd > 1e-12 * float((y**2).sum()) else 0.0
+    return {"mse": rel, "snr_db": _db(1.0, rel), "guidance_err": derr}
+
+
+def _weight_fake(unet, name: str, w: torch.Tensor, bits: int, levels: str, scale_dtype: str, iters: int) -> torch.Tensor:
+    """:func:`_fake_weight` of layer ``name`` with the float weight ``w`` (a lazy UNet's is on meta)."""
+    mod = _module(unet, name)
+    original = mod._parameters["weight"]
+    mod._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+    try:
+        return _fake_weight(mod, bits, levels, scale_dtype, iters)
+    finally:
+        mod._parameters["weight"] = original
