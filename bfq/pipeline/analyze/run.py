@@ -23,6 +23,15 @@ against the full-precision model, and measures the damage against the full-preci
   cosine when a local CLIP model is given (``clip=PATH``, transformers ``CLIPModel``), and absent
   otherwise (``settings['align']`` says so).
 
+* ``mode="local"`` (cheap, for large models on CPUs; the only mode a lazy UNet allows,
+  bfq.families.lazy): the proxy set is made as above (at ``resolution``, a small latent size), then
+  *one* forward records up to ``max_rows`` input rows (Linear) or whole feature maps (Conv2d) of
+  every layer, the same rows of the unconditional and the conditional half of the CFG batch. Each
+  candidate is scored on the layer alone: ``mse`` the relative squared error of the layer's output
+  ``||x(Ŵ−W)ᵀ||² / ||xWᵀ||²``, ``snr_db`` its inverse in dB, ``guidance_err`` the same for the
+  output's cond − uncond difference (0 for layers that see no difference). No model forward per
+  candidate: an SDXL-sized analysis takes minutes, not days. No fine-tuning (``finetune_steps`` 0).
+
 The result is a versioned JSON object (``spec/sensitivity.schema.json``)::
 
     {"format": "bfq-sensitivity", "version": 1,
@@ -117,7 +126,8 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
             a time and always restored; it is moved to ``device`` and back.
         out: the JSON file, written atomically after every entry; an existing file with the same model
             and settings is resumed (finished entries are skipped).
-        mode: "proxy" (noise-prediction error) or "image" (generated images; needs ``base_dir``).
+        mode: "proxy" (noise-prediction error), "image" (generated images; needs ``base_dir``) or
+            "local" (each layer's own output error on recorded inputs).
         bits: candidate bit-widths (default 1, 2, 3).
         levels, time_cache: as in ``bfq quantize``; ``time_cache`` decides which layers a recipe needs
             (the time projections are analysed too in grid mode).

@@ -134,6 +134,8 @@ def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[in
             raise SensitivityError(f"bits: {e}") from None
     if time_cache not in TIME_CACHE_MODES:
         raise SensitivityError(f"time_cache must be one of {TIME_CACHE_MODES}, got {time_cache!r}")
+    if mode == "local" and finetune_steps:
+        raise SensitivityError("local mode scores each layer as initialized; finetune_steps needs mode 'proxy' or 'image'")
     # local mode on a large model (SDXL: each forward reads every layer again): a short trajectory, few prompts
     small = mode == "local" and is_large(unet)
     steps = (4 if small else 20) if steps is None else steps
