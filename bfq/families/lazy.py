@@ -102,13 +102,60 @@ def filled(unet: nn.Module, keep: Callable[[str], bool]):
             mod._parameters["weight"] = meta_w
 
 
+class _LazyLayer(torch.autograd.Function):
+    """A Linear/Conv2d (no bias) whose backward reads the weight again instead of keeping it, so
+    that a backward through a lazy UNet holds one layer's weight at a time (inputs need no grad)."""
+
+    @staticmethod
+    def forward(ctx, x, mod, read):
+        ctx.mod, ctx.read, ctx.shape = mod, read, x.shape
+        w = read()
+        if isinstance(mod, nn.Conv2d):
+            return torch.nn.functional.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return torch.nn.functional.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        mod, w = ctx.mod, ctx.read()
+        if isinstance(mod, nn.Conv2d):
+            gx = torch.nn.grad.conv2d_input(ctx.shape, w, gy, mod.stride, mod.padding, mod.dilation, mod.groups)
+        else:
+            gx = gy @ w
+        return gx, None, None
+
+
+def _lazy_forward(unet, name):
+    def forward(mod, x):
+        y = _LazyLayer.apply(x, mod, lambda: weight_of(unet, name))
+        if mod.bias is None:
+            return y
+        return y + (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
+
+    return forward
+
+
 @contextmanager
-def materialized(unet: nn.Module):
+def materialized(unet: nn.Module, grad: bool = False):
     """Within the block, forwards of a lazy UNet work: each Linear/Conv2d's weight is read from the
     source just before the module runs and dropped again after it (one layer's weight at a time).
+    ``grad=True``: backwards too (each weight read again in the backward, never kept by autograd).
     Does nothing for an ordinary UNet."""
     if not is_lazy(unet):
         yield unet
+        return
+    if grad:
+        import types
+
+        mods = [(m, f"{n}.weight") for n, m in _weight_modules(unet) if m.weight.device.type == "meta"]
+        if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m, _ in mods):
+            raise RuntimeError("lazy backward supports zero-padded convolutions only")
+        for m, name in mods:
+            m.forward = types.MethodType(_lazy_forward(unet, name), m)
+        try:
+            yield unet
+        finally:
+            for m, _ in mods:
+                del m.forward
         return
     handles = []
     for name, mod in _weight_modules(unet):

@@ -316,65 +316,95 @@ def _finetuned_weight(ctx: _Context, name: str, mod: nn.Module, bits: int) -> to
 # ------------------------------------------------------------------------------ local mode
 
 
-def _paired_rows(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    """``[2, k', C]`` rows of a Linear input whose batch is ``[uncond; cond]`` halves, the same rows
-    of both halves (so the layer's share of the guidance direction can be measured)."""
-    half = x.reshape(2, -1, x.shape[-1])
-    idx = torch.randperm(half.shape[1], generator=g)[:k]
-    return half[:, idx].to(torch.bfloat16)
+def _rows(x: torch.Tensor, idx: torch.Tensor, conv: bool) -> torch.Tensor:
+    """The recorded part of a layer's input or output: batch ``[uncond; cond]`` split into its two
+    halves, then the same rows (Linear: token rows; Conv2d: whole samples) ``idx`` of both."""
+    half = x.reshape(2, -1, *x.shape[1:]) if conv else x.reshape(2, -1, x.shape[-1])
+    return half[:, idx]
 
 
-def _paired_maps(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    """``[2, n', C, H, W]``: whole feature maps of a Conv2d input, enough samples for ~``k`` positions."""
-    half = x.reshape(2, -1, *x.shape[1:])
-    n = max(1, min(half.shape[1], -(-k // (x.shape[-1] * x.shape[-2]))))
-    idx = torch.randperm(half.shape[1], generator=g)[:n]
-    return half[:, idx].to(torch.bfloat16)
+def _pick(x: torch.Tensor, k: int, conv: bool, g: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Row indices for :func:`_rows` (about ``k`` positions) and the share of all rows they are."""
+    n = x.shape[0] // 2 if conv else x[..., 0].numel() // 2
+    take = max(1, min(n, -(-k // (x.shape[-1] * x.shape[-2])))) if conv else min(n, k)
+    return torch.randperm(n, generator=g)[:take], n / take
 
 
-@torch.no_grad()
-def record_layer_inputs(ctx: _Context, names: list[str]) -> dict[str, torch.Tensor]:
-    """One forward of the float model on the proxy set (CFG pairs of trajectory states), recording
-    a few hundred input rows (Linear) or feature maps (Conv2d) of each layer in ``names``."""
-    s, rows = ctx.s, {}
-    g = torch.Generator().manual_seed(s["seed"] + 104729)
+def record_layer_inputs(ctx: _Context, names: list[str], probes: int = 2) -> dict[str, dict]:
+    """One forward of the float model on the proxy set (CFG pairs of trajectory states) recording a
+    few hundred input rows (Linear) or feature maps (Conv2d) of each layer in ``names``, then
+    ``probes`` backwards of random projections of the CFG-guided prediction and of the guidance
+    direction, recording the mean squared gradient of the loss at the same rows of each layer's
+    output (how much an error there reaches the model's output: a diagonal Fisher weight).
 
-    def hook(name):
+    Returns ``{name: {"x", "g2_guided", "g2_direction", "scale"}}`` (``scale``: all rows / recorded rows)."""
+    s, rec = ctx.s, {}
+    gen = torch.Generator().manual_seed(s["seed"] + 104729)
+
+    def hooks(name, conv):
         def pre(module, args):
-            x = args[0].detach().float()
-            rows[name] = (_paired_maps if isinstance(module, nn.Conv2d) else _paired_rows)(x, s["max_rows"], g)
-        return pre
+            x = args[0].detach()
+            idx, scale = _pick(x, s["max_rows"], conv, gen)
+            rec[name] = {"idx": idx, "x": _rows(x, idx, conv).to(torch.bfloat16), "scale": scale, "g": []}
 
-    handles = [_module(ctx.unet, n).register_forward_pre_hook(hook(n)) for n in names]
+        def post(module, args, out):
+            if not out.requires_grad:  # fed by the timestep or the text alone: the gradient still starts here
+                out = out.detach().requires_grad_(True)
+            out.register_hook(lambda gy: rec[name]["g"].append(_rows(gy.detach(), rec[name]["idx"], conv).float()))
+            return out
+        return pre, post
+
+    handles = []
+    for n in names:
+        mod = _module(ctx.unet, n)
+        pre, post = hooks(n, isinstance(mod, nn.Conv2d))
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    x, t, e = ctx.proxy_inputs
+    x = x.detach().clone().requires_grad_(True)  # the weights need no grad: the graph starts here
     try:
-        x, t, e = ctx.proxy_inputs
-        _predict(ctx.unet, x, t, e, x.shape[0])
+        with torch.enable_grad():
+            eps = _forward(ctx.unet, x, t, e, slice(None))
+            eu, ec = eps.chunk(2)
+            w = s["guidance"]
+            targets = {"guided": eu + w * (ec - eu), "direction": ec - eu}
+            pg = torch.Generator().manual_seed(s["seed"] + 15485863)
+            for which, out in targets.items():
+                for p in range(probes):
+                    r = torch.randn(out.shape, generator=pg).to(out)
+                    torch.autograd.backward(out, r, retain_graph=which != "direction" or p < probes - 1)
+                    for v in rec.values():  # each backward appended one gradient per layer
+                        v.setdefault(which, []).append(v["g"].pop())
+            del eps, eu, ec, targets, out
     finally:
         for h in handles:
             h.remove()
-    return rows
+    result = {}
+    for n, v in rec.items():
+        result[n] = {"x": v["x"], "scale": v["scale"],
+                     **{f"g2_{k}": torch.stack([g**2 for g in v[k]]).mean(0) for k in ("guided", "direction")}}  # fmt: skip
+    return result
 
 
 def _layer_out(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Conv2d):
-        x = x.flatten(0, 1)
-        y = torch.nn.functional.conv2d(x, w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        y = torch.nn.functional.conv2d(x.flatten(0, 1), w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
         return y.reshape(2, -1, *y.shape[1:])
     return x @ w.t()
 
 
-def local_metrics(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> dict:
-    """Layer-local errors of ``w_hat`` for ``w`` on recorded inputs ``x`` (uncond/cond pairs):
-    ``mse`` the relative squared error of the layer's output, ``snr_db`` its inverse in dB and
-    ``guidance_err`` the relative squared error of the output's cond − uncond difference (0 where
-    the layer sees no difference)."""
-    x = x.float()
+def local_metrics(mod: nn.Module, rec: dict, w: torch.Tensor, w_hat: torch.Tensor) -> dict:
+    """Layer-local errors of ``w_hat`` for ``w`` on the recorded inputs of ``rec``
+    (:func:`record_layer_inputs`): ``mse`` the squared output error weighted by the squared loss
+    gradient there (an estimate of the error it adds to the guided prediction, summed over all
+    rows), ``guidance_err`` the same for the guidance direction, ``layer_err`` the layer's own
+    relative squared output error and ``snr_db`` its inverse in dB."""
+    x = rec["x"].float()
     y, yq = _layer_out(mod, x, w.float()).double(), _layer_out(mod, x, w_hat.float()).double()
-    rel = float(((yq - y) ** 2).sum() / (y**2).sum().clamp_min(1e-300))
-    d, dq = y[1] - y[0], yq[1] - yq[0]
-    dd = float((d**2).sum())
-    derr = float(((dq - d) ** 2).sum() / dd) if dd > 1e-12 * float((y**2).sum()) else 0.0
-    return {"mse": rel, "snr_db": _db(1.0, rel), "guidance_err": derr}
+    d2 = (yq - y) ** 2
+    rel = float(d2.sum() / (y**2).sum().clamp_min(1e-300))
+    return {"mse": float((d2 * rec["g2_guided"]).sum()) * rec["scale"],
+            "guidance_err": float((d2 * rec["g2_direction"]).sum()) * rec["scale"],
+            "layer_err": rel, "snr_db": _db(1.0, rel)}  # fmt: skip
 
 
 def _weight_fake(unet, name: str, w: torch.Tensor, bits: int, levels: str, scale_dtype: str, iters: int) -> torch.Tensor:

@@ -277,9 +277,10 @@ def _analyze_local(unet, doc, todo, settings, base_dir, dev, batch_size, out, pr
     ctx = _Context(unet, settings, base_dir, dev, batch_size)
     with materialized(unet):
         ref = ctx.build_proxy()
-        if not all(bool(torch.isfinite(v).all()) for v in ref.values()):
-            raise SensitivityError("the full-precision model's noise predictions are not finite")
-        inputs = record_layer_inputs(ctx, sorted({n for n, _ in todo}))
+    if not all(bool(torch.isfinite(v).all()) for v in ref.values()):
+        raise SensitivityError("the full-precision model's noise predictions are not finite")
+    with materialized(unet, grad=True):
+        inputs = record_layer_inputs(ctx, sorted({n for n, _ in todo}), settings["probes"])
     doc["reference"] = {"timesteps": ctx.proxy_timesteps, "resolution": settings["resolution"],
                         "n_samples": int(ref["guided"].shape[0])}  # fmt: skip
     del ctx, ref
