@@ -334,10 +334,11 @@ def record_layer_inputs(ctx: _Context, names: list[str], probes: int = 2) -> dic
     """One forward of the float model on the proxy set (CFG pairs of trajectory states) recording a
     few hundred input rows (Linear) or feature maps (Conv2d) of each layer in ``names``, then
     ``probes`` backwards of random projections of the CFG-guided prediction and of the guidance
-    direction, recording the mean squared gradient of the loss at the same rows of each layer's
-    output (how much an error there reaches the model's output: a diagonal Fisher weight).
+    direction, recording each projection's gradient at the same rows of each layer's output (how an
+    error there reaches the model's output).
 
-    Returns ``{name: {"x", "g2_guided", "g2_direction", "scale"}}`` (``scale``: all rows / recorded rows)."""
+    Returns ``{name: {"x", "g_guided", "g_direction", "scale"}}`` (``g_*``: ``[probes, ...]``;
+    ``scale``: all rows / recorded rows)."""
     s, rec = ctx.s, {}
     gen = torch.Generator().manual_seed(s["seed"] + 104729)
 
@@ -381,7 +382,7 @@ def record_layer_inputs(ctx: _Context, names: list[str], probes: int = 2) -> dic
     result = {}
     for n, v in rec.items():
         result[n] = {"x": v["x"], "scale": v["scale"],
-                     **{f"g2_{k}": torch.stack([g**2 for g in v[k]]).mean(0) for k in ("guided", "direction")}}  # fmt: skip
+                     **{f"g_{k}": torch.stack(v[k]).to(torch.bfloat16) for k in ("guided", "direction")}}  # fmt: skip
     return result
 
 
@@ -394,16 +395,21 @@ def _layer_out(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 def local_metrics(mod: nn.Module, rec: dict, w: torch.Tensor, w_hat: torch.Tensor) -> dict:
     """Layer-local errors of ``w_hat`` for ``w`` on the recorded inputs of ``rec``
-    (:func:`record_layer_inputs`): ``mse`` the squared output error weighted by the squared loss
-    gradient there (an estimate of the error it adds to the guided prediction, summed over all
-    rows), ``guidance_err`` the same for the guidance direction, ``layer_err`` the layer's own
+    (:func:`record_layer_inputs`): ``mse`` the first-order squared error the layer's output error
+    ``dy`` adds to the guided prediction, estimated from the random projections ``r`` as the mean
+    of ``(g_r . dy)^2`` (``g_r`` the gradient of ``r . output`` at the layer's output; the recorded
+    rows scaled to all rows), ``guidance_err`` the same for the guidance direction, ``layer_err`` the layer's own
     relative squared output error and ``snr_db`` its inverse in dB."""
     x = rec["x"].float()
     y, yq = _layer_out(mod, x, w.float()).double(), _layer_out(mod, x, w_hat.float()).double()
-    d2 = (yq - y) ** 2
-    rel = float(d2.sum() / (y**2).sum().clamp_min(1e-300))
-    return {"mse": float((d2 * rec["g2_guided"]).sum()) * rec["scale"],
-            "guidance_err": float((d2 * rec["g2_direction"]).sum()) * rec["scale"],
+    dy = yq - y
+    rel = float((dy**2).sum() / (y**2).sum().clamp_min(1e-300))
+
+    def projected(g):  # E_r[(r . J dy)^2] = |J dy|^2: the output error, cross-row terms included
+        dots = (g.double() * dy).flatten(1).sum(1) * rec["scale"]
+        return float((dots**2).mean())
+
+    return {"mse": projected(rec["g_guided"]), "guidance_err": projected(rec["g_direction"]),
             "layer_err": rel, "snr_db": _db(1.0, rel)}  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from bfq.pipeline.sensitivity import SensitivityError
 
 MODES = ("proxy", "image", "local")
 LOCAL_RESOLUTION = 16  # latent side of local mode's recording forward (at most the model's own)
-LOCAL_PROBES = 2  # random-projection backwards per target (guided prediction, guidance direction)
+LOCAL_PROBES = 4  # random-projection backwards per target (guided prediction, guidance direction)
 LOCAL_MAX_ROWS = 256  # input rows (Linear) or feature-map positions (Conv2d) recorded per layer and CFG half
 DEFAULT_BITS = (1, 2, 3)
 FIXED_LAYERS = ("conv_in.weight", "conv_out.weight")
@@ -198,7 +198,7 @@ def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[in
         out["n_timesteps"] = n_timesteps
     if mode == "local":
         out.update(resolution=min(LOCAL_RESOLUTION, int(unet.config.sample_size)), max_rows=LOCAL_MAX_ROWS,
-                   probes=LOCAL_PROBES, local_metric="fisher-weighted output error")  # fmt: skip
+                   probes=LOCAL_PROBES, local_metric="projected output error")  # fmt: skip
     else:
         out["align"] = align
         if align_note:
