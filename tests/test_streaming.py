@@ -4,8 +4,11 @@ local analysis mode, on small models (the memory figures for sdxl-random are in 
 from __future__ import annotations
 
 import hashlib
+import json
 import weakref
+from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
@@ -92,6 +95,8 @@ def test_local_analysis_is_the_same_on_a_lazy_and_a_full_unet_and_is_cheap():
     a = analyze(lazy, mode="local", progress=False, n_prompts=2, steps=2, n_timesteps=2)
     b = analyze(full, mode="local", progress=False, n_prompts=2, steps=2, n_timesteps=2)
     assert a["complete"] and a["settings"]["mode"] == "local"
+    schema = json.loads((Path(__file__).resolve().parents[1] / "spec" / "sensitivity.schema.json").read_text())
+    jsonschema.validate(json.loads(json.dumps(a)), schema)
     assert a["model"]["fingerprint"] == b["model"]["fingerprint"]
     assert list(a["layers"]) == list(b["layers"])
     for name, entry in a["layers"].items():  # the lazy backward rereads weights: same numbers up to rounding
