@@ -26,11 +26,14 @@ against the full-precision model, and measures the damage against the full-preci
 * ``mode="local"`` (cheap, for large models on CPUs; the only mode a lazy UNet allows,
   bfq.families.lazy): the proxy set is made as above (at ``resolution``, a small latent size), then
   *one* forward records up to ``max_rows`` input rows (Linear) or whole feature maps (Conv2d) of
-  every layer, the same rows of the unconditional and the conditional half of the CFG batch. Each
-  candidate is scored on the layer alone: ``mse`` the relative squared error of the layer's output
-  ``||x(Ŵ−W)ᵀ||² / ||xWᵀ||²``, ``snr_db`` its inverse in dB, ``guidance_err`` the same for the
-  output's cond − uncond difference (0 for layers that see no difference). No model forward per
-  candidate: an SDXL-sized analysis takes minutes, not days. No fine-tuning (``finetune_steps`` 0).
+  every layer, the same rows of the unconditional and the conditional half of the CFG batch, and
+  ``probes`` backwards of random projections ``r`` of the guided prediction and of the guidance
+  direction record the gradient ``g_r`` at the same rows of each layer's output. Each candidate
+  is scored on the layer alone, from its output error ``Δy`` on the recorded rows: ``mse`` = mean
+  over ``r`` of ``(g_r·Δy)²`` (the first-order error it adds to the guided prediction),
+  ``guidance_err`` the same for the guidance direction, ``layer_err`` the layer's own relative
+  output error and ``snr_db`` its inverse in dB. No model forward per candidate: an SDXL-sized
+  analysis takes minutes of CPU, not days. No fine-tuning (``finetune_steps`` 0).
 
 The result is a versioned JSON object (``spec/sensitivity.schema.json``)::
 
