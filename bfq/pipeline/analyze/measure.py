@@ -351,7 +351,7 @@ def record_layer_inputs(ctx: _Context, names: list[str], probes: int = 2) -> dic
         def post(module, args, out):
             if not out.requires_grad:  # fed by the timestep or the text alone: the gradient still starts here
                 out = out.detach().requires_grad_(True)
-            out.register_hook(lambda gy: rec[name]["g"].append(_rows(gy.detach(), rec[name]["idx"], conv).float()))
+            out.register_hook(lambda gy: rec[name]["g"].append(_rows(gy.detach(), rec[name]["idx"], conv).to(torch.bfloat16)))
             return out
         return pre, post
 
@@ -382,7 +382,7 @@ def record_layer_inputs(ctx: _Context, names: list[str], probes: int = 2) -> dic
     result = {}
     for n, v in rec.items():
         result[n] = {"x": v["x"], "scale": v["scale"],
-                     **{f"g_{k}": torch.stack(v[k]).to(torch.bfloat16) for k in ("guided", "direction")}}  # fmt: skip
+                     **{f"g_{k}": torch.stack(v.pop(k)) for k in ("guided", "direction")}}  # fmt: skip
     return result
 
 

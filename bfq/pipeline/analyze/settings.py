@@ -197,8 +197,10 @@ def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[in
     if mode in ("proxy", "local"):
         out["n_timesteps"] = n_timesteps
     if mode == "local":
-        out.update(resolution=min(LOCAL_RESOLUTION, int(unet.config.sample_size)), max_rows=LOCAL_MAX_ROWS,
-                   probes=LOCAL_PROBES, local_metric="projected output error")  # fmt: skip
+        # on a large model the recorded rows and gradients bound the memory (SDXL: 743 Linear layers)
+        out.update(resolution=min(LOCAL_RESOLUTION, int(unet.config.sample_size)),
+                   max_rows=LOCAL_MAX_ROWS // 4 if small else LOCAL_MAX_ROWS, probes=2 if small else LOCAL_PROBES,
+                   local_metric="projected output error")  # fmt: skip
     else:
         out["align"] = align
         if align_note:
