@@ -99,9 +99,9 @@ def test_local_analysis_is_the_same_on_a_lazy_and_a_full_unet_and_is_cheap():
     jsonschema.validate(json.loads(json.dumps(a)), schema)
     assert a["model"]["fingerprint"] == b["model"]["fingerprint"]
     assert list(a["layers"]) == list(b["layers"])
-    for name, entry in a["layers"].items():  # the lazy backward rereads weights: same numbers up to rounding
+    for name, entry in a["layers"].items():  # lazy backward rereads weights; gradients kept in bf16: ~3 digits
         for bits, metrics in entry.get("errors", {}).items():
-            assert metrics == pytest.approx(b["layers"][name]["errors"][bits], rel=1e-4, abs=1e-12)
+            assert metrics == pytest.approx(b["layers"][name]["errors"][bits], rel=1e-2, abs=1e-12)
     entries = [e["errors"] for e in a["layers"].values() if "errors" in e]
     assert all(0 < e["3"]["layer_err"] < e["2"]["layer_err"] < e["1"]["layer_err"] for e in entries)
     assert all(0 < e["3"]["mse"] < e["1"]["mse"] for e in entries)  # fewer bits, more error
