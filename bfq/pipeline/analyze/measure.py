@@ -1,5 +1,7 @@
 """How an analysis measures one candidate: the proxy set and reference predictions, the reference
-images, the alignment scorers, and the fake-quantized (optionally fine-tuned) weight of one layer."""
+images, the alignment scorers, the fake-quantized (optionally fine-tuned) weight of one layer, and
+local mode's recorded layer inputs and output gradients. One cohesive thing: every way a candidate
+becomes numbers, all built on the same proxy set and conditioning (:class:`_Context`)."""
 
 from __future__ import annotations
 
