@@ -1,6 +1,6 @@
 """How an analysis measures one candidate: the proxy set and reference predictions, the reference
 images, the alignment scorers, the fake-quantized (optionally fine-tuned) weight of one layer, and
-local mode's recorded layer inputs and output gradients. One cohesive thing: every way a candidate
+local mode's recorded layer inputs and output gradients. It is one cohesive thing: every way a candidate
 becomes numbers, all built on the same proxy set and conditioning (:class:`_Context`)."""
 
 from __future__ import annotations
