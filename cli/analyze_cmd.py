@@ -13,7 +13,9 @@ from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
 MODE_HELP = (
     "proxy: error of the noise prediction on a fixed set of latents, prompts and timesteps (fast; for large "
-    "models on small machines). image: MSE/PSNR of generated images and the alignment drop (the paper's)."
+    "models on small machines). image: MSE/PSNR of generated images and the alignment drop (the paper's). "
+    "local: each layer's own output error on inputs recorded in one forward at a small size (no model forward "
+    "per layer; what `bfq quantize --bits` runs for large models on a CPU; reads the weights layer by layer)."
 )
 
 
@@ -30,13 +32,13 @@ def _parse_bits(ctx, param, value):
 @click.command("analyze")
 @click.argument("model")
 @click.option("-o", "--out", type=Output("sensitivity"), help="Sensitivity JSON to write; an unfinished one with the same model and settings is resumed. The analysis is also cached (one per model and settings, $BFQ_CACHE_DIR, shared with `bfq quantize --bits`): a cached one is reused.")
-@click.option("--mode", type=click.Choice(["proxy", "image"]), default="proxy", show_default=True, help=MODE_HELP)
+@click.option("--mode", type=click.Choice(["proxy", "image", "local"]), default="proxy", show_default=True, help=MODE_HELP)
 @click.option("--bits", default="1,2,3", show_default=True, callback=_parse_bits, help="Candidate bit-widths per layer.")
 @click.option("--finetune-steps", type=Count(0), default=0, show_default=True, help="Steps of fine-tuning each quantized layer against the full-precision model (the paper's T; 0 = none).")
 @click.option("--finetune-lr", type=Finite(0, min_open=True), default=1e-4, show_default=True, help="Adam learning rate of that fine-tuning.")
 @click.option("--prompts", "n_prompts", type=Count(1), default=None, help="Number of fixed prompts (default: tiny-sd 10 proxy / 20 image, else 8).")
-@click.option("--steps", type=Count(1), default=20, show_default=True, help="DDIM steps of the sampler that makes the latents (proxy) or images (image).")
-@click.option("--timesteps", "n_timesteps", type=Count(1), default=4, show_default=True, help="Proxy mode: trajectory states per prompt (evenly spaced steps).")
+@click.option("--steps", type=Count(1), default=None, help="DDIM steps of the sampler that makes the latents (proxy, local) or images (image) (default: 20; 4 in local mode on a large model).")
+@click.option("--timesteps", "n_timesteps", type=Count(1), default=None, help="Proxy and local mode: trajectory states per prompt (evenly spaced steps; default: 4; 2 in local mode on a large model).")
 @click.option("--guidance", type=Finite(0), default=None, help="CFG scale (default: tiny-sd 3.0, else 7.5).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--clip", type=click.Path(file_okay=False, exists=True), default=None, help="Image mode on SD: a local transformers CLIP model directory for the CLIP-score drop (skipped without it).")
@@ -79,8 +81,9 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
         *((name, out is None, sens_only) for name in ("mode", "bits", "finetune_steps", "finetune_lr", "clip", "cache_steps",
                                                       "max_entries", "n_timesteps")),
         ("finetune_lr", finetune_steps == 0, "has no effect without --finetune-steps N"),
-        ("n_timesteps", mode == "image", "applies to --mode proxy only (image mode samples whole images)"),
-        ("clip", mode == "proxy", "applies to --mode image only (the CLIP-score drop of generated images)"),
+        ("n_timesteps", mode == "image", "applies to --mode proxy and local only (image mode samples whole images)"),
+        ("clip", mode != "image", "applies to --mode image only (the CLIP-score drop of generated images)"),
+        ("finetune_steps", mode == "local", "does not apply to --mode local (it scores each layer as initialized)"),
         ("revision", os.path.exists(model), "applies to Hub models only (MODEL is a local path)"),
     ])  # fmt: skip
     check_outputs(ctx, {"MODEL": model_paths(model), "--clip": clip, "--timestep-recipe": timestep_recipe})
@@ -100,7 +103,8 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
 
     if threads is not None:
         torch.set_num_threads(threads)
-    resolved = resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle)
+    lazy = mode == "local" and timestep_plot is None and timestep_table is None  # weights read layer by layer
+    resolved = resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle, lazy=lazy)
     common = dict(scheduler=resolved.scheduler, base_dir=resolved.base_dir, source=resolved.source)
     if out is not None:
         sens, _ = shared_analysis(
@@ -121,7 +125,7 @@ def analyze_cmd(model, out, mode, bits, finetune_steps, finetune_lr, n_prompts, 
 
         recipe = resolve_recipe(timestep_recipe, resolved.unet, time_cache, None, levels)
         q_unet = quantize_unet(copy.deepcopy(resolved.unet), recipe.bits, levels=recipe.levels, progress=not quiet)
-        table = timestep_errors(resolved.unet, q_unet, seed=seed, steps=steps, guidance=guidance, device=device,
+        table = timestep_errors(resolved.unet, q_unet, seed=seed, steps=steps or 20, guidance=guidance, device=device,
                                 batch_size=batch_size, n_prompts=n_prompts or 8, **common)  # fmt: skip
         table["recipe"] = recipe.name
         click.echo(f"time-step errors of {recipe.name} against the full-precision model:")

@@ -400,6 +400,7 @@ def test_an_unreachable_hub_fails_fast_and_suggests_offline_mode(tmp_path, monke
         (["analyze", "tiny-sd", "--timestep-table", "t.json", "--mode", "image"], ["--mode applies to the sensitivity analysis only"]),
         (["analyze", "tiny-sd", "-o", "s.json", "--timestep-recipe", "uniform-3"], ["--timestep-recipe applies to the time-step analysis"]),
         (["analyze", "tiny-sd", "-o", "s.json", "--finetune-lr", "1e-3"], ["--finetune-lr has no effect without --finetune-steps"]),
+        (["analyze", "tiny-sd", "-o", "s.json", "--mode", "local", "--finetune-steps", "2"], ["--finetune-steps does not apply to --mode local"]),
         (["analyze", "tiny-sd", "-o", "s.json", "--seed", str(2**32)], ["--seed", "4294967296 is not in the range 0<=x<=4294967295"]),
         (["analyze", "tiny-sd", "-o", "s.json", "--threads", "100000"], ["--threads", "100000 is not in the range"]),
         (["eval", "tiny-sd", "--seed", str(2**64)], ["--seed"]),

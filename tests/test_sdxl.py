@@ -15,6 +15,7 @@ import bfq
 from bfq import BfqFormatError
 from bfq.families import FamilyError, family_for_config, family_for_name, family_of, sd15, sdxl, supported
 from bfq.families.build import build_meta_unet, build_random_unet
+from bfq.families.lazy import is_lazy
 from bfq.format import open_bfq
 from bfq.pipeline.models import ModelError, resolve_model
 from bfq.quant import recipe as recipes
@@ -153,8 +154,13 @@ def test_sdxl_random_too_big_for_the_machine_is_refused_in_one_line(monkeypatch,
     monkeypatch.setattr(models, "_available_memory", lambda: 6e9)
     with pytest.raises(ModelError, match=r"sdxl-random: quantizing it needs about 15 GB .* 10\.3 GB\) .* 6\.0 GB available"):
         resolve_model("sdxl-random")
-    result = CliRunner().invoke(main, ["quantize", "sdxl-random", "--bits", "1.99", "-o", str(tmp_path / "x.bfq")])
+    # `bfq quantize` converts sdxl-random layer by layer (tests/test_streaming.py); a work directory
+    # (initialized scales kept for a rerun) needs the whole float model and is refused up front
+    args = ["quantize", "sdxl-random", "--bits", "1.99", "-o", str(tmp_path / "x.bfq"), "--work-dir", str(tmp_path / "w")]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "15 GB of memory" in result.output
+    assert "converts it layer by layer" in result.output and not (tmp_path / "x.bfq").exists()
+    assert is_lazy(resolve_model("sdxl-random", lazy=True).unet)  # needs no memory check
 
 
 def test_tiny_sdxl_resolves_lazily():

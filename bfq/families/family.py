@@ -34,6 +34,10 @@ class Family:
             a time cache of ``tiny_name`` is made for by default.
         pipeline_kwargs: extra keyword arguments for ``pipeline_class.from_pretrained``.
         hub_tag: the Hub tag of the family on a model card.
+        random_per_layer: ``random_name``'s weights come from one seeded stream per parameter
+            (:func:`bfq.families.lazy.random_source`), so ``bfq quantize`` reads them layer by layer
+            instead of holding the float model; False: one stream in module order
+            (:func:`bfq.families.build.build_random_unet`, whose published figures depend on it).
         added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
             ``text_embeds``, ``time_ids``); empty when nothing.
         component: the model's folder in a diffusers pipeline repo (``unet``; ``transformer`` for
@@ -55,6 +59,7 @@ class Family:
     hub_tag: str = "stable-diffusion"
     added_cond_keys: tuple[str, ...] = ()
     component: str = "unet"
+    random_per_layer: bool = False
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:

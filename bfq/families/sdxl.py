@@ -27,6 +27,7 @@ class SDXL(Family):
     pipeline_class = "StableDiffusionXLPipeline"
     hub_repo = SDXL_REPO
     random_name = "sdxl-random"
+    random_per_layer = True
     tiny_name = "tiny-sdxl"
     tiny_package = "bfq.tinysdxl"
     time_features = TIMESTEP_AND_CONDITIONING

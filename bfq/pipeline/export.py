@@ -1,4 +1,5 @@
-"""Stage 5: write a quantized UNet to a .bfq file, streaming one layer at a time."""
+"""Stage 5: write a quantized UNet to a .bfq file, streaming one layer at a time (or quantizing and
+writing one layer at a time, :func:`quantize_and_export`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bfq.families.lazy import weight_of
 from bfq.format import BfqWriter
 from bfq.format.constants import replaced_by_time_cache
 from bfq.quant.nn import iter_quantized
@@ -56,32 +58,93 @@ def export_unet(
     """
     from tqdm.auto import tqdm
 
-    mode = time_cache["mode"] if time_cache else None
     quantized = dict(iter_quantized(unet))
     skip = set(quantized) | {name[: -len("weight")] + "scale" for name in quantized}
-    if config is None:
-        config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
-    model = {"class_name": class_name or type(unet).__name__, "config": _jsonable(config)}
-    if source:
-        model["source"] = source
-    state = unet.state_dict()
+    model = _header_model(unet, config, class_name, source)
     with BfqWriter(path, model=model, metadata=metadata) as writer:
         for name, module in tqdm(quantized.items(), desc="export", unit="layer", disable=not progress):
             q, scales = module.export_codes()
             writer.add_layer(name, q.cpu().numpy(), scales.cpu().numpy(), module.bits, levels=module.levels, scale_dtype=module.scale_dtype)
-        kept_fp16 = time_cache["tables"] if mode == "mlp" else {}
-        for name, tensor in state.items():
-            if name in skip or removed_by_cache(name, time_cache):
-                continue
-            if name in kept_fp16:
-                writer.add_tensor(name, np.asarray(kept_fp16[name], dtype=np.float16))
-                continue
-            writer.add_tensor(name, tensor.detach().to("cpu", DENSE_DTYPES[dense_dtype]).numpy())
-        if time_cache and mode != "mlp":
-            tables = {k: np.asarray(v, dtype=np.float16) for k, v in time_cache["tables"].items()}
-            writer.set_time_cache(mode, time_cache["timesteps"], tables)
-        if recipe:
-            writer.set_recipe(_jsonable(recipe))
+        _write_rest(writer, unet, skip, time_cache, recipe, dense_dtype)
+    return Path(path)
+
+
+def _header_model(unet, config, class_name, source) -> dict:
+    if config is None:
+        config = {k: v for k, v in dict(unet.config).items() if k != "_name_or_path"}
+    model = {"class_name": class_name or type(unet).__name__, "config": _jsonable(config)}
+    return {**model, "source": source} if source else model
+
+
+def _write_rest(writer, unet, skip: set, time_cache: dict | None, recipe: dict | None, dense_dtype: str) -> None:
+    """Everything but the quantized layers: dense tensors (a lazy UNet's meta weights read one at a
+    time), the time cache, the recipe."""
+    mode = time_cache["mode"] if time_cache else None
+    kept_fp16 = time_cache["tables"] if mode == "mlp" else {}
+    for name, tensor in unet.state_dict(keep_vars=True).items():
+        if name in skip or removed_by_cache(name, time_cache):
+            continue
+        if name in kept_fp16:
+            writer.add_tensor(name, np.asarray(kept_fp16[name], dtype=np.float16))
+            continue
+        if tensor.device.type == "meta":
+            tensor = weight_of(unet, name)
+        writer.add_tensor(name, tensor.detach().to("cpu", DENSE_DTYPES[dense_dtype]).numpy())
+    if time_cache and mode != "mlp":
+        tables = {k: np.asarray(v, dtype=np.float16) for k, v in time_cache["tables"].items()}
+        writer.set_time_cache(mode, time_cache["timesteps"], tables)
+    if recipe:
+        writer.set_recipe(_jsonable(recipe))
+
+
+@torch.no_grad()
+def quantize_and_export(
+    unet: nn.Module,
+    path: str | os.PathLike,
+    bits: dict[str, int],
+    *,
+    levels: str = "balanced",
+    init: str = "alternating",
+    scale_dtype: str = "f16",
+    source: dict | None = None,
+    time_cache: dict | None = None,
+    recipe: dict | None = None,
+    metadata: dict | None = None,
+    dense_dtype: str = "f32",
+    progress: bool = True,
+) -> Path:
+    """What ``quantize_unet`` + :func:`export_unet` write, one layer at a time: each layer of ``bits``
+    (``{weight name: bits}``) is quantized, its codes written and its quantized module dropped, so
+    the float model is never joined by a second copy of its weights; a lazy UNet
+    (:mod:`bfq.families.lazy`) holds one float layer at a time. ``unet`` is left as it was."""
+    from tqdm.auto import tqdm
+
+    from bfq.quant.nn import QuantConv2d, QuantLinear
+
+    names = [f"{n}.weight" for n, m in unet.named_modules() if f"{n}.weight" in bits]
+    missing = sorted(set(bits) - set(names))
+    if missing:
+        raise ValueError(f"not layers of this model: {missing[:5]}")
+    total = sum(unet.get_parameter(n).numel() for n in names)
+    with BfqWriter(path, model=_header_model(unet, None, None, source), metadata=metadata) as writer, \
+            tqdm(total=total, unit="w", unit_scale=True, desc="quantize+export", disable=not progress) as bar:  # fmt: skip
+        for name in names:
+            mod = unet.get_submodule(name[: -len(".weight")])
+            if type(mod) not in (nn.Linear, nn.Conv2d):
+                raise ValueError(f"{name} is not an nn.Linear/nn.Conv2d weight")
+            original = mod._parameters["weight"]
+            mod._parameters["weight"] = nn.Parameter(weight_of(unet, name), requires_grad=False)
+            try:
+                cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+                qmod = cls.from_float(mod, bits[name], levels=levels, scale_dtype=scale_dtype, init=init)
+                q, scales = qmod.export_codes()
+                writer.add_layer(name, q.cpu().numpy(), scales.cpu().numpy(), qmod.bits, levels=qmod.levels,
+                                 scale_dtype=qmod.scale_dtype)  # fmt: skip
+            finally:
+                mod._parameters["weight"] = original
+            del qmod, q, scales
+            bar.update(original.numel())
+        _write_rest(writer, unet, set(names), time_cache, recipe, dense_dtype)
     return Path(path)
 
 

@@ -5,7 +5,9 @@ Accepted inputs of :func:`resolve_model` (the built-in names come from the model
 
 * ``tiny-sd`` / ``tiny-sdxl``: a family's bundled trained pipeline (``bfq/data/<name>``);
 * ``sd15-random`` / ``sdxl-random``: a UNet of the family's reference shape with random weights
-  (:func:`build_random_unet`), no download; refused up front when it cannot fit in memory;
+  (:func:`build_random_unet`; ``sdxl-random``: one seeded stream per parameter,
+  :mod:`bfq.families.lazy`), no download; built lazily on request (``lazy=True``: weights read
+  layer by layer), else refused up front when it cannot fit in memory;
 * ``sd15`` / ``sdxl``: the family's reference repo from the Hub
   (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``;
   UNet + scheduler only); any other ``owner/name`` that is not a local path is treated as a Hub repo id too, in the forms a
@@ -38,13 +40,15 @@ import torch
 from bfq._io import sha256_file
 from bfq.errors import InputError
 from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, sd15, sdxl
+from bfq.families.lazy import full_unet, lazy_unet, random_source
 from bfq.families.build import _empty_unet, build_meta_unet, build_random_unet, n_params  # noqa: F401 (public names)
 from bfq.families.sd15 import SD15_N_LINEAR_CONV_WEIGHTS, SD15_N_PARAMS, SD15_REPO  # noqa: F401 (public names)
 
 BUILTIN_MODELS = builtin_models()
-# Peak memory of quantizing a float32 model, in multiples of its float32 weights, while bfq holds
-# the whole float model (no layer streaming yet): measured 1.24 (sd15-random with a recipe: peak RSS
-# 4.25 GB for 3.44 GB of weights, README), plus headroom for the analysis of --bits.
+# Peak memory of a command that holds a whole float32 model (fine-tuning, `bfq analyze`, a work
+# directory's saved scales; `bfq quantize` otherwise converts layer by layer), in multiples of its
+# float32 weights: measured 1.24 before streaming (sd15-random with a recipe: peak RSS 4.25 GB for
+# 3.44 GB of weights), plus headroom for an analysis.
 QUANTIZE_PEAK_FACTOR = 1.5
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -121,15 +125,16 @@ def _available_memory() -> int | None:
 
 def check_memory_for(family: Family, what: str) -> None:
     """Refuse, in one line and before anything is allocated, to build ``family``'s reference-shaped
-    float32 model when quantizing it would need more memory than this machine has available
-    (bfq does not stream layers from disk yet), instead of swapping the machine to death."""
+    float32 model whole when that would need more memory than this machine has available, instead
+    of swapping the machine to death (a lazy build, ``resolve_model(lazy=True)``, needs no check)."""
     n = n_params(family.config())
     need, have = QUANTIZE_PEAK_FACTOR * 4 * n, _available_memory()
     if have is not None and need > have:
         raise ModelError(
             f"{what}: quantizing it needs about {need / 1e9:.0f} GB of memory (its float32 {family.title} UNet alone is "
-            f"{4 * n / 1e9:.1f} GB) and this machine has {have / 1e9:.1f} GB available; bfq does not stream "
-            "layers from disk yet, so use a machine with more memory"
+            f"{4 * n / 1e9:.1f} GB) and this machine has {have / 1e9:.1f} GB available; "
+            + ("`bfq quantize` without fine-tuning or --work-dir converts it layer by layer, everything else needs "
+               if family.random_per_layer else "use ") + "a machine with more memory"
         )
 
 
@@ -298,11 +303,21 @@ def _check_family(unet, what: str) -> None:
         raise ModelError(f"{what}: {e}") from None
 
 
-def _resolve_builtin(family: Family, name: str, revision, subfolder, allow_pickle, seed, cache_dir) -> ResolvedModel:
-    if name == family.random_name:
+def _random_unet(family: Family, name: str, seed: int, lazy: bool):
+    if not family.random_per_layer:
         check_memory_for(family, name)
+        return build_random_unet(family.config(), seed)
+    source = random_source(family.config(), seed)
+    if lazy:
+        return lazy_unet(family.config(), source)
+    check_memory_for(family, name)
+    return full_unet(family.config(), source)
+
+
+def _resolve_builtin(family: Family, name: str, revision, subfolder, allow_pickle, seed, cache_dir, lazy) -> ResolvedModel:
+    if name == family.random_name:
         source = {"kind": "builtin", "name": name, "seed": seed}
-        return ResolvedModel(build_random_unet(family.config(), seed), family.scheduler(), source, name=name)
+        return ResolvedModel(_random_unet(family, name, seed, lazy), family.scheduler(), source, name=name)
     if name == family.tiny_name:
         base = family.tiny_pipeline_dir()
         if not (base / "model_index.json").is_file():
@@ -320,6 +335,7 @@ def resolve_model(
     allow_pickle: bool = False,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    lazy: bool = False,
 ) -> ResolvedModel:
     """Resolve a model name or path (see the module docstring) to a :class:`ResolvedModel`.
 
@@ -331,6 +347,9 @@ def resolve_model(
         allow_pickle: allow pickle-based weights (.ckpt/.bin/.pt/.pth); off by default.
         seed: seed of "sd15-random" and "sdxl-random".
         cache_dir: Hugging Face cache directory (default: huggingface_hub's).
+        lazy: where the model allows it (a family's random model with per-layer streams, e.g.
+            "sdxl-random"), a lazy UNet (:mod:`bfq.families.lazy`: weights read layer by layer on
+            use, never the whole float model in memory); other models load as usual.
 
     Raises:
         ModelError: unknown name, missing files, pickle weights without opt-in, a Hub model that
@@ -339,7 +358,7 @@ def resolve_model(
     """
     name = os.fspath(name_or_path)
     if name in BUILTIN_MODELS:
-        return _resolve_builtin(family_for_name(name), name, revision, subfolder, allow_pickle, seed, cache_dir)
+        return _resolve_builtin(family_for_name(name), name, revision, subfolder, allow_pickle, seed, cache_dir, lazy)
     path = Path(name).expanduser()
     if subfolder and path.is_dir():
         return _resolve_local_subfolder(path, subfolder, allow_pickle, name)

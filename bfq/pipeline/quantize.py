@@ -22,10 +22,12 @@ import torch
 
 from bfq._io import atomic_path, locked_dir
 from bfq.errors import RecipeError
+from bfq.families.lazy import filled, is_lazy
 from bfq.pipeline import models
 from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS, allocate
 from bfq.pipeline.analyze import analysis_cache_path, shared_analysis
-from bfq.pipeline.export import export_unet, sampler_metadata
+from bfq.pipeline.analyze.settings import is_large
+from bfq.pipeline.export import export_unet, quantize_and_export, sampler_metadata
 from bfq.pipeline.sensitivity import (
     SensitivityError,
     _is_number,
@@ -98,7 +100,7 @@ def pick_recipe(
 
 def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DEFAULT_ALLOCATOR, resolved=None,
                       time_cache: str = "scheduler", n_time_features: int, levels: str | None = None,
-                      time_proj_bits: int | None = None, cache_dir=None, mode: str = "proxy",
+                      time_proj_bits: int | None = None, cache_dir=None, mode: str | None = None,
                       analysis_options: Mapping | None = None, progress: bool = True,
                       allocator_options: Mapping | None = None, log: Callable[[str], None] | None = None):  # fmt: skip
     """The recipe for ``bfq quantize MODEL --bits B``: analysis (reused or run), allocation, checks.
@@ -118,7 +120,8 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
             In grid mode ``time_proj_bits`` fixes the time projections; without it they are allocated.
         cache_dir: where analyses are cached (default :func:`bfq.pipeline.sensitivity.default_cache_dir`:
             the cache ``bfq analyze`` shares).
-        mode: analysis mode when one has to be run ("proxy" or "image").
+        mode: analysis mode when one has to be run ("proxy", "image" or "local"); None:
+            :func:`default_analysis_mode`.
         analysis_options: extra keyword arguments for :func:`bfq.pipeline.analyze.analyze`.
         allocator_options: extra keyword arguments for the allocator (e.g. ``{"eta": 0.3}``).
         log: told whether the analysis is reused, resumed or computed, and where it is cached.
@@ -133,6 +136,7 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
     if not _is_number(budget) or not math.isfinite(budget):
         raise SensitivityError(f"the bit budget must be a finite number, got {budget!r}")
     levels = levels or "balanced"
+    mode = mode or default_analysis_mode(unet)
     need = list(recipes.quantizable_layers(unet, time_cache))
     source = getattr(resolved, "source", None)
     fp = model_fingerprint(unet, source=source)
@@ -162,6 +166,17 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
     why = (f"{method} allocation for {budget:g} bits from the sensitivity analysis {origin} "
            f"({sens['settings'].get('mode', '?')} mode): {alloc.avg_bits:.4f} bits by the paper's accounting")  # fmt: skip
     return recipe, why
+
+
+def default_analysis_mode(unet) -> str:
+    """The analysis ``--bits`` runs when none is at hand: "proxy" (a full-model forward per layer
+    and bit-width) for small models or with a GPU; "local" (one recording forward, then each layer's
+    own output error; bfq.pipeline.analyze) for a lazy UNet or a large model
+    (``bfq.pipeline.analyze.settings.LARGE_MODEL_PARAMS``: SD-v1.5, SDXL) on a CPU-only machine,
+    where the proxy takes days."""
+    if is_lazy(unet) or (is_large(unet) and not torch.cuda.is_available()):
+        return "local"
+    return "proxy"
 
 
 def check_budget(unet, bits: float, *, time_cache: str, levels: str | None, time_proj_bits: int | None,
@@ -341,13 +356,18 @@ def quantize(
             stack.enter_context(locked_dir(work_dir))
         seconds = {}
         t0 = time.perf_counter()
-        resolved = models.resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle)
+        # Without fine-tuning or a work directory to keep scales in, layers are quantized and written
+        # one at a time, from a lazy model where the source allows it (bfq.families.lazy).
+        stream = not (stage1_steps or stage2_steps) and work_dir is None
+        resolved = models.resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle,
+                                        lazy=stream)  # fmt: skip
         unet = resolved.unet
         seconds["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         steps = default_steps(model) if steps is None else steps
-        cache = compute_time_cache(resolved, time_cache, steps)
+        with filled(unet, lambda name: "time_emb" in name):  # the time layers of a lazy UNet (small)
+            cache = compute_time_cache(resolved, time_cache, steps)
         n_tf = sum(t.size for t in cache["tables"].values())
         seconds["time_cache"] = time.perf_counter() - t0
 
@@ -359,6 +379,17 @@ def quantize(
         )  # fmt: skip
         summary = recipes.summarize(plan, unet, time_cache, n_tf)
         seconds["recipe"] = time.perf_counter() - t0
+
+        if stream:
+            t0 = time.perf_counter()
+            metadata = {"init": init, "recipe_note": why}
+            if resolved.scheduler is not None and time_cache == "scheduler":
+                metadata.update(sampler_metadata(resolved.scheduler, steps))
+            path = quantize_and_export(unet, out, plan.bits, levels=plan.levels, init=init, scale_dtype=scale_dtype,
+                                       source=resolved.source, time_cache=cache, recipe={**summary, "notes": plan.notes or ""},
+                                       metadata=metadata, dense_dtype=dense_dtype, progress=progress)  # fmt: skip
+            seconds["quantize_export"] = time.perf_counter() - t0
+            return QuantizeResult(Path(path), plan, summary, seconds, [why])
 
         t0 = time.perf_counter()
         settings = {"source": resolved.source, "recipe": plan.to_json(), "init": init, "scale_dtype": scale_dtype}

@@ -158,6 +158,11 @@ def model_fingerprint(unet, source: Mapping | None = None) -> dict:
     import torch
     from torch import nn
 
+    from bfq.families.lazy import is_lazy, weight_of
+
+    lazy = is_lazy(unet)
+    if lazy and getattr(unet, "_bfq_fingerprint", None):  # its weights cannot change; reading them takes a minute
+        return {**unet._bfq_fingerprint, "source": dict(source) if source else None}
     weights = {name: m.weight for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     if not weights:
         raise SensitivityError("the model has no Linear/Conv2d layers")
@@ -167,12 +172,12 @@ def model_fingerprint(unet, source: Mapping | None = None) -> dict:
     h = hashlib.sha256()
     with torch.no_grad():
         for n in names:
-            w = weights[n]
+            w = weight_of(unet, f"{n}.weight") if lazy else weights[n]  # a lazy UNet's, one at a time
             if w.device.type == "meta":
                 raise SensitivityError("cannot fingerprint a meta-device model (no weights)")
             h.update(memoryview(w.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
     weights_sha = h.hexdigest()
-    return {
+    fp = {
         "fingerprint": hashlib.sha256(f"{layers_sha}:{weights_sha}".encode()).hexdigest(),
         "layers_sha256": layers_sha,
         "weights_sha256": weights_sha,
@@ -181,6 +186,9 @@ def model_fingerprint(unet, source: Mapping | None = None) -> dict:
         "n_layers": len(names),
         "layer_names": [f"{n}.weight" for n in names],
     }
+    if lazy:
+        unet._bfq_fingerprint = fp
+    return fp
 
 
 

@@ -1,5 +1,7 @@
 """How an analysis measures one candidate: the proxy set and reference predictions, the reference
-images, the alignment scorers, and the fake-quantized (optionally fine-tuned) weight of one layer."""
+images, the alignment scorers, the fake-quantized (optionally fine-tuned) weight of one layer, and
+local mode's recorded layer inputs and output gradients. It is one cohesive thing: every way a candidate
+becomes numbers, all built on the same proxy set and conditioning (:class:`_Context`)."""
 
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ class _Context:
     def __init__(self, unet, settings: dict, base_dir, device, batch_size: int):
         self.unet, self.s, self.base_dir, self.device, self.bs = unet, settings, base_dir, device, batch_size
         cfg = unet.config
-        self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        size = settings.get("resolution", cfg.sample_size)  # local mode records at a small size
+        self.shape = (cfg.in_channels, size, size)
         self.dtype = next(unet.parameters()).dtype
         cond, uncond = self._conditioning()
         self.cond = _cond_map(cond, lambda v: v.to(self.device, self.dtype))
@@ -310,3 +313,114 @@ def _finetuned_weight(ctx: _Context, name: str, mod: nn.Module, bits: int) -> to
 # ------------------------------------------------------------------------------ the analysis
 
 
+
+
+# ------------------------------------------------------------------------------ local mode
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor, conv: bool) -> torch.Tensor:
+    """The recorded part of a layer's input or output: batch ``[uncond; cond]`` split into its two
+    halves, then the same rows (Linear: token rows; Conv2d: whole samples) ``idx`` of both."""
+    half = x.reshape(2, -1, *x.shape[1:]) if conv else x.reshape(2, -1, x.shape[-1])
+    return half[:, idx]
+
+
+def _pick(x: torch.Tensor, k: int, conv: bool, g: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Row indices for :func:`_rows` (about ``k`` positions) and the share of all rows they are."""
+    n = x.shape[0] // 2 if conv else x[..., 0].numel() // 2
+    take = max(1, min(n, -(-k // (x.shape[-1] * x.shape[-2])))) if conv else min(n, k)
+    return torch.randperm(n, generator=g)[:take], n / take
+
+
+def record_layer_inputs(ctx: _Context, names: list[str], probes: int = 2) -> dict[str, dict]:
+    """One forward of the float model on the proxy set (CFG pairs of trajectory states) recording a
+    few hundred input rows (Linear) or feature maps (Conv2d) of each layer in ``names``, then
+    ``probes`` backwards of random projections of the CFG-guided prediction and of the guidance
+    direction, recording each projection's gradient at the same rows of each layer's output (how an
+    error there reaches the model's output).
+
+    Returns ``{name: {"x", "g_guided", "g_direction", "scale"}}`` (``g_*``: ``[probes, ...]``;
+    ``scale``: all rows / recorded rows)."""
+    s, rec = ctx.s, {}
+    gen = torch.Generator().manual_seed(s["seed"] + 104729)
+
+    def hooks(name, conv):
+        def pre(module, args):
+            x = args[0].detach()
+            idx, scale = _pick(x, s["max_rows"], conv, gen)
+            rec[name] = {"idx": idx, "x": _rows(x, idx, conv).to(torch.bfloat16), "scale": scale, "g": []}
+
+        def post(module, args, out):
+            if not out.requires_grad:  # fed by the timestep or the text alone: the gradient still starts here
+                out = out.detach().requires_grad_(True)
+            out.register_hook(lambda gy: rec[name]["g"].append(_rows(gy.detach(), rec[name]["idx"], conv).to(torch.bfloat16)))
+            return out
+        return pre, post
+
+    handles = []
+    for n in names:
+        mod = _module(ctx.unet, n)
+        pre, post = hooks(n, isinstance(mod, nn.Conv2d))
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    x, t, e = ctx.proxy_inputs
+    x = x.detach().clone().requires_grad_(True)  # the weights need no grad: the graph starts here
+    try:
+        with torch.enable_grad():
+            eps = _forward(ctx.unet, x, t, e, slice(None))
+            eu, ec = eps.chunk(2)
+            w = s["guidance"]
+            targets = {"guided": eu + w * (ec - eu), "direction": ec - eu}
+            pg = torch.Generator().manual_seed(s["seed"] + 15485863)
+            for which, out in targets.items():
+                for p in range(probes):
+                    r = torch.randn(out.shape, generator=pg).to(out)
+                    torch.autograd.backward(out, r, retain_graph=which != "direction" or p < probes - 1)
+                    for v in rec.values():  # each backward appended one gradient per layer
+                        v.setdefault(which, []).append(v["g"].pop())
+            del eps, eu, ec, targets, out
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for n, v in rec.items():
+        result[n] = {"x": v["x"], "scale": v["scale"],
+                     **{f"g_{k}": torch.stack(v.pop(k)) for k in ("guided", "direction")}}  # fmt: skip
+    return result
+
+
+def _layer_out(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Conv2d):
+        y = torch.nn.functional.conv2d(x.flatten(0, 1), w, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return y.reshape(2, -1, *y.shape[1:])
+    return x @ w.t()
+
+
+def local_metrics(mod: nn.Module, rec: dict, w: torch.Tensor, w_hat: torch.Tensor) -> dict:
+    """Layer-local errors of ``w_hat`` for ``w`` on the recorded inputs of ``rec``
+    (:func:`record_layer_inputs`): ``mse`` the first-order squared error the layer's output error
+    ``dy`` adds to the guided prediction, estimated from the random projections ``r`` as the mean
+    of ``(g_r . dy)^2`` (``g_r`` the gradient of ``r . output`` at the layer's output; the recorded
+    rows scaled to all rows), ``guidance_err`` the same for the guidance direction, ``layer_err`` the layer's own
+    relative squared output error and ``snr_db`` its inverse in dB."""
+    x = rec["x"].float()
+    y, yq = _layer_out(mod, x, w.float()).double(), _layer_out(mod, x, w_hat.float()).double()
+    dy = yq - y
+    rel = float((dy**2).sum() / (y**2).sum().clamp_min(1e-300))
+
+    def projected(g):  # E_r[(r . J dy)^2] = |J dy|^2: the output error, cross-row terms included
+        dots = (g.double() * dy).flatten(1).sum(1) * rec["scale"]
+        return float((dots**2).mean())
+
+    return {"mse": projected(rec["g_guided"]), "guidance_err": projected(rec["g_direction"]),
+            "layer_err": rel, "snr_db": _db(1.0, rel)}  # fmt: skip
+
+
+def _weight_fake(unet, name: str, w: torch.Tensor, bits: int, levels: str, scale_dtype: str, iters: int) -> torch.Tensor:
+    """:func:`_fake_weight` of layer ``name`` with the float weight ``w`` (a lazy UNet's is on meta)."""
+    mod = _module(unet, name)
+    original = mod._parameters["weight"]
+    mod._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+    try:
+        return _fake_weight(mod, bits, levels, scale_dtype, iters)
+    finally:
+        mod._parameters["weight"] = original

@@ -11,7 +11,10 @@ from torch import nn
 
 from bfq.pipeline.sensitivity import SensitivityError
 
-MODES = ("proxy", "image")
+MODES = ("proxy", "image", "local")
+LOCAL_RESOLUTION = 16  # latent side of local mode's recording forward (at most the model's own)
+LOCAL_PROBES = 4  # random-projection backwards per target (guided prediction, guidance direction)
+LOCAL_MAX_ROWS = 256  # input rows (Linear) or feature-map positions (Conv2d) recorded per layer and CFG half
 DEFAULT_BITS = (1, 2, 3)
 FIXED_LAYERS = ("conv_in.weight", "conv_out.weight")
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -60,6 +63,14 @@ def prefer_workqueue_threads() -> str | None:
 
 
 
+LARGE_MODEL_PARAMS = 100_000_000
+
+
+def is_large(unet: nn.Module) -> bool:
+    """More than :data:`LARGE_MODEL_PARAMS` parameters (SD-v1.5, SDXL; not the tiny models)."""
+    return sum(p.numel() for p in unet.parameters()) > LARGE_MODEL_PARAMS
+
+
 def _is_tinysd(base_dir, source) -> bool:
     if source and source.get("kind") == "builtin" and source.get("name") == "tiny-sd":
         return True
@@ -101,7 +112,7 @@ def _prompts(base_dir, source, n_prompts: int, seed: int, prompts=None) -> tuple
 def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[int] = DEFAULT_BITS,
                       levels: str = "balanced", time_cache: str = "scheduler", scheduler=None, base_dir=None,
                       source: Mapping | None = None, seed: int = 0, n_prompts: int | None = None,
-                      steps: int = 20, guidance: float | None = None, n_timesteps: int = 4,
+                      steps: int | None = None, guidance: float | None = None, n_timesteps: int | None = None,
                       finetune_steps: int = 0, finetune_lr: float = 1e-4, finetune_batch: int = 16,
                       prompts: Sequence[str] | None = None, clip: str | os.PathLike | None = None,
                       init_iters: int = 10, scale_dtype: str = "f16", **_ignored) -> dict:  # fmt: skip
@@ -124,11 +135,19 @@ def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[in
             raise SensitivityError(f"bits: {e}") from None
     if time_cache not in TIME_CACHE_MODES:
         raise SensitivityError(f"time_cache must be one of {TIME_CACHE_MODES}, got {time_cache!r}")
+    if mode == "local" and finetune_steps:
+        raise SensitivityError("local mode scores each layer as initialized; finetune_steps needs mode 'proxy' or 'image'")
+    # local mode on a large model (SDXL: each forward reads every layer again): a short trajectory, few prompts
+    small = mode == "local" and is_large(unet)
+    steps = (4 if small else 20) if steps is None else steps
+    n_timesteps = (2 if small else 4) if n_timesteps is None else n_timesteps
+    if n_prompts is None and small:
+        n_prompts = 2
     for name, v, lo in (("steps", steps, 1), ("n_timesteps", n_timesteps, 1), ("finetune_steps", finetune_steps, 0),
                         ("finetune_batch", finetune_batch, 1), ("init_iters", init_iters, 0)):  # fmt: skip
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise SensitivityError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if mode == "proxy" and n_timesteps > steps:
+    if mode in ("proxy", "local") and n_timesteps > steps:
         raise SensitivityError(f"n_timesteps ({n_timesteps}) cannot exceed the sampler steps ({steps})")
     tiny = _is_tinysd(base_dir, source)
     if n_prompts is None:
@@ -175,8 +194,13 @@ def analysis_settings(unet: nn.Module, *, mode: str = "proxy", bits: Sequence[in
     }  # fmt: skip
     if finetune_steps:
         out.update(finetune_lr=float(finetune_lr), finetune_batch=finetune_batch, finetune_target="fp noise prediction")
-    if mode == "proxy":
+    if mode in ("proxy", "local"):
         out["n_timesteps"] = n_timesteps
+    if mode == "local":
+        # on a large model the recorded rows and gradients bound the memory (SDXL: 743 Linear layers)
+        out.update(resolution=min(LOCAL_RESOLUTION, int(unet.config.sample_size)),
+                   max_rows=LOCAL_MAX_ROWS // 4 if small else LOCAL_MAX_ROWS, probes=2 if small else LOCAL_PROBES,
+                   local_metric="projected output error")  # fmt: skip
     else:
         out["align"] = align
         if align_note:
