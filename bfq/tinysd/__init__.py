@@ -39,16 +39,22 @@ def load_pipeline(torch_dtype=None, unet=None, directory=None):
         >>> pipe = load_pipeline()
         >>> image = pipe("a handwritten digit seven", num_inference_steps=20).images[0]
     """
+    return load_bundled("StableDiffusionPipeline", directory or pipeline_dir(), torch_dtype, unet)
+
+
+def load_bundled(pipeline_class: str, directory, torch_dtype=None, unet=None):
+    """A bundled tiny pipeline folder as the diffusers ``pipeline_class``, offline, in ``torch_dtype``
+    (the weights are stored in fp32), optionally with another ``unet``, progress bar off."""
     import torch
 
     from bfq._quiet import quiet_libraries
 
     kwargs = {} if unet is None else {"unet": unet}
     with quiet_libraries():
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(directory or pipeline_dir()), local_files_only=True, **kwargs)
-    if torch_dtype is not None and torch_dtype != torch.float32:  # the weights are stored in fp32
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(str(directory), local_files_only=True, **kwargs)
+    if torch_dtype is not None and torch_dtype != torch.float32:
         pipe.to(dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -35,21 +35,9 @@ def load_pipeline(torch_dtype=None, unet=None, directory=None):
         >>> pipe = load_pipeline()
         >>> image = pipe("a handwritten digit seven", num_inference_steps=20).images[0]
     """
-    import torch
+    from bfq.tinysd import load_bundled
 
-    from bfq._quiet import quiet_libraries
-
-    kwargs = {} if unet is None else {"unet": unet}
-    with quiet_libraries():
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            str(directory or pipeline_dir()), local_files_only=True, **kwargs
-        )
-    if torch_dtype is not None and torch_dtype != torch.float32:  # the weights are stored in fp32
-        pipe.to(dtype=torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_bundled("StableDiffusionXLPipeline", directory or pipeline_dir(), torch_dtype, unet)
 
 
 __all__ = ["pipeline_dir", "load_pipeline"]
