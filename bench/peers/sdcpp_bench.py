@@ -111,8 +111,11 @@ def write_safetensors(path: Path, entries: list) -> None:
     tmp.replace(path)
 
 
-def _entries(prefix: str, meta, values) -> list:
-    return [(prefix + n, tuple(p.shape), lambda n=n, s=tuple(p.shape): values(n, s)) for n, p in meta.named_parameters()]
+def _entries(prefix: str, meta, values, clip: bool = False) -> list:
+    def key(n: str) -> str:  # transformers 5 names CLIPTextModel's parameters without its text_model.
+        return prefix + ("text_model." + n if clip and not n.startswith(("text_model.", "text_projection")) else n)
+
+    return [(key(n), tuple(p.shape), lambda n=n, s=tuple(p.shape): values(n, s)) for n, p in meta.named_parameters()]
 
 
 def write_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -138,8 +141,8 @@ def write_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
         te_l = CLIPTextModel(CLIPTextConfig(**CLIP_L))
         te_g = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
     entries = _entries("unet.", build_meta_unet(config), lambda n, s: unet_values(n))
-    entries += _entries("te.", te_l, _generic_source(te_l, seed + 1))
-    entries += _entries("cond_stage_model.1.transformer.", te_g, _generic_source(te_g, seed + 2))
+    entries += _entries("te.", te_l, _generic_source(te_l, seed + 1), clip=True)
+    entries += _entries("cond_stage_model.1.transformer.", te_g, _generic_source(te_g, seed + 2), clip=True)
     entries += _entries("vae.", vae, _generic_source(vae, seed + 3))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, entries)
@@ -178,13 +181,16 @@ def _hwm() -> int:
 def run_sdcpp(ckpt: Path, wtype: str, steps: int) -> dict:
     code = f"import json,sys; sys.path.insert(0, {str(HERE.parent)!r}); import sdcpp_bench as b; " \
            f"print('RESULT ' + json.dumps(b.sdcpp_child({str(ckpt)!r}, {wtype!r}, {steps})))"  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    log = ckpt.parent / f"sdcpp-{wtype}.log"
+    with open(log, "w") as err:  # sd.cpp's own log, followable while it runs
+        done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    text = done.stdout + log.read_text(errors="replace")
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise RuntimeError(f"sd.cpp ({wtype}) failed (exit {done.returncode}): {(done.stdout + done.stderr)[-3000:]}")
+        raise RuntimeError(f"sd.cpp ({wtype}) failed (exit {done.returncode}), log {log}: {text[-3000:]}")
     out = json.loads(lines[-1][len("RESULT "):])
-    unet_mb = re.findall(r"diffusion_model ([0-9.]+)MB", done.stderr + done.stdout)
+    unet_mb = re.findall(r"diffusion_model ([0-9.]+)MB", text)
     out["unet_params_bytes"] = float(unet_mb[-1]) * 2**20 if unet_mb else None
     return out
 
@@ -219,7 +225,8 @@ def main() -> int:
     print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
     out = {"sdcpp": {}}
     for wtype in args.wtype:
-        print(f"sd.cpp {wtype}: load + 512x512 generation, {args.steps} steps, cfg 7, 1 thread (fresh process) ...", flush=True)
+        print(f"sd.cpp {wtype}: load + 512x512 generation, {args.steps} steps, cfg 7, 1 thread (fresh process; "
+              f"its log: {ckpt.parent}/sdcpp-{wtype}.log) ...", flush=True)  # fmt: skip
         r = out["sdcpp"][wtype] = run_sdcpp(ckpt, wtype, args.steps)
         steps = r["per_step_s"][1:] or r["per_step_s"]
         r["step_s"] = sorted(steps)[len(steps) // 2] if steps else None
