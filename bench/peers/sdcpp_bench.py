@@ -76,7 +76,8 @@ def _generic_source(meta, seed: int):
     import torch
     from torch import nn
 
-    owner = {f"{m}.{p}" if m else p: mod for m, mod in meta.named_modules() for p, _ in mod.named_parameters(recurse=False)}
+    owner = {f"{m}.{p}" if m else p: mod
+             for m, mod in meta.named_modules() for p, _ in mod.named_parameters(recurse=False)}  # fmt: skip
 
     def source(name: str, shape: tuple) -> torch.Tensor:
         mod = owner[name]
@@ -233,7 +234,8 @@ def main() -> int:
         unet = f"{r['unet_params_bytes'] / 1e9:.3f} GB" if r["unet_params_bytes"] else "n/a"
         print(f"  load {r['load_s']:.0f} s, RSS after load +{r['rss_load'] / 1e9:.2f} GB (all four models), "
               f"UNet params {unet}, per step {', '.join(f'{s:.1f}' for s in r['per_step_s'])} s "
-              f"(median of steps 2.. {r['step_s']:.1f} s), peak RSS {r['peak_rss'] / 1e9:.2f} GB", flush=True)  # fmt: skip
+              f"(median of steps 2.. {r['step_s']:.1f} s), peak RSS {r['peak_rss'] / 1e9:.2f} GB",
+              flush=True)  # fmt: skip
     out["bfq"] = b = bfq_side(args.bfq_file, args.runs)
     label = "recorded by bench/sdxl_bench.py" if b["recorded"] else "measured now"
     print(f"bfq packed 1.99-bit sdxl-random ({label}): RSS after load +{b['rss_load_gb']:.3f} GB (UNet only), "
