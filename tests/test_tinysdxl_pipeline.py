@@ -143,3 +143,21 @@ def test_eval_tiny_sdxl_and_a_file_made_from_it(tmp_path):
         assert results[model]["settings"]["steps"] == 20
     assert results["tiny-sdxl"]["alignment"] >= 0.9
     assert results[str(out)]["alignment"] >= 0.5
+
+
+def test_packed_tiny_sdxl_generates_the_dense_images_through_its_pipeline(tmp_path):
+    """A 1.99-bit-style tiny-sdxl file (uniform-2, scheduler cache) in StableDiffusionXLPipeline:
+    the packed runtime gives the dense runtime's images, and they are digits-like, not noise."""
+    import bfq
+    from bfq.pipeline.quantize import quantize
+
+    path = quantize("tiny-sdxl", tmp_path / "t.bfq", recipe="uniform-2", steps=4, progress=False).path
+    images = {}
+    for runtime in ("packed", "dense"):
+        pipe = bfq.load_pipeline(str(path), runtime=runtime, device="cpu", compute="fp32")
+        assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+        assert any(type(m).__name__.startswith("Packed") for m in pipe.unet.modules()) == (runtime == "packed")
+        images[runtime] = pipe(["a handwritten digit three", "a handwritten digit seven"], num_inference_steps=4,
+                               guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+    np.testing.assert_allclose(images["packed"], images["dense"], atol=1e-5)
+    assert images["packed"].shape == (2, 16, 16, 3) and images["packed"].std() > 0.1
