@@ -68,7 +68,7 @@ def test_transformer_is_pixarts_with_adaln_single_and_patch_2(pipe):
     assert type(tr) is PixArtTransformer2DModel
     assert cfg.norm_type == "ada_norm_single" and cfg.patch_size == 2 and cfg.sample_size == 8
     assert cfg.in_channels == cfg.out_channels == 4 and cfg.use_additional_conditions is False
-    assert tr.adaln_single.use_additional_conditions is False
+    assert tr.use_additional_conditions is False and not hasattr(tr.adaln_single.emb, "resolution_embedder")
     width = cfg.num_attention_heads * cfg.attention_head_dim
     assert cfg.cross_attention_dim == width and cfg.caption_channels == pipe.text_encoder.config.d_model
     # adaLN-single: one timestep MLP giving 6 x width, and a learned table per block
@@ -135,6 +135,19 @@ def test_pipeline_makes_the_digit_asked_for_through_the_tinysd_metric(pipe):
     with torch.no_grad():
         broken.proj_out.weight.zero_()  # predicts a constant: no digit at all
     assert evaluate(broken, **kw)["fd"] > result["fd"] + 10
+
+
+def test_bfq_eval_scores_the_pipeline_folder():
+    """`bfq eval DIR` on the bundled folder: the PixArt pipeline through the command line."""
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    args = ["eval", str(pipeline_dir()), "--n-per-digit", "2", "--cfg", "3", "--quiet", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["settings"]["base"] == str(pipeline_dir()) and scores["settings"]["steps"] == 20
+    assert scores["alignment"] >= 0.8
 
 
 def test_bundled_artifact_matches_its_recorded_hash_quality_and_is_small():

@@ -36,9 +36,9 @@ from bfq.tinysd.train import _timed, latents_of_digits, train_denoiser
 
 DEFAULTS = dict(
     seed=0,
-    steps=5000,
+    steps=4000,
     batch=128,
-    lr=2e-3,
+    lr=3e-3,
     warmup=100,
     weight_decay=1e-2,
     ema_decay=0.995,
