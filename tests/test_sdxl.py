@@ -13,7 +13,7 @@ from torch import nn
 
 import bfq
 from bfq import BfqFormatError
-from bfq.families import FamilyError, family_for_config, family_for_name, family_of, sd15, sdxl, supported
+from bfq.families import FamilyError, family_for_config, family_for_name, family_of, pixart, sd15, sdxl, supported
 from bfq.families.build import build_meta_unet, build_random_unet
 from bfq.families.lazy import is_lazy
 from bfq.format import open_bfq
@@ -22,7 +22,7 @@ from bfq.quant import recipe as recipes
 from bfq.quant import timecache
 
 torch.set_num_threads(1)
-SUPPORTED = "SD-v1.5 (sd15), SDXL (sdxl)"
+SUPPORTED = "SD-v1.5 (sd15), SDXL (sdxl), PixArt-Σ (pixart)"
 
 
 def make_sdxl_pipeline(root, seed: int = 0):
@@ -81,11 +81,12 @@ def test_families_recognize_their_configs_and_refuse_others():
     assert sdxl.time_ids_layout(sdxl.FAMILY.config()) == (6, 1280)
     assert sdxl.time_ids_layout(refiner_config()) == (5, 1280)
     for name, family in (("sd15", sd15.FAMILY), ("tiny-sd", sd15.FAMILY), ("sdxl-random", sdxl.FAMILY),
-                         ("tiny-sdxl", sdxl.FAMILY), ("sdxl", sdxl.FAMILY)):  # fmt: skip
+                         ("tiny-sdxl", sdxl.FAMILY), ("sdxl", sdxl.FAMILY), ("pixart-random", pixart.FAMILY),
+                         ("tiny-pixart", pixart.FAMILY)):  # fmt: skip
         assert family_for_name(name) is family
     for config, class_name in (({**sd15.FAMILY.config(), "addition_embed_type": "text"}, None),  # DeepFloyd IF
                                ({**sd15.FAMILY.config(), "addition_embed_type": "image_hint"}, None),  # Kandinsky
-                               (sd15.FAMILY.config(), "UNet2DModel"), ({}, "PixArtTransformer2DModel")):  # fmt: skip
+                               (sd15.FAMILY.config(), "UNet2DModel"), ({}, "SD3Transformer2DModel")):  # fmt: skip
         with pytest.raises(FamilyError, match=r"not a model family bfq supports; supported: SD-v1\.5 \(sd15\), SDXL"):
             family_for_config(config, class_name)
     with pytest.raises(FamilyError, match="families: SD-v1.5"):

@@ -41,7 +41,7 @@ def test_tiny_models_default_to_their_metrics_steps():
     from bfq.pipeline.quantize import default_steps
     from bfq.tinysd.evaluate import DEFAULT_STEPS as METRIC_STEPS
 
-    assert {f.tiny_name: f.tiny_steps for f in FAMILIES} == {"tiny-sd": METRIC_STEPS, "tiny-sdxl": METRIC_STEPS}
+    assert {f.tiny_name: f.tiny_steps for f in FAMILIES} == {"tiny-sd": METRIC_STEPS, "tiny-sdxl": METRIC_STEPS, "tiny-pixart": METRIC_STEPS}
     assert default_steps("tiny-sd") == default_steps("tiny-sdxl") == METRIC_STEPS == 20
     assert default_steps("sdxl-random") == default_steps("sd15-random") == family_for_name("sdxl").default_steps == 50
 

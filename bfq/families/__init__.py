@@ -1,4 +1,4 @@
-"""Model families: everything family-specific, in one module per family (``sd15``, ``sdxl``).
+"""Model families: everything family-specific, in one module per family (``sd15``, ``sdxl``, ``pixart``).
 
 The stages ask the family of a model (:func:`family_of`, :func:`family_for_config`) or of a
 built-in name (:func:`family_for_name`) instead of assuming one; a model no family recognizes is
@@ -11,10 +11,10 @@ Importing this package does not import torch or diffusers.
 from __future__ import annotations
 
 from bfq.errors import InputError
-from bfq.families import sd15, sdxl
+from bfq.families import pixart, sd15, sdxl
 from bfq.families.family import TIMESTEP_AND_CONDITIONING, TIMESTEP_ONLY, Family
 
-FAMILIES: tuple[Family, ...] = (sd15.FAMILY, sdxl.FAMILY)
+FAMILIES: tuple[Family, ...] = (sd15.FAMILY, sdxl.FAMILY, pixart.FAMILY)
 
 
 class FamilyError(InputError):
@@ -22,7 +22,7 @@ class FamilyError(InputError):
 
 
 def supported() -> str:
-    """``"SD-v1.5 (sd15), SDXL (sdxl)"``: for messages."""
+    """``"SD-v1.5 (sd15), SDXL (sdxl), PixArt-Σ (pixart)"``: for messages."""
     return ", ".join(f"{f.title} ({f.name})" for f in FAMILIES)
 
 
