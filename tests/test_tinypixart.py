@@ -137,13 +137,12 @@ def test_pipeline_makes_the_digit_asked_for_through_the_tinysd_metric(pipe):
     assert evaluate(broken, **kw)["fd"] > result["fd"] + 10
 
 
-def test_bfq_eval_scores_the_pipeline_folder():
-    """`bfq eval DIR` on the bundled folder: the PixArt pipeline through the command line."""
+def test_bfq_eval_tiny_pixart():
+    """`bfq eval tiny-pixart` (the pixart family's built-in name) scores the bundled PixArt pipeline."""
     from bfq_cli.main import main
     from click.testing import CliRunner
 
-    args = ["eval", str(pipeline_dir()), "--n-per-digit", "2", "--cfg", "3", "--quiet", "--json"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, ["eval", "tiny-pixart", "--n-per-digit", "2", "--cfg", "3", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert scores["settings"]["base"] == str(pipeline_dir()) and scores["settings"]["steps"] == 20
