@@ -54,7 +54,8 @@ def test_bundled_folder_is_a_pixart_sigma_pipeline_with_a_t5_encoder_and_tiny_sd
     assert (pipeline_dir() / weights).read_bytes() == (tinysd_dir() / weights).read_bytes()
     # the tokenizer is the one build_tokenizer makes: caption words are single pieces, every prompt ends in </s>
     tok = loaded.tokenizer
-    assert tok(["a handwritten digit seven", ""]).input_ids == build_tokenizer()(["a handwritten digit seven", ""]).input_ids
+    prompts = ["a handwritten digit seven", ""]
+    assert tok(prompts).input_ids == build_tokenizer()(prompts).input_ids
     ids = tok("a handwritten digit seven").input_ids
     assert len(ids) == 5 and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
     assert tok("").input_ids == [tok.eos_token_id]
