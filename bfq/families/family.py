@@ -60,6 +60,10 @@ class Family:
     added_cond_keys: tuple[str, ...] = ()
     component: str = "unet"
     random_per_layer: bool = False
+    # the time path (bfq.quant.timecache): how the timestep reaches the blocks, and where its modules are
+    time_modulation: str = "resnet"  # "resnet": each ResNet's time_emb_proj; "adaln-single": one module for all blocks
+    time_proj_module: str = "time_proj"  # sinusoidal projection of the timestep (no weights)
+    time_mlp_module: str = "time_embedding"  # the timestep MLP: what grid mode keeps in fp16 and an `embedding` cache holds
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:
@@ -101,6 +105,11 @@ class Family:
         ``config``: those a file with that cache MUST NOT hold (FORMAT.md §2.3, §2.3.1) and a recipe
         does not cover. Every other Linear/Conv2d weight is quantizable."""
         return replaced_by_time_cache(name, mode, mode != "scheduler" or self.per_resnet_time_cache(config))
+
+    def is_time_layer(self, module_name: str) -> bool:
+        """True for the modules of the time path (the timestep MLP and what reads only its output):
+        the small layers a time cache is computed from, filled first in a lazy model."""
+        return "time_emb" in module_name
 
     # ---- conditioning a forward needs
     def conditioning(self, config: dict, batch: int, *, height: int | None = None, width: int | None = None,

@@ -366,7 +366,7 @@ def quantize(
 
         t0 = time.perf_counter()
         steps = default_steps(model) if steps is None else steps
-        with filled(unet, lambda name: "time_emb" in name):  # the time layers of a lazy UNet (small)
+        with filled(unet, resolved.family.is_time_layer):  # the time layers of a lazy model (small)
             cache = compute_time_cache(resolved, time_cache, steps)
         n_tf = sum(t.size for t in cache["tables"].values())
         seconds["time_cache"] = time.perf_counter() - t0

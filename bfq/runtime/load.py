@@ -277,7 +277,9 @@ def _empty_model(bfq: BfqFile) -> nn.Module:
     except FamilyError as exc:
         raise BfqFormatError(f"model: {exc}") from None
     try:
-        with torch.device("meta"):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (pos_embed) computed
             return cls.from_config(config)
     except Exception as exc:  # diffusers raises many types for a config it cannot build
         raise BfqFormatError(f"model.config: cannot build {class_name} from it ({exc})") from None
