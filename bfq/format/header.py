@@ -3,7 +3,8 @@
 `parse_header` (from bfq.format.strict_json) turns the header bytes into JSON values under
 FORMAT.md's JSON rules; `validate_header` checks every object and returns a typed `Header`;
 `check_layout` checks that the blocks tile the data section. Reader and writer both go through
-these functions.
+these functions. It is one cohesive module: every rule FORMAT.md states about the header, for
+every model kind, is checked here and nowhere else.
 """
 
 from __future__ import annotations
