@@ -30,7 +30,7 @@ cache holds, per step, ``adaln_single``'s two outputs, the 6 x width modulation 
 timestep MLP ``adaln_single.emb.timestep_embedder`` only (the ``embedding`` kind, as SDXL's); grid
 mode keeps that MLP in fp16 as for UNets.
 
-One cohesive module: computing, installing and counting a cache are one mechanism for every
+It is one cohesive module: computing, installing and counting a cache are one mechanism for every
 family, dispatched on the family's time path, so they live together.
 
 Mechanism: a forward pre-hook on the UNet records the exact timestep(s) of each call (float64, one per
