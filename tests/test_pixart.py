@@ -173,3 +173,69 @@ def test_random_pixart_is_built_lazily_with_its_buffers_and_tables():
     cond = FAMILY.conditioning(cfg, 2, seq_len=4)
     with materialized(lazy):
         torch.testing.assert_close(_run(lazy, x, 10, cond), _run(full, x, 10, cond), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- quantize, export, load
+
+
+def _pipeline_folder(root, model) -> str:
+    """A diffusers PixArt pipeline folder holding ``model`` (component ``transformer``) and its scheduler."""
+    import json
+
+    model.save_pretrained(root / "transformer")
+    FAMILY.scheduler().save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtSigmaPipeline", "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"]}))  # fmt: skip
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def quantized_files(tmp_path_factory):
+    from bfq.pipeline.quantize import quantize
+
+    root = tmp_path_factory.mktemp("pixart")
+    out = {}
+    for label, overrides, mode in [("scheduler", {}, "scheduler"), ("grid", {}, "grid"),
+                                   ("sized", {"use_additional_conditions": True}, "scheduler")]:  # fmt: skip
+        folder = _pipeline_folder(root / f"pipe-{label}", tiny_pixart(6, **overrides))
+        out[label] = quantize(folder, root / f"{label}.bfq", recipe="uniform-2", time_cache=mode, steps=STEPS,
+                              progress=False).path  # fmt: skip
+    return out
+
+
+def test_files_hold_the_cache_the_model_kind_specifies(quantized_files):
+    from bfq.format import open_bfq
+
+    with open_bfq(quantized_files["scheduler"]) as f:
+        assert f.header.model["class_name"] == "PixArtTransformer2DModel"
+        assert {k: t.shape for k, t in f.header.time_cache.tables.items()} == {
+            "adaln_single.linear": (STEPS, 288), "adaln_single.emb": (STEPS, 48)}  # fmt: skip
+        assert not any(n.startswith("adaln_single") for n in [*f.layers, *f.tensors])
+        assert "scale_shift_table" in f.tensors and "pos_embed.pos_embed" not in f.tensors  # a computed buffer
+    with open_bfq(quantized_files["sized"]) as f:
+        assert set(f.header.time_cache.tables) == {"time_embedding"} and f.header.time_cache.tables["time_embedding"].shape == (STEPS, 48)
+        assert "adaln_single.linear.weight" in f.layers and "adaln_single.emb.resolution_embedder.linear_1.weight" in f.layers
+        assert not any("timestep_embedder" in n for n in [*f.layers, *f.tensors])
+    with open_bfq(quantized_files["grid"]) as f:
+        assert f.header.time_cache is None and "adaln_single.linear.weight" in f.layers
+        assert f.tensors["adaln_single.emb.timestep_embedder.linear_1.weight"].dtype == "f16"
+
+
+@pytest.mark.parametrize("label", ["scheduler", "grid", "sized"])
+def test_packed_equals_dense_and_the_file_builds(quantized_files, label):
+    import bfq
+    from bfq.runtime.load import load_unet
+
+    path = quantized_files[label]
+    packed, dense = load_unet(path, runtime="packed"), bfq.load_transformer(path, runtime="dense")
+    assert type(packed).__name__ == type(dense).__name__ == "PixArtTransformer2DModel"
+    assert packed.pos_embed.pos_embed.abs().sum() > 0 and not packed.pos_embed.pos_embed.is_meta
+    x = torch.randn(2, 4, 8, 8)
+    cond = FAMILY.conditioning(dict(packed.config), 2, seq_len=4)
+    for t in _timesteps()[::2]:
+        torch.testing.assert_close(_run(packed, x, t, cond), _run(dense, x, t, cond), rtol=0, atol=0)
+    if label != "grid":
+        with pytest.raises(ValueError, match="not in the time-feature cache"):
+            _run(packed, x, 1.5, cond)
+    assert tc.time_cache_mode(packed) == (None if label == "grid" else "scheduler")

@@ -46,7 +46,12 @@ class PixArt(Family):
     time_mlp_module = ADALN_TIME_MLP
 
     def matches(self, class_name: str, config: dict) -> bool:
-        return class_name == "PixArtTransformer2DModel" and isinstance(config, dict)
+        """``PixArtTransformer2DModel``, or a legacy ``Transformer2DModel`` config with adaLN-single
+        (older PixArt repos), which diffusers loads as a ``PixArtTransformer2DModel``."""
+        if not isinstance(config, dict):
+            return False
+        legacy = class_name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single"
+        return class_name == "PixArtTransformer2DModel" or legacy
 
     def per_resnet_time_cache(self, config: dict) -> bool:
         """True when a scheduler cache may hold adaLN-single's outputs (no size conditions)."""
