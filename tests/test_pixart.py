@@ -239,3 +239,43 @@ def test_packed_equals_dense_and_the_file_builds(quantized_files, label):
         with pytest.raises(ValueError, match="not in the time-feature cache"):
             _run(packed, x, 1.5, cond)
     assert tc.time_cache_mode(packed) == (None if label == "grid" else "scheduler")
+
+
+def test_loader_checks_the_cache_against_the_model(tmp_path):
+    """§2.3.2: a features cache whose width D is not the model's width is refused (a check against the
+    model, the header alone cannot make it); so are timesteps the file does not list."""
+    from bfq import BfqFormatError
+    from bfq.pipeline.export import export_unet
+    from bfq.runtime.load import load_unet
+
+    model, ts = tiny_pixart(7), _timesteps()
+    narrow = {"adaln_single.linear": np.zeros((STEPS, 6 * 24), np.float16), "adaln_single.emb": np.zeros((STEPS, 24), np.float16)}
+    path = export_unet(model, tmp_path / "narrow.bfq", time_cache={"mode": "scheduler", "timesteps": ts, "tables": narrow},
+                       progress=False)  # fmt: skip
+    with pytest.raises(BfqFormatError, match="time_cache: does not fit the model.*adaln_single"):
+        load_unet(path)
+    path = export_unet(model, tmp_path / "ok.bfq", time_cache=tc.build_cache(model, "scheduler", FAMILY.scheduler(), STEPS),
+                       progress=False)  # fmt: skip
+    loaded = load_unet(path, runtime="dense")
+    x, cond = torch.randn(1, 4, 8, 8), FAMILY.conditioning(dict(model.config), 1, seq_len=2)
+    ref = copy.deepcopy(model)
+    tc.install_scheduler_cache(ref, ts, tc.compute_scheduler_features(model, ts))
+    torch.testing.assert_close(_run(loaded, x, ts[3], cond), _run(ref, x, ts[3], cond), rtol=0, atol=0)
+
+
+def test_diffusers_layout_loads_through_from_pretrained(quantized_files, tmp_path):
+    """Appendix A: the component folder is transformer/; diffusers' own from_pretrained loads it (packed)."""
+    import bfq  # noqa: F401  (registers the quantizer)
+    from bfq.format import open_bfq
+    from bfq.format.diffusers_layout import write_layout
+
+    with open_bfq(quantized_files["scheduler"]) as f:
+        folder = write_layout(f, tmp_path / "layout", FAMILY.component)
+    assert folder.name == "transformer"
+    model = PixArtTransformer2DModel.from_pretrained(tmp_path / "layout", subfolder="transformer")
+    dense = bfq.load_transformer(quantized_files["scheduler"], runtime="dense")
+    x, cond = torch.randn(2, 4, 8, 8), FAMILY.conditioning(dict(dense.config), 2, seq_len=3)
+    torch.testing.assert_close(_run(model, x, _timesteps()[0], cond), _run(dense, x, _timesteps()[0], cond), rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        folder / "diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip

@@ -372,6 +372,9 @@ def _check_adaln_cache(config: dict, cache: TimeCache, class_name: str) -> None:
     are exactly adaLN-single's two outputs, [T, 6D] and [T, D], and only without size conditions."""
     if cache.mode != "scheduler":
         _fail("time_cache.mode", f"{_show(cache.mode)}: a {class_name} file carries a scheduler-mode time cache only")
+    flag = config.get("use_additional_conditions")
+    if not (flag is None or isinstance(flag, bool)):
+        _fail("model.config.use_additional_conditions", f"{_show(flag)} must be true, false or null beside a time cache")
     if not cache.per_resnet:
         return
     if set(cache.tables) != set(ADALN_FEATURES):
