@@ -279,3 +279,39 @@ def test_diffusers_layout_loads_through_from_pretrained(quantized_files, tmp_pat
     model.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         folder / "diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip
+
+
+def test_pixart_builtin_downloads_the_transformer_only(tmp_path, monkeypatch):
+    """`pixart` (the family's Hub built-in) from the local fake Hub: a model-only repo (transformer/, as
+    PixArt-Σ 512's, here with a legacy Transformer2DModel config); only transformer/ is downloaded and
+    the family's DPM-Solver scheduler serves the scheduler cache."""
+    import json
+
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    from bfq.format import open_bfq
+    from bfq.pipeline.models import resolve_model
+    from tests.hub_server import FakeHub, point_client_at
+
+    folder = tmp_path / "transformer"
+    tiny_pixart(8).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["_class_name"] = "Transformer2DModel"  # older PixArt repos; diffusers loads them as PixArtTransformer2DModel
+    files = {f"transformer/{p.name}": p.read_bytes() for p in folder.iterdir()}
+    files["transformer/config.json"] = json.dumps(config).encode()
+    files["text_encoder/model.safetensors"] = files["vae/diffusion_pytorch_model.safetensors"] = b"\0never" * 64
+    with FakeHub() as hub:
+        point_client_at(monkeypatch, hub.url, tmp_path / "hf-home")
+        hub.add_repo(FAMILY.hub_repo, files)
+        resolved = resolve_model("pixart")
+        assert type(resolved.unet).__name__ == "PixArtTransformer2DModel" and resolved.family is FAMILY
+        assert type(resolved.scheduler).__name__ == "DPMSolverMultistepScheduler"
+        out = tmp_path / "p.bfq"
+        r = CliRunner().invoke(main, ["quantize", "pixart", "--recipe", "uniform-2", "--steps", "4", "-o", str(out), "--quiet"])
+        assert r.exit_code == 0, r.output
+        got = {c.path.split("/resolve/", 1)[1].split("/", 1)[1] for c in hub.calls("GET", r"/resolve/")}
+    assert got == {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}
+    with open_bfq(out) as f:
+        assert f.header.model["source"]["repo"] == FAMILY.hub_repo and f.header.model["class_name"] == "PixArtTransformer2DModel"
+        assert len(f.header.time_cache.timesteps) == 4 and set(f.header.time_cache.tables) == {"adaln_single.linear", "adaln_single.emb"}
