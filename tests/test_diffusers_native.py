@@ -38,7 +38,8 @@ def _cli(*args):
 def test_bfq_to_folder_and_back_is_bit_exact(vector, tmp_path):
     result = _cli("convert", VECTORS / vector, "-o", tmp_path / "dir")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "dir" / "unet" / WEIGHTS_NAME).is_file()
+    component = "transformer" if vector.startswith("pixart") else "unet"  # Appendix A: DiT files in transformer/
+    assert (tmp_path / "dir" / component / WEIGHTS_NAME).is_file()
     result = _cli("convert", tmp_path / "dir", "-o", tmp_path / "back.bfq")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "back.bfq").read_bytes() == (VECTORS / vector).read_bytes()
@@ -63,6 +64,20 @@ def test_golden_folder_is_the_time_scheduler_vector(tmp_path):
             "bfq_time_cache.mid_block.resnets.0", "bfq_time_cache.up_blocks.1.resnets.2"}  # fmt: skip
         assert f.get_tensor("down_blocks.0.resnets.0.conv1.weight.bfq_scales").dtype == torch.float16
         assert f.metadata()["bfq_layout"] == "1"
+
+
+def test_golden_folder_of_the_dit_kind_is_the_pixart_vector(tmp_path):
+    """spec/diffusers/pixart_scheduler/ is spec/vectors/pixart_scheduler.bfq in the layout: component
+    folder transformer/ (FORMAT.md appendix A, §2.3.2), the adaLN-single tables under their keys."""
+    from safetensors import safe_open
+
+    golden = GOLDEN.parent / "pixart_scheduler"
+    assert _cli("convert", VECTORS / "pixart_scheduler.bfq", "-o", tmp_path).exit_code == 0
+    for name in ("config.json", WEIGHTS_NAME):
+        assert (tmp_path / "transformer" / name).read_bytes() == (golden / "transformer" / name).read_bytes()
+    assert bytes(read_layout(golden)) == (VECTORS / "pixart_scheduler.bfq").read_bytes()
+    with safe_open(golden / "transformer" / WEIGHTS_NAME, "pt") as f:
+        assert {"bfq_time_cache.adaln_single.linear", "bfq_time_cache.adaln_single.emb"} <= set(f.keys())
 
 
 def _rewrite(folder: Path, edit) -> None:

@@ -42,6 +42,11 @@ class Family:
             ``text_embeds``, ``time_ids``); empty when nothing.
         component: the model's folder in a diffusers pipeline repo (``unet``; ``transformer`` for
             DiT families), where the diffusers layout (FORMAT.md appendix A) puts it.
+        time_modulation: how the timestep reaches the blocks, what :mod:`bfq.quant.timecache`
+            dispatches on: ``"resnet"`` (each ResNet's ``time_emb_proj`` reads the time embedding)
+            or ``"adaln-single"`` (one ``adaln_single`` module modulates every block, FORMAT.md §2.3.2).
+        time_proj_module, time_mlp_module: module paths of the sinusoidal timestep projection and of
+            the timestep MLP (what grid mode keeps in fp16 and a scheduler ``embedding`` cache holds).
     """
 
     name: str
@@ -60,6 +65,10 @@ class Family:
     added_cond_keys: tuple[str, ...] = ()
     component: str = "unet"
     random_per_layer: bool = False
+    # the time path (bfq.quant.timecache): how the timestep reaches the blocks, and where its modules are
+    time_modulation: str = "resnet"  # "resnet": each ResNet's time_emb_proj; "adaln-single": one module for all blocks
+    time_proj_module: str = "time_proj"  # sinusoidal projection of the timestep (no weights)
+    time_mlp_module: str = "time_embedding"  # the timestep MLP: what grid mode keeps in fp16 and an `embedding` cache holds
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:
@@ -101,6 +110,11 @@ class Family:
         ``config``: those a file with that cache MUST NOT hold (FORMAT.md §2.3, §2.3.1) and a recipe
         does not cover. Every other Linear/Conv2d weight is quantizable."""
         return replaced_by_time_cache(name, mode, mode != "scheduler" or self.per_resnet_time_cache(config))
+
+    def is_time_layer(self, module_name: str) -> bool:
+        """True for the modules of the time path (the timestep MLP and what reads only its output):
+        the small layers a time cache is computed from, filled first in a lazy model."""
+        return "time_emb" in module_name
 
     # ---- conditioning a forward needs
     def conditioning(self, config: dict, batch: int, *, height: int | None = None, width: int | None = None,
