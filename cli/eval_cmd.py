@@ -1,5 +1,5 @@
 """``bfq eval MODEL``: the tiny-sd quality metric (prompt alignment and Fréchet distance) of the
-bundled tiny models (tiny-sd, tiny-sdxl) and the .bfq files made from them."""
+bundled tiny models (tiny-sd, tiny-sdxl, tiny-pixart) and the .bfq files made from them."""
 
 from __future__ import annotations
 
@@ -77,9 +77,10 @@ _SHAPE_KEYS = ("in_channels", "sample_size", "cross_attention_dim", "block_out_c
 
 
 def _made_from(model: str, config: dict, tiny: dict[str, Path]) -> str:
-    """The bundled tiny model whose UNet shape ``config`` has (InputError when none)."""
+    """The bundled tiny model whose UNet (or diffusion transformer) shape ``config`` has (InputError when none)."""
     for name, directory in tiny.items():
-        ref = json.loads((directory / "unet" / "config.json").read_text())
+        component = "transformer" if (directory / "transformer" / "config.json").is_file() else "unet"
+        ref = json.loads((directory / component / "config.json").read_text())
         if all(config.get(k) == ref.get(k) for k in _SHAPE_KEYS):
             return name
     shape = ", ".join(f"{k} {config.get(k)}" for k in _SHAPE_KEYS[:4])
@@ -111,7 +112,7 @@ def _made_from(model: str, config: dict, tiny: dict[str, Path]) -> str:
 @force_option
 def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, device, quiet, runtime, compute,
              force):  # fmt: skip
-    """Score MODEL (tiny-sd, tiny-sdxl, or a .bfq made from either) by prompt alignment and Fréchet distance.
+    """Score MODEL (tiny-sd, tiny-sdxl, tiny-pixart, or a .bfq made from one) by prompt alignment and Fréchet distance.
 
     Generates 10 x N-PER-DIGIT images from fixed prompts and seeds at each CFG scale, labels
     them with the bundled digit classifier and compares their features with the real digits.

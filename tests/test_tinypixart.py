@@ -150,6 +150,21 @@ def test_bfq_eval_tiny_pixart():
     assert scores["alignment"] >= 0.8
 
 
+def test_bfq_eval_scores_a_file_made_from_tiny_pixart(tmp_path):
+    """`bfq eval FILE.bfq` finds tiny-pixart as the file's base by its transformer's shape."""
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    out = tmp_path / "t.bfq"
+    made = runner.invoke(main, ["quantize", "tiny-pixart", "--recipe", "uniform-4", "--quiet", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    result = runner.invoke(main, ["eval", str(out), "--n-per-digit", "2", "--cfg", "3", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)  # stderr may hold a note on the file's sampler
+    assert scores["settings"]["base"] == str(pipeline_dir()) and scores["alignment"] >= 0.5
+
+
 def test_bundled_artifact_matches_its_recorded_hash_quality_and_is_small():
     record = json.loads((pipeline_dir() / "TRAINING.json").read_text())
     assert record["sha256"] == content_hash(pipeline_dir())
