@@ -222,34 +222,7 @@ class PackedConv2d(PackedLayer, nn.Conv2d):
     _channel_dim = 1
 
     def _apply_weight(self, x, weight, bias):
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self._im2col_fits(x):
-            return _im2col_conv(x, weight, bias, self.stride, self.padding)
         return self._conv_forward(x, weight, bias)
-
-    def _im2col_fits(self, x) -> bool:
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return False
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        rows = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-        return rows <= _IM2COL_ROWS and not torch.compiler.is_compiling()
-
-
-# A bf16 convolution over this few output pixels (8x8 at batch 2: SD's lowest resolutions) is bound by
-# oneDNN reordering the freshly decoded weight at every call; im2col and one GEMM on the weight as it
-# is take a third to a half of that time (bench/cpu_speed_bench.py), with the same float32 accumulation.
-_IM2COL_ROWS = 128
-
-
-def _im2col_conv(x, weight, bias, stride, padding):
-    """``F.conv2d`` (no groups or dilation) as im2col + one matrix product, channels-last out."""
-    (sh, sw), (ph, pw) = stride, padding
-    kh, kw = weight.shape[-2:]
-    patches = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
-    batch, _, height, width = patches.shape[:4]
-    cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch * height * width, -1)  # rows in (C, kh, kw) order
-    weight = weight.reshape(weight.shape[0], -1).t()
-    out = torch.mm(cols, weight) if bias is None else torch.addmm(bias, cols, weight)
-    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 PACKED_TYPES = {nn.Linear: PackedLinear, nn.Conv2d: PackedConv2d}
