@@ -8,7 +8,7 @@ Measures, printing how each figure was obtained:
 * forward: one UNet forward, batch 2, at 512x512 (64x64 latents) and 256x256 (32x32): dense fp32,
   packed fp32, packed bf16 (the CPU default), and "packed bf16 before" (the same model with
   diffusers' attention processor and oneDNN's convolutions everywhere: what bf16 ran before
-  bfq.runtime.cpu_bf16), alternating in one process, `--runs` each after a warm-up; medians of wall
+  bfq.runtime.cpu_bf16), alternating in one process, `--runs` each after a warm-up at 64x64; medians of wall
   and process CPU time and their ratios to dense fp32, per torch thread count;
 * decode share: the packed bf16 decode alone (every layer, in the blocks a forward uses), timed
   between the same forwards, over the packed bf16 forward's time;
@@ -71,10 +71,11 @@ def measure_forward(path: str, threads: list[int], sizes: list[int], runs: int, 
     rows = []
     for n in threads:
         torch.set_num_threads(n)
+        small = pb.inputs(8)
+        for name in models:  # warm-up (numba, oneDNN, allocator), at 64x64 to spare the shared machine
+            pb._forward(models[name], *small[:1], t, small[1])
         for size in sizes:
             x, ehs = pb.inputs(size)
-            for name in models:  # warm-up
-                pb._forward(models[name], x, t, ehs)
             times = {name: [] for name in models}
             decode = []
             for _ in range(runs):
@@ -181,7 +182,7 @@ def main() -> None:
     results = {"file": path, "loadavg_start": _loadavg(), "runs": args.runs, "cpus": os.cpu_count()}
     print(f"load average at start: {' '.join(results['loadavg_start'])}  ({os.cpu_count()}-core machine)")
     if "forward" in only:
-        print(f"one UNet forward, batch 2, medians of {args.runs} after a warm-up (ratios: to dense fp32 in the same run):", flush=True)
+        print(f"one UNet forward, batch 2, medians of {args.runs} (ratios: to dense fp32 in the same run):", flush=True)
         results["forward"] = measure_forward(path, [int(n) for n in args.threads.split(",")],
                                              [int(s) for s in args.sizes.split(",")], args.runs, variants)  # fmt: skip
     if "memory" in only:

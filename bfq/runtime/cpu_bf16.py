@@ -8,9 +8,12 @@ runtimes still give the same bits.
   plain bf16 ``mm`` → ``softmax`` → ``mm`` takes about half that time. On several threads these
   small products scale poorly, so there, and for anything but plain attention (masks, extra
   norms), diffusers' own processor runs.
-* Convolutions over few output pixels (8x8 at batch 2: SD's lowest resolutions) are bound by
-  oneDNN reordering the weight at every call (a packed layer's weight is new at every call);
-  im2col and one GEMM on the weight as it is take a third to a half of that time.
+* Convolutions over few output pixels (8x8 at batch 2: SD's lowest resolutions), on one thread,
+  are bound by oneDNN reordering the weight at every call (a packed layer's weight is new at every
+  call); im2col and one GEMM on the weight as it is take a third to a half of that time.
+
+Both are measured on one thread only (two threads gave no usable timings on the shared machine they
+were measured on), so on more threads diffusers' and torch's own paths run.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ _IM2COL_ROWS = 128  # output pixels (batch x height x width) up to which a convo
 
 def install(model: nn.Module) -> None:
     """Give ``model``'s plain attentions the blocked processor and its convolutions the im2col path
-    (each steps aside at run time unless the input is bf16 on the CPU)."""
+    (each steps aside at run time unless the input is bf16 on the CPU and torch runs one thread)."""
     processors = getattr(model, "attn_processors", None)
     if processors and any(type(p) is AttnProcessor2_0 for p in processors.values()):
         model.set_attn_processor({name: CpuBlockedAttnProcessor() if type(p) is AttnProcessor2_0 else p
@@ -89,8 +92,9 @@ def _cpu_bf16(x: torch.Tensor) -> bool:
 
 
 def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``nn.Conv2d._conv_forward``, through :func:`im2col_conv` for a bf16 CPU input with few output pixels."""
-    if _cpu_bf16(x) and _few_pixels(self, x):
+    """``nn.Conv2d._conv_forward``, through :func:`im2col_conv` for a bf16 CPU input with few output
+    pixels on one thread."""
+    if _cpu_bf16(x) and torch.get_num_threads() == 1 and _few_pixels(self, x):
         return im2col_conv(x, weight, bias, self.stride, self.padding)
     return type(self)._conv_forward(self, x, weight, bias)
 
