@@ -16,7 +16,7 @@ Measures, printing how each figure was obtained:
 * generate: `bfq generate`'s code path (bfq.runtime.generate.generate) at 512x512 in a fresh process
   per variant, packed default vs dense fp32, with the time inside the UNet's forwards and the whole
   time; the file's scheduler cache fixes the step count (4 for packed_bench's file), and a 20-step
-  figure is extrapolated as whole + (20 - steps) x UNet time per step.
+  figure is extrapolated as whole + (UNet calls of 20 steps - calls made) x UNet time per call.
 
 The machine this ran on is shared: the load average is printed at the start and end.
 """
@@ -130,6 +130,15 @@ print(json.dumps({"whole_s": time.perf_counter() - t0, "unet_s": sum(spent), "un
 """
 
 
+def extrapolate_20_steps(row: dict, steps: int) -> None:
+    """20-step figures from a ``steps``-step run: the UNet calls a sampler adds beyond one a step
+    (PNDM: one) stay, every other call costs the measured time per call."""
+    row["unet_per_call_s"] = row["unet_s"] / row["unet_calls"]
+    calls = 20 + row["unet_calls"] - steps
+    row["unet_20_steps_s"] = calls * row["unet_per_call_s"]
+    row["whole_20_steps_s"] = row["whole_s"] + (calls - row["unet_calls"]) * row["unet_per_call_s"]
+
+
 def measure_generate(path: str, base: Path, out_dir: Path, threads: int) -> dict:
     from bfq.runtime.generate import file_sampler
 
@@ -142,9 +151,7 @@ def measure_generate(path: str, base: Path, out_dir: Path, threads: int) -> dict
         if done.returncode:
             raise RuntimeError(f"generate failed: {done.stderr[-2000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        row["unet_per_step_s"] = row["unet_s"] / steps
-        row["whole_20_steps_s"] = row["whole_s"] + (20 - steps) * row["unet_per_step_s"]
-        row["unet_20_steps_s"] = 20 * row["unet_per_step_s"]
+        extrapolate_20_steps(row, steps)
         out[label] = row
         print(f"  {label}: {steps} steps {row['whole_s']:.1f} s whole, {row['unet_s']:.1f} s in the UNet; 20 steps "
               f"(extrapolated) {row['whole_20_steps_s']:.0f} s whole, {row['unet_20_steps_s']:.0f} s UNet; load {' '.join(_loadavg())}", flush=True)  # fmt: skip
