@@ -45,18 +45,21 @@ def install(model: nn.Module) -> None:
 
 
 def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d)·v for ``[batch, heads, tokens, d]`` tensors, one head and one block of
-    query rows at a time (no mask, no dropout); the result is contiguous ``[batch, tokens, heads·d]``."""
+    """softmax(q·kᵀ/√d)·v for ``[batch, heads, tokens, d]`` tensors in blocks of about
+    ``_SCORES_PER_BLOCK`` scores: blocks of query rows of one head, or several whole heads when
+    they are small (no mask, no dropout); the result is contiguous ``[batch, tokens, heads·d]``."""
     batch, heads, tokens, dim = query.shape
-    rows = max(64, _SCORES_PER_BLOCK // key.shape[2])
-    query = query * dim**-0.5
-    out = query.new_empty(batch, tokens, heads, dim)
-    for b in range(batch):
-        for h in range(heads):
-            q, k_t, v, o = query[b, h], key[b, h].t(), value[b, h], out[b, :, h]
-            for r in range(0, tokens, rows):
-                o[r : r + rows] = torch.mm(torch.mm(q[r : r + rows], k_t).softmax(-1), v)
-    return out.view(batch, tokens, heads * dim)
+    keys = key.shape[2]
+    rows = min(tokens, max(64, _SCORES_PER_BLOCK // keys))
+    group = max(1, _SCORES_PER_BLOCK // (tokens * keys)) if rows == tokens else 1
+    q = (query * dim**-0.5).reshape(batch * heads, tokens, dim)
+    k_t, v = key.reshape(batch * heads, keys, dim).transpose(1, 2), value.reshape(batch * heads, keys, dim)
+    out = q.new_empty(batch * heads, tokens, dim)
+    for i in range(0, batch * heads, group):
+        j = i + group
+        for r in range(0, tokens, rows):
+            out[i:j, r : r + rows] = torch.bmm(torch.bmm(q[i:j, r : r + rows], k_t[i:j]).softmax(-1), v[i:j])
+    return out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
 class CpuBlockedAttnProcessor(AttnProcessor2_0):
