@@ -123,14 +123,15 @@ def test_eval_compute_bf16_is_recorded_with_the_scores(tmp_path):
 # ------------------------------------------------------ bf16 on the CPU: attention and small convs
 
 
-@pytest.mark.parametrize("keys", [64, 7])  # self-attention, cross-attention
-def test_blocked_attention_is_sdpa(monkeypatch, keys):
+# blocks of 64 query rows of one head (self-attention, cross-attention), or of 4 whole heads of 6
+@pytest.mark.parametrize("tokens, keys, scores", [(100, 64, 512), (100, 7, 512), (4, 8, 128)])
+def test_blocked_attention_is_sdpa(monkeypatch, tokens, keys, scores):
     from bfq.runtime import cpu_bf16
 
-    monkeypatch.setattr(cpu_bf16, "_SCORES_PER_BLOCK", 64 * 8)  # 8 query rows a block: several blocks
+    monkeypatch.setattr(cpu_bf16, "_SCORES_PER_BLOCK", scores)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 5, generator=gen) for n in (100, keys, keys))
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 100, 15)
+    q, k, v = (torch.randn(2, 3, n, 5, generator=gen) for n in (tokens, keys, keys))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, tokens, 15)
     out = cpu_bf16.blocked_attention(q, k, v)
     assert out.shape == ref.shape and out.is_contiguous()
     assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)

@@ -4,8 +4,9 @@ runtimes still give the same bits.
 
 * Attention, on one thread: torch's CPU flash-attention kernel runs SD's self-attention (4096
   tokens of head size 40 at 512x512) slower in bf16 than in float32, and there that attention is
-  40% of a bf16 forward. Per head, in blocks of query rows whose scores (2 MB) stay in cache,
-  plain bf16 ``mm`` → ``softmax`` → ``mm`` takes about half that time. On several threads these
+  40% of a bf16 forward. Per head, in blocks of query rows whose scores (2 MB) stay in cache
+  (several heads at once when they are that small), plain bf16 ``bmm`` → ``softmax`` → ``bmm``
+  takes about half that time. On several threads these
   small products scale poorly, so there, and for anything but plain attention (masks, extra
   norms), diffusers' own processor runs.
 * Convolutions over few output pixels (8x8 at batch 2: SD's lowest resolutions), on one thread,
