@@ -6,9 +6,8 @@ runtimes still give the same bits.
   tokens of head size 40 at 512x512) slower in bf16 than in float32, and there that attention is
   40% of a bf16 forward. Per head, in blocks of query rows whose scores (2 MB) stay in cache
   (several heads at once when they are that small), plain bf16 ``bmm`` → ``softmax`` → ``bmm``
-  takes about half that time. On several threads these
-  small products scale poorly, so there, and for anything but plain attention (masks, extra
-  norms), diffusers' own processor runs.
+  takes about half that time. For anything but plain attention (masks, extra norms) diffusers'
+  own processor runs.
 * Convolutions over few output pixels (8x8 at batch 2: SD's lowest resolutions), on one thread,
   are bound by oneDNN reordering the weight at every call (a packed layer's weight is new at every
   call); im2col and one GEMM on the weight as it is take a third to a half of that time.
