@@ -22,7 +22,6 @@ import types
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 _SCORES_PER_BLOCK = 1 << 20  # bf16 scores of one block of query rows: 2 MB
@@ -32,8 +31,12 @@ _IM2COL_ROWS = 128  # output pixels (batch x height x width) up to which a convo
 def install(model: nn.Module) -> None:
     """Give ``model``'s plain attentions the blocked processor and its convolutions the im2col path
     (each steps aside at run time unless the input is bf16 on the CPU and torch runs one thread)."""
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+    except ImportError:  # another diffusers: its own attention it is
+        AttnProcessor2_0 = None
     processors = getattr(model, "attn_processors", None)
-    if processors and any(type(p) is AttnProcessor2_0 for p in processors.values()):
+    if AttnProcessor2_0 and processors and any(type(p) is AttnProcessor2_0 for p in processors.values()):
         model.set_attn_processor({name: CpuBlockedAttnProcessor() if type(p) is AttnProcessor2_0 else p
                                   for name, p in processors.items()})  # fmt: skip
     for module in model.modules():
@@ -62,13 +65,18 @@ def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
 
 
-class CpuBlockedAttnProcessor(AttnProcessor2_0):
+class CpuBlockedAttnProcessor:
     """diffusers' ``AttnProcessor2_0`` with :func:`blocked_attention` for plain bf16 attention on one
     CPU thread (what SD-style UNets run); every other case goes to ``AttnProcessor2_0`` itself."""
 
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.default = AttnProcessor2_0()
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if args or kwargs or not _plain(attn, hidden_states, attention_mask):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
