@@ -151,6 +151,24 @@ def test_im2col_conv_is_conv2d(kernel, stride, padding, bias):
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_small_bf16_convolutions_take_im2col_and_unbatched_inputs_still_work():
+    from bfq.runtime import cpu_bf16
+
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1).to(torch.bfloat16)
+    plain = torch.nn.functional.conv2d
+    cpu_bf16.install(conv)
+    x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(2)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert cpu_bf16._few_pixels(conv, x) and not cpu_bf16._few_pixels(conv, torch.zeros(2, 6, 9, 8))
+            assert torch.allclose(conv(x).float(), plain(x, conv.weight, conv.bias, padding=1).float(), atol=0.05)
+            assert torch.equal(conv(x[0]), plain(x[0], conv.weight, conv.bias, padding=1))  # unbatched: torch's own
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bf16_cpu_unet_takes_the_fast_paths(tiny_file, monkeypatch):
     """Attention and small convolutions run bfq.runtime.cpu_bf16's paths in bf16 on one thread only
     (diffusers' and torch's own on two); the blocked attention changes the output within

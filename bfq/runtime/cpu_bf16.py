@@ -111,7 +111,8 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 def _few_pixels(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if x.dim() != 4 or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" \
+            or isinstance(conv.padding, str):  # fmt: skip
         return False
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     pixels = ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
