@@ -118,3 +118,90 @@ def test_eval_compute_bf16_is_recorded_with_the_scores(tmp_path):
     assert results["bf16"]["settings"]["compute"] == "bf16" and results["fp32"]["settings"]["compute"] == "fp32"
     assert results["bf16"]["fd"] != results["fp32"]["fd"]  # really computed in bf16 (close, not equal)
     assert abs(results["bf16"]["fd"] - results["fp32"]["fd"]) < 0.1 * results["fp32"]["fd"]
+
+
+# ------------------------------------------------------ bf16 on the CPU: attention and small convs
+
+
+# blocks of 64 query rows of one head (self-attention, cross-attention), or of 4 whole heads of 6
+@pytest.mark.parametrize("tokens, keys, scores", [(100, 64, 512), (100, 7, 512), (4, 8, 128)])
+def test_blocked_attention_is_sdpa(monkeypatch, tokens, keys, scores):
+    from bfq.runtime import cpu_bf16
+
+    monkeypatch.setattr(cpu_bf16, "_SCORES_PER_BLOCK", scores)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 5, generator=gen) for n in (tokens, keys, keys))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, tokens, 15)
+    out = cpu_bf16.blocked_attention(q, k, v)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
+    half = cpu_bf16.blocked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert half.dtype == torch.bfloat16 and float((half.float() - ref).norm() / ref.norm()) < 0.02
+
+
+@pytest.mark.parametrize("kernel, stride, padding, bias", [(3, 1, 1, True), (3, 2, 1, False), (1, 1, 0, True), (3, 1, 0, True)])
+def test_im2col_conv_is_conv2d(kernel, stride, padding, bias):
+    from bfq.runtime.cpu_bf16 import im2col_conv
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 7, 5, generator=gen).to(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 6, kernel, kernel, generator=gen), torch.randn(4, generator=gen) if bias else None
+    ref = torch.nn.functional.conv2d(x, w, b, stride=stride, padding=padding)
+    out = im2col_conv(x, w, b, (stride, stride), (padding, padding))
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_small_bf16_convolutions_take_im2col_and_unbatched_inputs_still_work():
+    from bfq.runtime import cpu_bf16
+
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1).to(torch.bfloat16)
+    plain = torch.nn.functional.conv2d
+    cpu_bf16.install(conv)
+    x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(2)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert cpu_bf16._few_pixels(conv, x) and not cpu_bf16._few_pixels(conv, torch.zeros(2, 6, 9, 8))
+            assert torch.allclose(conv(x).float(), plain(x, conv.weight, conv.bias, padding=1).float(), atol=0.05)
+            assert torch.equal(conv(x[0]), plain(x[0], conv.weight, conv.bias, padding=1))  # unbatched: torch's own
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bf16_cpu_unet_takes_the_fast_paths(tiny_file, monkeypatch):
+    """Attention and small convolutions run bfq.runtime.cpu_bf16's paths in bf16 on one thread only
+    (diffusers' and torch's own on two); the blocked attention changes the output within
+    bf16 rounding (on channels this few, im2col gives the very bits of oneDNN's convolution)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from bfq.runtime import cpu_bf16
+
+    calls = {"attention": 0, "conv": 0}
+
+    def counted(name, fn):
+        return lambda *a: calls.__setitem__(name, calls[name] + 1) or fn(*a)
+
+    monkeypatch.setattr(cpu_bf16, "blocked_attention", counted("attention", cpu_bf16.blocked_attention))
+    monkeypatch.setattr(cpu_bf16, "im2col_conv", counted("conv", cpu_bf16.im2col_conv))
+    fast, flash = (bfq.load_unet(tiny_file, dtype=torch.bfloat16) for _ in range(2))
+    assert all(type(p) is cpu_bf16.CpuBlockedAttnProcessor for p in fast.attn_processors.values())
+    flash.set_attn_processor(AttnProcessor2_0())
+    sample, ehs = tiny_inputs(fast, seq=5)
+    threads, out, seen = torch.get_num_threads(), {}, {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                out[n] = fast(sample, 37, ehs).sample, flash(sample, 37, ehs).sample
+            seen[n] = dict(calls)
+            calls.update(attention=0, conv=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[1]["attention"] == 8 and seen[2]["attention"] == 0  # 4 transformers: self and cross
+    assert seen[1]["conv"] > 0 and seen[2]["conv"] == 0
+    (a, b), (a2, b2) = out[1], out[2]
+    assert not torch.equal(a, b) and torch.equal(a2, b2) and float((a - b).norm() / b.norm()) < 0.03
+    with torch.no_grad():
+        bfq.load_unet(tiny_file)(sample.float(), 37, ehs.float())
+    assert calls == {"attention": 0, "conv": 0}  # float32: diffusers' and torch's own paths

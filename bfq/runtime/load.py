@@ -26,6 +26,7 @@ from bfq.errors import BfqFormatError, UserError
 from bfq.families import FamilyError, family_for_config
 from bfq.format import BfqFile, open_bfq
 from bfq.format.diffusers_layout import open_layout
+from bfq.runtime import cpu_bf16
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
 from bfq.format.constants import MAGIC, PREAMBLE_SIZE, VERSION
 from bfq.format.header import _PREAMBLE, _crc32, align_up, check_layout, validate_header
@@ -117,8 +118,10 @@ def _bf16_cpu_boundary(model: nn.Module) -> None:
     """A bf16 model on the CPU: takes float inputs of any dtype (cast to bf16; the output comes back
     in the input's dtype, so it drops into a float32 pipeline) and computes with channels-last
     activations, oneDNN's fast layout for bf16 convolutions (measured 0.45x vs 0.59x of the dense
-    fp32 forward of SD-v1.5 at 256x256 with contiguous activations, bench/packed_bench.py)."""
+    fp32 forward of SD-v1.5 at 256x256 with contiguous activations, bench/packed_bench.py), and
+    with the attention and small convolutions of :mod:`bfq.runtime.cpu_bf16`."""
     model.bfq_compute = "bf16"  # what bfq.tinysd.evaluate keeps instead of scoring a float32 copy
+    cpu_bf16.install(model)
     model.register_forward_pre_hook(_to_bf16, with_kwargs=True)
     model.register_forward_hook(_from_bf16, with_kwargs=True)
 
