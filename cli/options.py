@@ -27,11 +27,23 @@ runtime_option = click.option(
 )  # fmt: skip
 
 compute_option = click.option(
-    "--compute", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+    "--compute", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
     help="The quantized UNet's compute dtype: auto is bf16 on a CPU with native bf16 (AVX-512 BF16 or AMX; "
          "about half the fp32 time, same tiny-sd scores, see README), fp16 on CUDA, fp32 elsewhere. The VAE and "
-         "text encoder stay fp32 on a CPU.",
+         "text encoder stay fp32 on a CPU. int8 (never chosen by auto): 8-bit activations on the int8 codes "
+         "(W1.99A8), packed runtime on an x86 CPU with VNNI or AMX; its measured quality and speed: README.",
 )  # fmt: skip
+
+
+def check_int8_option(compute: str, runtime: str) -> None:
+    """``--compute int8`` where it cannot run is a usage error, before anything loads."""
+    if compute != "int8":
+        return
+    from bfq.runtime.int8 import cpu_int8_problem
+
+    problem = cpu_int8_problem() or (runtime == "dense" and "it needs the packed runtime (--runtime packed or auto)")
+    if problem:
+        raise click.BadParameter(f"int8: {problem}; use bf16 or fp32", param_hint="--compute")
 
 _QUANTIZE_OPTIONS = (
     click.option("-o", "--out", required=True, type=Output("bfq"), help="Output .bfq file (written atomically; missing folders are created)."),
