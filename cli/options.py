@@ -90,6 +90,10 @@ _CONFIG_OPTIONS = (
     ("--finetune-seed", "seed", dict(type=SEED, help="Seed of the training draws [default: 0].")),
     ("--tensorboard", "tensorboard", dict(is_flag=True, default=None, help="Also log to TensorBoard (if installed).")),
     ("--cpu", "cpu", dict(is_flag=True, default=None, help="Train on the CPU even if a GPU is present.")),
+    ("--act-bits", "act_bits", dict(type=click.Choice(["8"]), callback=lambda ctx, param, value: value and int(value),
+                                    help="8: train with the inputs of the quantized layers fake-quantized to 8 bits as "
+                                         "`--compute int8` runs them (per tensor, dynamic; straight-through) "
+                                         "[default: off].")),
 )
 _STEP_OPTIONS = (
     ("--stage1-steps", dict(type=Count(0), default=None, help="Stage I (distillation) optimizer steps [default: 0 for quantize, 1000 for finetune].")),
