@@ -30,10 +30,23 @@ def fits_int8(bits: int, levels: str) -> bool:
     return -128 <= lo and hi <= 127
 
 
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s elements as a 1-D view in memory order (contiguous or channels-last, as activations
+    are), else a contiguous copy: a whole-tensor reduction over a strided 4-D view is many times slower."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
 def act_qparams(x: torch.Tensor) -> tuple[float, int]:
     """``(scale, zero_point)`` of ``x``'s per-tensor uint8 quantization (the module docstring)."""
-    lo, hi = torch.aminmax(x.detach().reshape(-1))
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    lo, hi = torch.aminmax(flat(x.detach()))
+    return range_qparams(float(lo), float(hi))
+
+
+def range_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """``(scale, zero_point)`` for values in ``[lo, hi]`` (widened to include 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / 255 if hi > lo else 1.0
     return scale, int(min(max(round(-lo / scale), 0), 255))
 
