@@ -8,12 +8,13 @@ Linear, 8192 tokens (batch 2, 64x64 latents) x 640 -> 640: fp32 and bf16 ``F.lin
 torch ops (what feeding it costs); ``quantized::linear_dynamic`` (per-tensor dynamic activation
 quantization inside the kernel) on weights prepacked per channel by the fbgemm, x86 and onednn
 engines; ``onednn::qlinear_pointwise`` on uint8 activations with float output (what
-``compute="int8"`` runs) and bfq's quantization in front of it (bfq.quant.activations).
+``compute="int8"`` runs) and the quantization in front of it, in torch ops and in bfq's numba pass.
 
 3x3 convolutions at the three UNet levels of a 512x512 image (batch 2): fp32 (contiguous and
 channels-last), bf16 channels-last, ``quantized::conv2d`` (static: quantized tensors in and out,
 calibrated scale) per engine, ``onednn::qconv2d_pointwise`` on uint8 activations with float output,
-and bfq's dynamic per-call quantization of the input (aminmax + quantize).
+and the dynamic per-call quantization of the input (aminmax + quantize) in torch ops and in bfq's
+numba pass (bfq.runtime.int8.quantize_input).
 
 Prepack rows: what it would cost to prepack the int8 weights at every forward instead of once.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bfq.quant.activations import act_qparams, quantize_uint8
+from bfq.runtime.int8 import quantize_input
 
 
 def timed(fn, runs):
@@ -70,7 +72,8 @@ def linear_rows(m=8192, k=640, n=640) -> dict:
         name = str(out_dtype).split(".")[1]
         rows[f"onednn::qlinear_pointwise, uint8 in, {name} out"] = lambda o=out_dtype, bias=bias: torch.ops.onednn.qlinear_pointwise(
             xq, s, zp, w8, scales, zeros, bias, 1.0, 0, o, "none", [], "")  # fmt: skip
-    rows["  bfq's per-tensor quantization (aminmax + quantize_uint8)"] = lambda: quantize_uint8(ab, *act_qparams(ab))
+    rows["  per-tensor quantization of bf16 input, torch ops (aminmax + quantize_uint8)"] = lambda: quantize_uint8(ab, *act_qparams(ab))
+    rows["  the same, bfq's numba pass (what compute='int8' runs)"] = lambda: quantize_input(ab)
     rows["  prepack (onednn::qlinear_prepack)"] = lambda: torch.ops.onednn.qlinear_prepack(codes, None)
     return rows
 
@@ -103,7 +106,8 @@ def conv_rows(c, size, batch=2) -> dict:
         name = str(out_dtype).split(".")[1]
         rows[f"{tag} onednn::qconv2d_pointwise, uint8 in, {name} out"] = lambda o=out_dtype, bias=bias: (
             torch.ops.onednn.qconv2d_pointwise(xq, s, zp, w8, scales, zeros, bias, one, one, one, 1, 1.0, 0, o, "none", [], ""))  # fmt: skip
-    rows[f"{tag}   bfq's dynamic quantization of the bf16 input"] = lambda: quantize_uint8(xb, *act_qparams(xb))
+    rows[f"{tag}   dynamic quantization of the bf16 input, torch ops"] = lambda: quantize_uint8(xb, *act_qparams(xb))
+    rows[f"{tag}   the same, bfq's numba pass"] = lambda: quantize_input(xb)
     rows[f"{tag}   prepack (onednn::qconv_prepack)"] = lambda: torch.ops.onednn.qconv_prepack(codes, scales, 1.0, 0, one, one, one, 1, None)
     return rows
 
