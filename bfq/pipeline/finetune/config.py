@@ -148,6 +148,8 @@ class FinetuneConfig:
     def key(self) -> str:
         """Hash of the fields that change the training trajectory."""
         d = {k: v for k, v in self.to_dict().items() if k not in _FREE_FIELDS} | {"lr": self.stage_lr}
+        if d["act_bits"] is None:  # a field added later: runs without it keep their key (and resume)
+            del d["act_bits"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
