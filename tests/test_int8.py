@@ -123,6 +123,19 @@ def test_eval_compute_int8_scores_and_records_the_layers(tmp_path):
     assert result["settings"]["compute"] == "int8" and result["settings"]["int8_layers"]["int8"] > 0
 
 
+def test_the_numba_quantizer_is_the_torch_one_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 5, generator=g) * 3 + 1
+    channels_last = x.contiguous(memory_format=torch.channels_last).bfloat16()
+    for t in (x, x.bfloat16(), channels_last, x[:, :, 1:4]):  # the last one strided: the torch path
+        q, scale, zp = int8.quantize_input(t)
+        assert (scale, zp) == activations.act_qparams(t)
+        assert torch.equal(q, activations.quantize_uint8(t, scale, zp)) and q.shape == t.shape
+    assert int8.quantize_input(channels_last)[0].is_contiguous(memory_format=torch.channels_last)
+    q, scale, zp = int8.quantize_input(x, act_range=(-1.0, 1.0))  # calibrated: what falls outside is clamped
+    assert (scale, zp) == activations.range_qparams(-1.0, 1.0) and int(q.min()) == 0 and int(q.max()) == 255
+
+
 # ------------------------------------------------------------------------------ fine-tuning
 
 
@@ -183,6 +196,7 @@ def test_fake_quantization_is_active_during_training_only(monkeypatch):
     assert any(f"inputs of {len(eligible)} layers" in str(n) for n in notes), notes
     assert all(m.act_bits is None for _, m in iter_quantized(student))  # off again after training
     calls.clear()
+    sample, ehs = tiny_inputs(student, seq=5)
     with torch.no_grad():
-        student(*tiny_inputs(student, seq=5)[:1], 10, tiny_inputs(student, seq=5)[1])
+        student(sample, 10, ehs)
     assert not calls
