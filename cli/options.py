@@ -31,7 +31,9 @@ compute_option = click.option(
     help="The quantized UNet's compute dtype: auto is bf16 on a CPU with native bf16 (AVX-512 BF16 or AMX; "
          "about half the fp32 time, same tiny-sd scores, see README), fp16 on CUDA, fp32 elsewhere. The VAE and "
          "text encoder stay fp32 on a CPU. int8 (never chosen by auto): 8-bit activations on the int8 codes "
-         "(W1.99A8), packed runtime on an x86 CPU with VNNI or AMX; its measured quality and speed: README.",
+         "(W1.99A8), packed runtime on an x86 CPU with VNNI or AMX: tiny-sd scores unchanged (alignment equal, FD "
+         "within 0.7%, 3 seeds), SD-v1.5 forward 0.30x / 0.375x the dense fp32 time at 256 / 512 px (bf16 0.57x / "
+         "0.58x), but the int8 weights stay in memory (1.05 GB for SD-v1.5, packed bf16 0.21 GB); see README.",
 )  # fmt: skip
 
 
