@@ -11,7 +11,8 @@ Measures, printing how each figure was obtained:
   dense fp32, dense fp16;
 * speed: one UNet forward, batch 2 (classifier-free guidance), at 512x512 (64x64 latents) and
   256x256 (32x32), each `--variants` entry (runtime and compute dtype: dense fp32, packed fp32,
-  packed bf16, dense bf16; bf16 on the CPU runs channels-last, see bfq.runtime.load) alternating in
+  packed bf16, dense bf16, packed int8 = `compute="int8"`; bf16 on the CPU runs channels-last, see
+  bfq.runtime.load) alternating in
   one process, `--runs` each, medians of wall time (and of process CPU time, steadier on a shared
   machine) and ratios to dense fp32, per torch thread count;
 * decode: the packed runtime's decode alone, every layer in the blocks a forward uses, into the
@@ -120,7 +121,7 @@ def _forward(unet, x, t, ehs) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-VARIANTS = ("dense fp32", "packed fp32", "packed bf16", "dense bf16")
+VARIANTS = ("dense fp32", "packed fp32", "packed bf16", "dense bf16", "packed int8")
 
 
 def _variant(path: str, name: str, workspace_mb: int):
@@ -131,6 +132,9 @@ def _variant(path: str, name: str, workspace_mb: int):
     import bfq
 
     runtime, dtype = name.split()
+    if dtype == "int8":  # 8-bit activations on the int8 codes, the rest in bf16 where native (bfq.runtime.int8)
+        unet = bfq.load_unet(path, runtime=runtime, compute="int8", workspace_bytes=workspace_mb << 20)
+        return unet, unet.dtype
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     return bfq.load_unet(path, runtime=runtime, dtype=dtype, workspace_bytes=workspace_mb << 20), dtype
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import click
-from bfq_cli.options import runtime_option
+from bfq_cli.options import check_int8_option, runtime_option
 from bfq_cli.params import SEED, Count, Device, Finite, Threads
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
@@ -65,11 +65,9 @@ def _resolve(model: str, steps: int | None, runtime: str, compute: str = "fp32")
         scheduler = sampler.scheduler
         note = (f"sampling with the file's {type(scheduler).__name__} at {steps} steps, the only timesteps its time cache "
                 "holds; the scores compare with other files made for this sampler, not with DDIM ones")  # fmt: skip
-    import torch
-
     import bfq
 
-    unet = bfq.load_unet(model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[compute], runtime=runtime)
+    unet = bfq.load_unet(model, compute=compute, runtime=runtime)
     return unet, base, scheduler, steps, note
 
 
@@ -106,9 +104,10 @@ def _made_from(model: str, config: dict, tiny: dict[str, Path]) -> str:
 @click.option("--device", type=Device(), default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @runtime_option
-@click.option("--compute", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="The quantized UNet's compute dtype; bf16 on the cpu device only (fp32 keeps the scores comparable "
-                   "with every earlier evaluation).")
+@click.option("--compute", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="The quantized UNet's compute dtype; bf16 and int8 (8-bit activations on the int8 codes, see "
+                   "`bfq generate --help`) on the cpu device only (fp32 keeps the scores comparable with every earlier "
+                   "evaluation).")
 @force_option
 def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, seed, threads, device, quiet, runtime, compute,
              force):  # fmt: skip
@@ -119,7 +118,8 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
     """
     check_outputs(click.get_current_context(), {"MODEL": model_paths(model)})
     if compute != "fp32" and (device != "cpu" or not model.endswith(".bfq")):
-        raise click.BadParameter("bf16 applies to a .bfq file on the cpu device only", param_hint="--compute")
+        raise click.BadParameter(f"{compute} applies to a .bfq file on the cpu device only", param_hint="--compute")
+    check_int8_option(compute, runtime)
     from bfq.tinysd.evaluate import evaluate, format_report
 
     unet, base, scheduler, steps, note = _resolve(model, steps, runtime, compute)
@@ -141,6 +141,8 @@ def eval_cmd(model, as_json, grid, n_per_digit, steps, cfg_scales, default_cfg, 
     )
     result["model"] = model
     result["settings"]["compute"] = compute
+    if compute == "int8":
+        result["settings"]["int8_layers"] = unet.bfq_int8_layers
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

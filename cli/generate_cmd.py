@@ -6,7 +6,7 @@ import os
 import secrets
 
 import click
-from bfq_cli.options import compute_option, refuse_unused, runtime_option
+from bfq_cli.options import check_int8_option, compute_option, refuse_unused, runtime_option
 from bfq_cli.params import TORCH_SEED, Count, Device, Finite, ImageSide
 from bfq_cli.paths import Output, check_outputs, force_option, model_paths
 
@@ -54,6 +54,9 @@ def generate_cmd(model, prompts, negative_prompt, base, out, num_images, width, 
         ("compute", not quantized, "applies to a .bfq file only (MODEL is a float model)"),
         ("revision", os.path.exists(model), "applies to a Hub repo id only (MODEL is a local path)"),
     ])  # fmt: skip
+    check_int8_option(compute, runtime)
+    if compute == "int8" and device not in (None, "cpu"):
+        raise click.BadParameter("int8 runs on the cpu device only", param_hint="--compute")
     check_outputs(ctx, {"MODEL": model_paths(model), "--base": base})
     from bfq.runtime.generate import generate, peak_memory
 

@@ -18,6 +18,10 @@ scale ``1 / sqrt(N·Q_P)`` (N = weights per output channel, Q_P = the top code) 
 is normalised away. Pass ``grad_scale="lsq"`` or a float to turn it on.
 
 Under ``unet.to(dtype)`` the scale parameter is cast like any other parameter; train in float32.
+
+With ``act_bits = 8`` (:func:`set_act_bits`, fine-tuning's ``--act-bits 8``) a layer whose codes fit
+int8 also fake-quantizes its input exactly as ``compute="int8"`` quantizes it at inference
+(:mod:`bfq.quant.activations`: per tensor, dynamic, uint8; straight-through gradient).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bfq.errors import RecipeError
+from bfq.quant.activations import ACT_BITS, fake_quantize, fits_int8
 from bfq.quant.quantizer import (
     check_bits,
     code_range,
@@ -82,6 +87,10 @@ class _QuantMixin:
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    act_bits: int | None = None  # 8: fake-quantize the input (set_act_bits)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x) if self.act_bits is not None and takes_int8_activations(self) else x
 
     def _setup(self, bits: int, levels: str, scale_dtype: str, grad_scale: str | float | None) -> None:
         check_bits(bits, levels)
@@ -167,7 +176,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.fake_weight(), self.bias)
+        return F.linear(self._input(input), self.fake_weight(), self.bias)
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -183,10 +192,30 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         )  # fmt: skip
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.fake_weight(), self.bias)
+        return self._conv_forward(self._input(input), self.fake_weight(), self.bias)
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d)
+
+
+def takes_int8_activations(module: nn.Module) -> bool:
+    """Whether the int8 runtime (bfq.runtime.int8) runs this quantized layer on int8 activations:
+    codes that fit int8 and, for a convolution, zero padding given as numbers."""
+    if not fits_int8(module.bits, module.levels):
+        return False
+    return isinstance(module, nn.Linear) or (module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+def set_act_bits(unet: nn.Module, act_bits: int | None) -> int:
+    """Fake-quantize the inputs of ``unet``'s quantized layers to ``act_bits`` (8) bits, as the int8
+    runtime does, or stop (None); returns how many layers do."""
+    if act_bits is not None and act_bits not in ACT_BITS:
+        raise ValueError(f"act_bits must be one of {ACT_BITS} or None, got {act_bits!r}")
+    count = 0
+    for _, module in iter_quantized(unet):
+        module.act_bits = act_bits
+        count += act_bits is not None and takes_int8_activations(module)
+    return count
 
 
 def _summarize(names: list[str], limit: int = 5) -> str:

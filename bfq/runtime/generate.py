@@ -213,18 +213,20 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
     inspect`` shows it). ``runtime`` is :func:`bfq.load_unet`'s ("auto": packed on the CPU, dense on
     accelerators); ``dtype`` (the pipeline's) defaults to float16 on CUDA, else float32. ``compute``
     is the quantized UNet's dtype when ``dtype`` is not given (:func:`bfq.runtime.load.compute_dtype`;
-    "auto": bf16 on a CPU with native bf16, behind the float32 pipeline). ``unet`` (with ``sampler``
+    "auto": bf16 on a CPU with native bf16, behind the float32 pipeline; "int8": 8-bit activations on
+    the int8 codes, :func:`bfq.load_unet`). ``unet`` (with ``sampler``
     from :func:`float_sampler`) uses that UNet instead of a file's."""
     import bfq
 
     sampler = sampler or file_sampler(model, revision)
     family = family_for_config(sampler.config, sampler.class_name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() and compute != "int8" else "cpu")
     unet_dtype = dtype or compute_dtype(compute, device)
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     base = base or base_pipeline_for(sampler.source, sampler.path)
     if unet is None:
-        unet = bfq.load_unet(sampler.path, device=device, dtype=unet_dtype, runtime=runtime)
+        int8 = dict(compute="int8") if compute == "int8" and dtype is None else dict(dtype=unet_dtype)
+        unet = bfq.load_unet(sampler.path, device=device, runtime=runtime, **int8)
     with quiet_libraries():
         import diffusers
 

@@ -26,7 +26,7 @@ from bfq.errors import BfqFormatError, UserError
 from bfq.families import FamilyError, family_for_config
 from bfq.format import BfqFile, open_bfq
 from bfq.format.diffusers_layout import open_layout
-from bfq.runtime import cpu_bf16
+from bfq.runtime import cpu_bf16, int8
 from bfq.runtime.memory import DEFAULT_WORKSPACE_BYTES
 from bfq.format.constants import MAGIC, PREAMBLE_SIZE, VERSION
 from bfq.format.header import _PREAMBLE, _crc32, align_up, check_layout, validate_header
@@ -54,6 +54,7 @@ def load_unet(
     revision: str | None = None,
     mmap: bool = False,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    compute: str | None = None,
 ) -> nn.Module:
     """Build the diffusers model stored in a .bfq file.
 
@@ -74,6 +75,10 @@ def load_unet(
             reading them into memory (pages are loaded on first use and can be evicted by the OS).
         workspace_bytes: packed runtime only: the largest block of decoded weights; bigger layers are
             computed in blocks of output channels.
+        compute: instead of ``dtype``, a ``--compute`` name (:func:`compute_dtype`), or "int8": 8-bit
+            activations on the int8 codes (W1.99A8, :mod:`bfq.runtime.int8`; packed runtime, x86 CPUs
+            with VNNI or AMX only; the rest of the model in bf16 where the CPU has native bf16, else fp32).
+            An option with a measured quality cost (README), never chosen by "auto".
 
     Raises:
         BfqFormatError: the file is not a valid .bfq, or does not fit the model its config builds.
@@ -81,6 +86,12 @@ def load_unet(
     """
     device = check_device(device)
     runtime = resolve_runtime(runtime, device)
+    if compute is not None:
+        if dtype is not None:
+            raise ValueError("give dtype or compute, not both")
+        dtype = compute_dtype(compute, device)
+        if compute == "int8":
+            check_int8(device, runtime)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype not in _DECODE_AS:
         raise ValueError(f"dtype must be one of {list(_DECODE_AS)}, got {dtype}")
@@ -93,6 +104,9 @@ def load_unet(
     model = model.to(device).eval()
     if device.type == "cpu" and dtype == torch.bfloat16:
         _bf16_cpu_boundary(model)
+    if compute == "int8":
+        model.bfq_int8_layers = int8.convert(model)  # {"int8": n, "float": m}
+        model.bfq_compute = "int8"
     return model
 
 
@@ -101,6 +115,17 @@ def load_transformer(source: str | os.PathLike, **kwargs) -> nn.Module:
     class the file's header names (``PixArtTransformer2DModel`` for a PixArt file), with the same
     arguments (``runtime``, ``device``, ``dtype``, ...)."""
     return load_unet(source, **kwargs)
+
+
+def check_int8(device: torch.device, runtime: str) -> None:
+    """A ValueError saying why ``compute="int8"`` cannot run with this device and runtime, if it cannot."""
+    problem = int8.cpu_int8_problem()
+    if torch.device(device).type != "cpu":
+        problem = f"it runs on the cpu device only, not {device}"
+    elif runtime != "packed":
+        problem = "it needs the packed runtime (it builds its int8 weights from the file's codes)"
+    if problem:
+        raise ValueError(f"compute int8: {problem}; use --compute bf16 or fp32")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -204,10 +229,13 @@ def save_layout(model: nn.Module, save_directory: str | os.PathLike, **_ignored)
 def compute_dtype(compute: str, device: str | torch.device) -> torch.dtype:
     """The UNet's compute dtype for a ``--compute`` name: fp32, bf16, fp16, or "auto": float16 on
     CUDA, bfloat16 on a CPU with native bf16 (:func:`cpu_has_native_bf16`: about half the fp32
-    forward time of SD-v1.5, same scores on tiny-sd), float32 elsewhere."""
+    forward time of SD-v1.5, same scores on tiny-sd), float32 elsewhere. For "int8", the dtype of
+    the layers that stay float: bf16 where native, else fp32."""
+    if compute == "int8":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if compute != "auto":
         if compute not in COMPUTES:
-            raise ValueError(f"compute must be auto or one of {', '.join(COMPUTES)}, got {compute!r}")
+            raise ValueError(f"compute must be auto, int8 or one of {', '.join(COMPUTES)}, got {compute!r}")
         return COMPUTES[compute]
     device = torch.device(device)
     if device.type == "cuda":

@@ -58,6 +58,8 @@ class FinetuneConfig:
         tensorboard: also log to TensorBoard (``run_dir/tensorboard``) when it is installed.
         progress: show a progress bar with loss and throughput.
         cpu: run on the CPU even when an accelerator is present.
+        act_bits: 8: fake-quantize the inputs of the quantized layers whose codes fit int8, as
+            ``compute="int8"`` quantizes them at inference (straight-through); None: off.
     """
 
     stage: str = "distill"
@@ -90,6 +92,7 @@ class FinetuneConfig:
     tensorboard: bool = False
     progress: bool = True
     cpu: bool = False
+    act_bits: int | None = None
 
     def __post_init__(self):
         if isinstance(self.adam_betas, (list, tuple)):
@@ -118,6 +121,7 @@ class FinetuneConfig:
             (min(self.checkpoint_every, self.log_every, self.eval_every) >= 0, "*_every must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.sample_steps >= 1, "sample_steps must be >= 1"),
+            (self.act_bits in (None, 8), "act_bits must be 8 (the int8 runtime's activations) or null"),
         ]
         for ok, message in checks:
             if not ok:
@@ -144,6 +148,8 @@ class FinetuneConfig:
     def key(self) -> str:
         """Hash of the fields that change the training trajectory."""
         d = {k: v for k, v in self.to_dict().items() if k not in _FREE_FIELDS} | {"lr": self.stage_lr}
+        if d["act_bits"] is None:  # a field added later: runs without it keep their key (and resume)
+            del d["act_bits"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

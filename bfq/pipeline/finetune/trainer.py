@@ -47,6 +47,7 @@ from bfq.pipeline.finetune.checkpoint import Checkpoints
 from bfq.pipeline.finetune.config import FinetuneConfig
 from bfq.pipeline.finetune.log import RunLog
 from bfq.pipeline.finetune.losses import StageLoss, trainable_parameters
+from bfq.quant.nn import set_act_bits
 
 
 @dataclass
@@ -146,6 +147,9 @@ class _Trainer:
         student.to(acc.device)
         if self.teacher is not None:
             self.teacher.to(acc.device).eval().requires_grad_(False)
+        self.act_layers = set_act_bits(student, cfg.act_bits)  # fake-quantized activations (None: off)
+        if cfg.act_bits:
+            self.log_fn(f"activations: {cfg.act_bits}-bit fake quantization at the inputs of {self.act_layers} layers")
         self.had_gc = bool(getattr(student, "is_gradient_checkpointing", False))
         if cfg.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
             student.enable_gradient_checkpointing()
@@ -242,6 +246,7 @@ class _Trainer:
         if self.model is not None:
             self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper
         student = self.student
+        set_act_bits(student, None)
         if self.cfg.gradient_checkpointing and not self.had_gc and hasattr(student, "disable_gradient_checkpointing"):
             student.disable_gradient_checkpointing()
         for n, p in student.named_parameters():
