@@ -46,6 +46,8 @@ class PixArt(Family):
     pipeline_kwargs = {}
     hub_tag = "pixart"
     component = "transformer"
+    added_cond_keys = ("resolution", "aspect_ratio")
+    prompt_cond_keys = ("encoder_attention_mask",)
 
     def matches(self, class_name: str, config: dict) -> bool:
         return class_name == "PixArtTransformer2DModel" and isinstance(config, dict)
@@ -60,6 +62,29 @@ class PixArt(Family):
         if mode == "scheduler" and self.per_resnet_time_cache(config):
             return name.startswith("adaln_single.")
         return name.startswith("adaln_single.emb.timestep_embedder.")
+
+    def required_cond_keys(self, config: dict) -> tuple[str, ...]:
+        return self.added_cond_keys if uses_size_conditions(config) else ()
+
+    def text_width(self, config: dict) -> int:
+        return int(config.get("caption_channels") or config["cross_attention_dim"])
+
+    def is_time_layer(self, name: str) -> bool:
+        """``adaln_single`` and everything in it (the timestep MLP, the size embedders, the 6 x width projection)."""
+        return name == "adaln_single" or name.startswith("adaln_single.")
+
+    def first_last_layers(self, config: dict) -> tuple[str, ...]:
+        """The patch embedding (a convolution over the latent) and the final projection to the patches."""
+        return ("pos_embed.proj.weight", "proj_out.weight")
+
+    def feature_modules(self, model) -> list:
+        """Every transformer block (a DiT has no down/up blocks: its blocks' outputs are the features)."""
+        return list(model.transformer_blocks)
+
+    def pipeline_call_kwargs(self, config: dict) -> dict:
+        """No resolution binning for a model whose ``sample_size`` the pipeline has no size bins for
+        (its bins exist for 256-2048 pixel models only; a tiny model would be refused)."""
+        return {} if int(config.get("sample_size", 0)) in RESOLUTION_BINS else {"use_resolution_binning": False}
 
     def config(self) -> dict:
         """The public PixArt-Σ 512 ``transformer/config.json`` (about 0.6 B parameters)."""
@@ -130,27 +155,31 @@ class PixArt(Family):
 
     def forward(self, model, sample, timestep, cond: dict):
         """The noise prediction (the first ``in_channels`` channels when the model also predicts a variance)."""
-        out = model(sample, timestep=timestep, return_dict=False, **cond)[0]
+        import torch
+
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(sample.shape[0]) if t.dim() == 0 else t  # the pipeline's t.expand(batch)
+        out = model(sample, timestep=t, return_dict=False, **cond)[0]
         channels = sample.shape[1]
         return out[:, :channels] if out.shape[1] == 2 * channels else out
 
     def encode_prompts(self, base_dir, texts: list[str], config: dict, device=None) -> dict:
         """The T5 features of ``texts`` as the PixArt pipeline in ``base_dir`` computes them (its own
-        ``encode_prompt``, its default sequence length), and the size conditions of its default image size.
-
-        The pipeline's attention mask is not returned: the features of padding tokens are what the
-        model was trained with."""
+        ``encode_prompt``, its default sequence length), their attention mask (``encoder_attention_mask``
+        [B, S], which the pipeline passes to the transformer's cross-attention) and the size conditions
+        of its default image size."""
         import torch
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(base_dir, transformer=None, vae=None, local_files_only=True)
         with torch.no_grad():
-            ehs = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device, clean_caption=False)[0]
+            ehs, mask = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device, clean_caption=False)[:2]
         pixels = int(config["sample_size"]) * VAE_SCALE
-        return {"encoder_hidden_states": ehs.float(),
+        return {"encoder_hidden_states": ehs.float(), "encoder_attention_mask": mask,
                 "added_cond_kwargs": size_conditions(config, len(texts), pixels, pixels, torch.float32, device)}  # fmt: skip
 
 
+RESOLUTION_BINS = (32, 64, 128, 256)  # sample sizes PixArt pipelines have aspect-ratio bins for
 VAE_SCALE = 8  # pixels per latent cell of PixArt's VAE (size conditions are in pixels)
 
 

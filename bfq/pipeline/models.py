@@ -14,7 +14,8 @@ Accepted inputs of :func:`resolve_model` (the built-in names come from the model
   diffusers user passes: a pipeline repo (``model_index.json`` + ``unet/``), a UNet repo
   (``config.json`` + weights at the top), either with ``subfolder=`` naming the UNet's folder, at
   any ``revision``; only the files needed are downloaded (the UNet, the scheduler);
-* a local diffusers pipeline directory (``model_index.json`` + ``unet/``);
+* a local diffusers pipeline directory (``model_index.json`` + ``unet/``, or ``transformer/`` for a
+  PixArt pipeline);
 * a bare UNet directory (``config.json`` + weights), or a folder holding one (``subfolder=``);
 * a single-file checkpoint: ``.safetensors`` (original-SD layout through diffusers'
   ``from_single_file``, or a diffusers-layout SD-v1.5 or SDXL state dict). Pickle-based files (``.ckpt``,
@@ -39,7 +40,7 @@ import torch
 
 from bfq._io import sha256_file
 from bfq.errors import InputError
-from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, sd15, sdxl
+from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, model_folder, sd15, sdxl
 from bfq.families.lazy import full_unet, lazy_unet, random_source
 from bfq.families.build import _empty_unet, build_meta_unet, build_random_unet, n_params  # noqa: F401 (public names)
 from bfq.families.sd15 import SD15_N_LINEAR_CONV_WEIGHTS, SD15_N_PARAMS, SD15_REPO  # noqa: F401 (public names)
@@ -207,7 +208,7 @@ def _load_scheduler(pipe_dir: Path):
 
 
 def _resolve_pipeline(pipe_dir: Path, allow_pickle: bool):
-    unet, files = _load_unet_dir(pipe_dir / "unet", allow_pickle)
+    unet, files = _load_unet_dir(pipe_dir / (model_folder(pipe_dir) or "unet"), allow_pickle)
     return unet, _load_scheduler(pipe_dir), files
 
 
@@ -363,7 +364,7 @@ def resolve_model(
     if subfolder and path.is_dir():
         return _resolve_local_subfolder(path, subfolder, allow_pickle, name)
     if path.is_dir():
-        if (path / "model_index.json").is_file() and (path / "unet").is_dir():
+        if (path / "model_index.json").is_file() and model_folder(path) is not None:
             unet, scheduler, files = _resolve_pipeline(path, allow_pickle)
             source = {"kind": "file", "name": path.name, "sha256": _sha256_files(files)}
             return ResolvedModel(unet, scheduler, source, base_dir=path, name=name)
@@ -372,7 +373,8 @@ def resolve_model(
             source = {"kind": "file", "name": path.name, "sha256": _sha256_files(files)}
             return ResolvedModel(unet, None, source, name=name)
         raise ModelError(
-            f"{path} is neither a diffusers pipeline (model_index.json + unet/) nor a UNet directory (config.json)"
+            f"{path} is neither a diffusers pipeline (model_index.json + unet/ or transformer/) nor a model directory "
+            "(config.json)"
         )
     if path.is_file():
         if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):

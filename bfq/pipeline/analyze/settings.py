@@ -16,7 +16,6 @@ LOCAL_RESOLUTION = 16  # latent side of local mode's recording forward (at most 
 LOCAL_PROBES = 4  # random-projection backwards per target (guided prediction, guidance direction)
 LOCAL_MAX_ROWS = 256  # input rows (Linear) or feature-map positions (Conv2d) recorded per layer and CFG half
 DEFAULT_BITS = (1, 2, 3)
-FIXED_LAYERS = ("conv_in.weight", "conv_out.weight")
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     set_alpha_to_one=False, steps_offset=1, clip_sample=False)  # fmt: skip
 RANDOM_SEQ_LEN = 16  # token count of the random embeddings of a bare UNet
