@@ -140,6 +140,11 @@ class Family:
         rest = {k: v for k, v in flat.items() if k not in self.added_cond_keys}
         return {**rest, **({"added_cond_kwargs": added} if added else {})}
 
+    def drop_padding(self, *flats: dict) -> tuple[dict, ...]:
+        """Flat conditioning dicts (:meth:`flat_conditioning`) without the text positions that are
+        masked out in all of them (the same model outputs, less compute); unchanged without a mask."""
+        return flats
+
     def required_cond_keys(self, config: dict) -> tuple[str, ...]:
         """Flat conditioning keys besides the text that every forward of a model with ``config`` needs."""
         return self.added_cond_keys
@@ -162,6 +167,14 @@ class Family:
     def feature_modules(self, model) -> list:
         """The modules whose outputs Stage I's feature distillation matches (every down and up block)."""
         return list(getattr(model, "down_blocks", [])) + list(getattr(model, "up_blocks", []))
+
+    def pipeline_from(self, base, model, **kwargs):
+        """The family's diffusers pipeline from the pipeline folder or Hub repo ``base`` with ``model``
+        as its :attr:`component` (``unet=``); ``kwargs`` go to ``from_pretrained``."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class).from_pretrained(
+            base, **{self.component: model}, **self.pipeline_kwargs, **kwargs)  # fmt: skip
 
     def pipeline_call_kwargs(self, config: dict) -> dict:
         """Extra arguments for a call of ``pipeline_class`` around a model with ``config``."""

@@ -106,8 +106,9 @@ class _Context:
             cond = family.conditioning(config, s["n_prompts"], seq_len=RANDOM_SEQ_LEN, generator=g)
             uncond = family.conditioning(config, 1, seq_len=RANDOM_SEQ_LEN, generator=g)
             return family.flat_conditioning(cond), family.flat_conditioning(uncond)
-        cond, uncond = (family.flat_conditioning(family.encode_prompts(self.base_dir, texts, config, self.device))
-                        for texts in (list(s["prompts"]), [""]))  # fmt: skip
+        cond, uncond = family.drop_padding(*(family.flat_conditioning(family.encode_prompts(self.base_dir, texts, config,
+                                                                                           self.device))
+                                             for texts in (list(s["prompts"]), [""])))  # fmt: skip
         width = cond["encoder_hidden_states"].shape[-1]
         if width != dim:
             raise SensitivityError(f"text encoder width {width} != the width of text features the model takes, {dim}")

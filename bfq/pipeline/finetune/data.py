@@ -309,11 +309,11 @@ def _family_encodes(family) -> bool:
 
 def _family_encoded(family, base, texts: list[str], config: dict, device=None):
     """``(text features [N, S, D], empty prompt's [S, D], other tensors)`` of ``texts`` encoded by
-    ``family`` with the pipeline in ``base``: the other tensors flat, one row per text (SDXL:
+    ``family`` with the pipeline in ``base`` (padding no text attends to dropped): the other tensors flat, one row per text (SDXL:
     ``text_embeds``, ``time_ids``; PixArt: ``encoder_attention_mask``), and for those that depend on
     the prompt the empty prompt's as ``uncond_<key>`` (CPU, float32 except masks)."""
-    cond = family.flat_conditioning(family.encode_prompts(base, texts, config, device))
-    uncond = family.flat_conditioning(family.encode_prompts(base, [""], config, device))
+    cond, uncond = family.drop_padding(family.flat_conditioning(family.encode_prompts(base, texts, config, device)),
+                                       family.flat_conditioning(family.encode_prompts(base, [""], config, device)))
     table, empty = cond.pop("encoder_hidden_states").cpu(), uncond.pop("encoder_hidden_states")[0].cpu()
     added = {k: v.cpu() for k, v in cond.items()}
     added.update({f"uncond_{k}": uncond[k][0].cpu() for k in family.prompt_cond_keys if k in uncond})
