@@ -63,6 +63,7 @@ class Family:
     added_cond_keys: tuple[str, ...] = ()
     prompt_cond_keys: tuple[str, ...] = ()
     component: str = "unet"
+    model_noun: str = "UNet"  # what messages and model cards call the model
     random_per_layer: bool = False
 
     # ---- recognizing a model

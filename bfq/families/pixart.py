@@ -46,6 +46,7 @@ class PixArt(Family):
     pipeline_kwargs = {}
     hub_tag = "pixart"
     component = "transformer"
+    model_noun = "diffusion transformer"
     added_cond_keys = ("resolution", "aspect_ratio")
     prompt_cond_keys = ("encoder_attention_mask",)
 
