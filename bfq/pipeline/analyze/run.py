@@ -45,11 +45,10 @@ The result is a versioned JSON object (``spec/sensitivity.schema.json``)::
      "layers": {"<weight name>": {"n_weights": N, "errors": {"1": {"mse": ...}, ...}}
                 | {"n_weights": N, "fixed_bits": 8}}}
 
-``layers`` lists every layer a recipe needs (model order); the first and last layers (a UNet's
-conv_in/conv_out, a DiT's patch embedding and final projection: the family says which) are fixed
-at 8 bits and not analysed. With ``out=PATH`` the file is rewritten atomically (temporary file +
-``os.replace``) after every (layer, bits) entry, so a killed run loses at most the entry in
-progress; rerunning with the same ``out`` and settings skips what is done. A file made for another
+``layers`` lists every layer a recipe needs (model order); the first and last layers (conv_in/conv_out;
+a DiT's patch embedding and proj_out) are fixed at 8 bits, not analysed. With ``out=PATH`` the file
+is rewritten atomically (temporary file + ``os.replace``) after every (layer, bits) entry, so a
+killed run loses at most the entry in progress; rerunning with the same ``out`` and settings skips what is done. A file made for another
 model or other settings is refused, never mixed. Given the seed, results are deterministic on one
 machine (for a fixed thread count); the device and batch size are recorded but do not enter the
 settings (they change only rounding).
