@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_unet": "bfq.runtime.load",
+    "load_transformer": "bfq.runtime.load",
     "load_pipeline": "bfq.runtime.generate",
     "BfqConfig": "bfq.diffusers",
 }

@@ -386,9 +386,10 @@ def _unet_layout(repo: str, listing: list[str], subfolder: str | None) -> tuple[
         return unet_dir, (parent if f"{parent}/model_index.json".lstrip("/") in files else None)
     if "config.json" in files:
         return "", None
-    if "unet/config.json" in files:  # a pipeline repo, or only its unet/ folder
-        return "unet", ("" if "model_index.json" in files else None)
-    raise InputError(f"{repo!r} is neither a diffusers pipeline (model_index.json + unet/) nor a UNet (config.json "
+    for component in ("unet", "transformer"):  # a pipeline repo, or only its model's folder (DiT: transformer/)
+        if f"{component}/config.json" in files:
+            return component, ("" if "model_index.json" in files else None)
+    raise InputError(f"{repo!r} is neither a diffusers pipeline (model_index.json + unet/ or transformer/) nor a UNet (config.json "
                      "at its top); if the UNet is in a folder of the repo, name it with --subfolder")  # fmt: skip
 
 

@@ -515,6 +515,39 @@ def main(argv=None) -> int:
     header_case("model_source_builtin_name_empty.bfq", W,
                 lambda h: h["model"].update(source={"kind": "builtin", "name": ""}), "header.model.source.name",
                 "FORMAT.md 2 (v1.2): a builtin source with an empty name")
+    # §2.3.2: the DiT kind (PixArtTransformer2DModel) and its adaLN-single cache
+    PX, PE = load("pixart_scheduler.bfq"), load("pixart_embedding.bfq")
+    feats = lambda h: h[TC]["features"]  # noqa: E731
+    header_case("pixart_scheduler_keeps_adaln_linear.bfq", PX,
+                lambda h: h["layers"][0].update(name="adaln_single.linear.weight"), "layers[0].name",
+                "FORMAT.md 2.3.2: a PixArt file holding adaln_single.linear.weight beside the features cache that replaces it")
+    header_case("pixart_scheduler_keeps_timestep_embedder.bfq", PX,
+                lambda h: h["tensors"][0].update(name="adaln_single.emb.timestep_embedder.linear_1.bias"), "tensors[0].name",
+                "FORMAT.md 2.3.2: a PixArt features cache replaces all of adaln_single, its timestep MLP included")
+    header_case("pixart_embedding_keeps_timestep_embedder.bfq", PE,
+                lambda h: h["layers"][0].update(name="adaln_single.emb.timestep_embedder.linear_2.weight"),
+                "layers[0].name", "FORMAT.md 2.3.2: a PixArt embedding cache beside the timestep MLP it replaces")
+    header_case("pixart_features_with_size_conditions.bfq", PX,
+                lambda h: h["model"]["config"].update(use_additional_conditions=True), "embeds the image size",
+                "FORMAT.md 2.3.2: adaln_single features on a model with size conditions (use_additional_conditions true)")
+    header_case("pixart_features_with_default_size_conditions.bfq", PX,
+                lambda h: (h["model"]["config"].pop("use_additional_conditions"), h["model"]["config"].update(sample_size=128)),
+                "embeds the image size", "FORMAT.md 2.3.2: adaln_single features on a model with size conditions "
+                "(use_additional_conditions absent and sample_size 128)")
+    header_case("pixart_use_additional_conditions_string.bfq", PX,
+                lambda h: h["model"]["config"].update(use_additional_conditions="false"),
+                "model.config.use_additional_conditions", "FORMAT.md 2.3.2: use_additional_conditions neither true, "
+                "false nor null beside a time cache")
+    header_case("pixart_features_key_unknown.bfq", PX,
+                lambda h: feats(h).update({"adaln_single.norm": feats(h).pop("adaln_single.emb")}), "time_cache.features",
+                "FORMAT.md 2.3.2: features keys other than exactly adaln_single.linear and adaln_single.emb "
+                "(adaln_single.emb missing, an unknown key)")
+    header_case("pixart_features_width_wrong.bfq", PX,  # the same 24 bytes: f32 [3, 2] read as f16 [3, 4]
+                lambda h: feats(h)["adaln_single.emb"].update(dtype="f16", shape=[3, 4]),
+                "time_cache.features.adaln_single.linear.shape",
+                "FORMAT.md 2.3.2: adaln_single.linear is 12 wide, not 6 x 4 (the width of adaln_single.emb)")
+    header_case("pixart_grid_cache.bfq", G, lambda h: h["model"].update(class_name="PixArtTransformer2DModel"),
+                "time_cache.mode", "FORMAT.md 2.3.2: a grid-mode time cache in a PixArtTransformer2DModel file")
     # §5: at most 2^19 JSON values; W's header plus model.config.x = [0, 0, ...] makes one more
     def values(v):
         if isinstance(v, dict):

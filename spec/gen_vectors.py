@@ -289,10 +289,11 @@ class Vector:
         self.expected["tensors"][name] = self._dense(f"tensor/{name}", dtype, shape, bits, entry)
 
     def time_cache(self, mode, timesteps, tables):
-        """tables: {name: (dtype, shape, bits)}; grid mode takes the single name "time_embedding"."""
+        """tables: {name: (dtype, shape, bits)}; grid mode, and scheduler mode's `embedding` (FORMAT.md
+        2.3.1, 2.3.2), take the single name "time_embedding"."""
         cache: dict = {"mode": mode, "timesteps": list(timesteps)}
         exp = {"mode": mode, "timesteps": [float(t) for t in timesteps], "tables": {}}
-        if mode == "scheduler":
+        if mode == "scheduler" and set(tables) != {"time_embedding"}:
             cache["features"] = {}
             for name, (dtype, shape, bits) in tables.items():
                 entry = cache["features"][name] = {}
@@ -498,6 +499,40 @@ def time_grid() -> Vector:
     return v
 
 
+PIXART = {"class_name": "PixArtTransformer2DModel",
+          "config": {"sample_size": 8, "num_attention_heads": 1, "attention_head_dim": 2, "num_layers": 1}}
+
+
+def pixart_scheduler() -> Vector:
+    rng = Rng(8000)
+    v = Vector("pixart_scheduler.bfq", "FORMAT.md 2.3.2: a PixArtTransformer2DModel (width D = 2, no size conditions: "
+               "use_additional_conditions false) with a scheduler cache of adaln_single's outputs, "
+               "adaln_single.linear [3, 12] in f16 and adaln_single.emb [3, 2] in f32, beside a layer and a tensor",
+               model={**PIXART, "config": {**PIXART["config"], "use_additional_conditions": False}})
+    v.layer("transformer_blocks.0.attn1.to_q.weight", [2, 2], 2, "balanced", rng.codes(4, 2, "balanced"), "f16",
+            [rng.f16_bits() for _ in range(2)])
+    v.tensor("scale_shift_table", "f32", [2, 2], [rng.f32_bits() for _ in range(4)])
+    v.time_cache("scheduler", [999, 499.5, 0], {
+        "adaln_single.linear": ("f16", [3, 12], [rng.f16_bits() for _ in range(36)]),
+        "adaln_single.emb": ("f32", [3, 2], [rng.f32_bits() for _ in range(6)]),
+    })
+    return v
+
+
+def pixart_embedding() -> Vector:
+    rng = Rng(9000)
+    v = Vector("pixart_embedding.bfq", "FORMAT.md 2.3.2: a PixArtTransformer2DModel with size conditions (sample_size "
+               "128, use_additional_conditions absent) and a scheduler cache of the timestep MLP's output only "
+               "(embedding, [2, 3] in bf16); adaln_single.linear stays quantized",
+               model={"class_name": "PixArtTransformer2DModel",
+                      "config": {"sample_size": 128, "num_attention_heads": 1, "attention_head_dim": 3}})
+    v.layer("adaln_single.linear.weight", [18, 3], 1, "balanced", rng.codes(54, 1, "balanced"), "f16",
+            [rng.f16_bits() for _ in range(18)])
+    v.tensor("adaln_single.emb.resolution_embedder.linear_1.bias", "f32", [1], [rng.f32_bits()])
+    v.time_cache("scheduler", [750, 250], {"time_embedding": ("bf16", [2, 3], [rng.f32_bits() >> 16 for _ in range(6)])})
+    return v
+
+
 def layout() -> Vector:
     rng = Rng(6000)
     v = Vector(
@@ -575,7 +610,8 @@ def accepted() -> Vector:
 
 def all_vectors() -> list[Vector]:
     return [worked_example(), *(balanced(n) for n in range(1, 9)), plain(), packings(), scales(), dense(),
-            time_scheduler(), time_grid(), layout(), empty(), nesting32(), accepted()]
+            time_scheduler(), time_grid(), layout(), empty(), nesting32(), accepted(), pixart_scheduler(),
+            pixart_embedding()]
 
 
 def pretty(obj, indent: str = "") -> str:

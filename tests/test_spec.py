@@ -257,7 +257,10 @@ recipe_avg_bits_bool recipe_n_weights_total_float recipe_n_weights_total_zero re
 time_scheduler_features_empty time_scheduler_feature_key_empty time_scheduler_keeps_time_emb_proj
 time_grid_keeps_time_embedding time_duplicate_negative_zero time_scheduler_with_addition_embed_type
 time_scheduler_with_class_embed_type time_scheduler_with_num_class_embeds time_grid_with_time_cond_proj_dim
-model_source_hub_repo_empty model_source_builtin_name_empty
+model_source_hub_repo_empty model_source_builtin_name_empty pixart_scheduler_keeps_adaln_linear
+pixart_scheduler_keeps_timestep_embedder pixart_embedding_keeps_timestep_embedder pixart_features_with_size_conditions
+pixart_features_with_default_size_conditions pixart_use_additional_conditions_string pixart_features_key_unknown
+pixart_grid_cache
 """.split()
 
 
@@ -578,3 +581,53 @@ def test_accounting_for_embedding_tables_and_no_weights(tmp_path):
         w.add_tensor("norm.weight", np.ones(4, np.float32))
     summary = summarize(path)
     assert summary["n_weights_total"] == 0 and summary["avg_bits"] is None and summary["bits_on_disk"] is None
+
+
+PIXART = "PixArtTransformer2DModel"
+
+
+@pytest.mark.parametrize("config, sized", [
+    ({"use_additional_conditions": True, "sample_size": 64}, True), ({"use_additional_conditions": False, "sample_size": 128}, False),
+    ({"sample_size": 128}, True), ({"use_additional_conditions": None, "sample_size": 128.0}, True), ({}, True),
+    ({"sample_size": 64}, False), ({"use_additional_conditions": None, "sample_size": 32}, False),
+])  # fmt: skip
+def test_dit_size_conditions_are_what_the_text_says(config, sized, tmp_path):
+    """§2.3.2: size conditions iff use_additional_conditions is true, or absent/null and sample_size is 128 or
+    absent; with them a features cache is refused and an embedding cache written; either way the class's
+    own rule (diffusers) agrees."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    from bfq.families.pixart import pixart_test_config
+    from bfq.format.constants import uses_size_conditions
+
+    assert uses_size_conditions(config) == sized
+    built = {**pixart_test_config(), "sample_size": 128, **config}  # sample_size absent: diffusers' 128
+    if "use_additional_conditions" not in config:
+        del built["use_additional_conditions"]
+    with torch.device("meta"):
+        assert PixArtTransformer2DModel.from_config(built).use_additional_conditions == uses_size_conditions(built)
+    model = {"class_name": PIXART, "config": config}
+    features = {"adaln_single.linear": np.ones((2, 12), np.float16), "adaln_single.emb": np.ones((2, 2), np.float16)}
+    path = tmp_path / "p.bfq"
+    if sized:
+        with pytest.raises(BfqFormatError, match="embeds the image size"), BfqWriter(path, model=model) as w:
+            w.set_time_cache("scheduler", [1, 2], features)
+        assert not path.exists()
+    else:
+        with BfqWriter(path, model=model) as w:
+            w.set_time_cache("scheduler", [1, 2], features)
+    with BfqWriter(path, model=model) as w:  # the timestep MLP's output: exact for every size
+        w.add_tensor("adaln_single.linear.weight", np.ones((12, 2), np.float32))
+        w.set_time_cache("scheduler", [1, 2], {"time_embedding": np.ones((2, 2), np.float16)})
+    with open_bfq(path) as f:
+        assert set(f.header.time_cache.tables) == {"time_embedding"}
+
+
+def test_dit_golden_files_hold_what_the_text_says():
+    with open_bfq(VECTORS / "pixart_scheduler.bfq") as f:
+        tables = f.header.time_cache.tables
+        assert f.header.model["class_name"] == PIXART and sorted(tables) == ["adaln_single.emb", "adaln_single.linear"]
+        assert tables["adaln_single.linear"].shape[1] == 6 * tables["adaln_single.emb"].shape[1]
+    with open_bfq(VECTORS / "pixart_embedding.bfq") as f:
+        assert set(f.header.time_cache.tables) == {"time_embedding"} and "adaln_single.linear.weight" in f.layers

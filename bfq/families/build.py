@@ -29,11 +29,24 @@ def n_params(config: dict) -> int:
     return sum(math.prod(p.shape) for p in build_meta_unet(config).parameters())
 
 
+def build_empty(config: dict):
+    """A model of ``config``'s family whose parameters are on the meta device (no memory) and whose
+    buffers are computed by its constructor on the CPU (PixArt's sin-cos ``pos_embed``: a meta build
+    would lose them, and zeros would be silently wrong)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return model_class(config).from_config(config)
+
+
 def _empty_unet(config: dict):
-    unet = build_meta_unet(config)
-    if any(True for _ in unet.buffers()):
-        raise RuntimeError("this UNet has buffers; a meta-device build would lose them")
-    return unet.to_empty(device="cpu")
+    """``config``'s model with uninitialized CPU parameters and its computed buffers."""
+    model = build_empty(config)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+    return model
 
 
 @torch.no_grad()
@@ -64,6 +77,9 @@ def build_random_unet(config: dict, seed: int = 0, dtype: torch.dtype = torch.fl
         elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
             for name, p in own.items():
                 p.fill_(1.0 if name == "weight" else 0.0)
+        elif set(own) == {"scale_shift_table"}:  # PixArt's modulation tables: randn / sqrt(width), as diffusers
+            arr = own["scale_shift_table"].detach().numpy()
+            arr[...] = rng.standard_normal(arr.shape, dtype=np.float32) / np.float32(math.sqrt(arr.shape[-1]))
         else:
             raise RuntimeError(f"no random-init rule for {type(module).__name__} parameters")
     return unet.to(dtype).eval() if dtype != torch.float32 else unet.eval()

@@ -65,6 +65,10 @@ class Family:
     component: str = "unet"
     model_noun: str = "UNet"  # what messages and model cards call the model
     random_per_layer: bool = False
+    # the time path (bfq.quant.timecache): how the timestep reaches the blocks, and where its modules are
+    time_modulation: str = "resnet"  # "resnet": each ResNet's time_emb_proj; "adaln-single": one module for all blocks
+    time_proj_module: str = "time_proj"  # sinusoidal projection of the timestep (no weights)
+    time_mlp_module: str = "time_embedding"  # the timestep MLP: what grid mode keeps in fp16 and an `embedding` cache holds
 
     # ---- recognizing a model
     def matches(self, class_name: str, config: dict) -> bool:
@@ -106,6 +110,12 @@ class Family:
         ``config``: those a file with that cache MUST NOT hold (FORMAT.md §2.3, §2.3.1) and a recipe
         does not cover. Every other Linear/Conv2d weight is quantizable."""
         return replaced_by_time_cache(name, mode, mode != "scheduler" or self.per_resnet_time_cache(config))
+
+    def is_time_layer(self, module_name: str) -> bool:
+        """True for the modules of the time path (the timestep MLP and what reads only its output):
+        the small layers a time cache is computed from, filled first in a lazy model; fine-tuning
+        keeps those that are not quantized float and frozen, so the cache made after it is exact."""
+        return "time_emb" in module_name
 
     # ---- conditioning a forward needs
     def conditioning(self, config: dict, batch: int, *, height: int | None = None, width: int | None = None,
@@ -155,12 +165,6 @@ class Family:
         return int(config["cross_attention_dim"])
 
     # ---- structure the stages ask about
-    def is_time_layer(self, name: str) -> bool:
-        """True for a module (by name) on the time path (the timestep MLP and what reads only it):
-        fine-tuning keeps it float and frozen unless it is quantized, so a time cache made from the
-        trained model is exact."""
-        return name == "time_embedding" or name.startswith("time_embedding.") or name.rsplit(".", 1)[-1] == "time_emb_proj"
-
     def first_last_layers(self, config: dict) -> tuple[str, ...]:
         """The weights a recipe keeps at 8 bits, as the paper keeps a UNet's first and last layers."""
         return ("conv_in.weight", "conv_out.weight")

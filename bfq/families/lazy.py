@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bfq.families.build import build_meta_unet
+from bfq.families.build import build_empty, build_meta_unet
 
 WeightSource = Callable[[str], torch.Tensor]
 _SOURCE_ATTR = "_bfq_weight_source"
@@ -28,8 +28,9 @@ def random_source(config: dict, seed: int = 0) -> WeightSource:
     """Seeded random parameters of ``config``'s model, each drawn from its own stream (numpy
     ``SFC64`` keyed by ``(seed, crc32(name))``), so that any parameter can be made alone, in any
     order, with the same values: Linear/Conv2d weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    norm weights 1 and biases 0 (as :func:`bfq.families.build.build_random_unet`, whose single
-    stream in module order cannot be read out of order)."""
+    norm weights 1 and biases 0, PixArt's ``scale_shift_table`` ~ N(0, 1)/sqrt(width) (as diffusers
+    initializes it; as :func:`bfq.families.build.build_random_unet`, whose single stream in module
+    order cannot be read out of order)."""
     meta = build_meta_unet(config)
     shapes = dict(meta.named_parameters())
     owner = {f"{m}.{p}" if m else p: mod for m, mod in meta.named_modules() for p, _ in mod.named_parameters(recurse=False)}
@@ -38,10 +39,12 @@ def random_source(config: dict, seed: int = 0) -> WeightSource:
         mod, shape = owner[name], tuple(shapes[name].shape)
         if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
             return torch.full(shape, 1.0 if name.endswith("weight") else 0.0)
+        rng = np.random.Generator(np.random.SFC64([seed, zlib.crc32(name.encode())]))
+        if name.rpartition(".")[2] == "scale_shift_table":
+            return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(shape[-1])))
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             raise RuntimeError(f"no random-init rule for {type(mod).__name__} parameters")
         bound = 1.0 / math.sqrt(mod.weight[0].numel())
-        rng = np.random.Generator(np.random.SFC64([seed, zlib.crc32(name.encode())]))
         arr = rng.random(math.prod(shape), dtype=np.float32).reshape(shape)
         arr *= 2.0 * bound
         arr -= bound
@@ -57,9 +60,7 @@ def _weight_modules(unet: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def lazy_unet(config: dict, source: WeightSource) -> nn.Module:
     """``config``'s model with its Linear/Conv2d weights on the meta device (read from ``source``
     on use) and every other parameter materialized from ``source``; in eval mode, no gradients."""
-    unet = build_meta_unet(config)
-    if any(True for _ in unet.buffers()):
-        raise RuntimeError("this UNet has buffers; a meta-device build would lose them")
+    unet = build_empty(config)  # buffers (PixArt's pos_embed) computed, not lost on the meta device
     lazy = {id(m) for _, m in _weight_modules(unet)}
     for mname, mod in unet.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):

@@ -18,17 +18,12 @@ unless the model uses size conditions). PixArt-Σ predicts a variance too (``out
 from __future__ import annotations
 
 from bfq.families.family import TIMESTEP_ONLY, Family
+from bfq.format.constants import ADALN_MODULE, ADALN_TIME_MLP, replaced_by_time_cache
+# one definition, in the format (FORMAT.md §2.3.2): re-exported for the family's users
+from bfq.format.constants import SIZE_CONDITION_SAMPLE_SIZE, uses_size_conditions  # noqa: F401
 
 PIXART_REPO = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
-SIZE_CONDITION_SAMPLE_SIZE = 128  # diffusers turns size conditions on for this sample_size when unset
 T5_MAX_LENGTH = 300  # PixArtSigmaPipeline's max_sequence_length (PixArt-α: 120)
-
-
-def uses_size_conditions(config: dict) -> bool:
-    """Whether a ``PixArtTransformer2DModel`` with ``config`` embeds resolution and aspect ratio into
-    its timestep embedding (diffusers: ``use_additional_conditions``, when unset ``sample_size == 128``)."""
-    flag = config.get("use_additional_conditions")
-    return bool(flag) if flag is not None else config.get("sample_size", 128) == SIZE_CONDITION_SAMPLE_SIZE
 
 
 class PixArt(Family):
@@ -49,9 +44,17 @@ class PixArt(Family):
     model_noun = "diffusion transformer"
     added_cond_keys = ("resolution", "aspect_ratio")
     prompt_cond_keys = ("encoder_attention_mask",)
+    time_modulation = "adaln-single"
+    time_proj_module = "adaln_single.emb.time_proj"
+    time_mlp_module = ADALN_TIME_MLP
 
     def matches(self, class_name: str, config: dict) -> bool:
-        return class_name == "PixArtTransformer2DModel" and isinstance(config, dict)
+        """``PixArtTransformer2DModel``, or a legacy ``Transformer2DModel`` config with adaLN-single
+        (older PixArt repos), which diffusers loads as a ``PixArtTransformer2DModel``."""
+        if not isinstance(config, dict):
+            return False
+        legacy = class_name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single"
+        return class_name == "PixArtTransformer2DModel" or legacy
 
     def per_resnet_time_cache(self, config: dict) -> bool:
         """True when a scheduler cache may hold adaLN-single's outputs (no size conditions)."""
@@ -60,9 +63,10 @@ class PixArt(Family):
     def replaced_by_time_cache(self, name: str, mode: str, config: dict) -> bool:
         """A scheduler cache without size conditions replaces all of ``adaln_single``; otherwise (size
         conditions, or grid mode, which keeps the timestep MLP as dense tensors) its timestep MLP."""
-        if mode == "scheduler" and self.per_resnet_time_cache(config):
-            return name.startswith("adaln_single.")
-        return name.startswith("adaln_single.emb.timestep_embedder.")
+        return replaced_by_time_cache(name, mode, self.per_resnet_time_cache(config), self.model_class)
+
+    def is_time_layer(self, module_name: str) -> bool:
+        return module_name == ADALN_MODULE or module_name.startswith(ADALN_MODULE + ".")
 
     def drop_padding(self, *flats: dict) -> tuple[dict, ...]:
         """The T5 features and masks cut after the last position any of them attends to: masked keys
@@ -80,10 +84,6 @@ class PixArt(Family):
 
     def text_width(self, config: dict) -> int:
         return int(config.get("caption_channels") or config["cross_attention_dim"])
-
-    def is_time_layer(self, name: str) -> bool:
-        """``adaln_single`` and everything in it (the timestep MLP, the size embedders, the 6 x width projection)."""
-        return name == "adaln_single" or name.startswith("adaln_single.")
 
     def first_last_layers(self, config: dict) -> tuple[str, ...]:
         """The patch embedding (a convolution over the latent) and the final projection to the patches."""

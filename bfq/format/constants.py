@@ -60,11 +60,40 @@ DENSE_DTYPES = {"f32": (4, "<f4"), "f16": (2, "<f2"), "bf16": (2, "<u2")}
 SCALE_DTYPES = ("f16", "f32")
 
 
-def replaced_by_time_cache(name: str, mode: str, per_resnet: bool = True) -> bool:
+# The DiT model kind (FORMAT.md §2.3.2): model.class_name values whose time path is adaLN-single.
+ADALN_CLASSES = ("PixArtTransformer2DModel",)
+ADALN_MODULE = "adaln_single"  # everything a scheduler-mode `features` cache replaces
+ADALN_TIME_MLP = "adaln_single.emb.timestep_embedder"  # what an `embedding` cache replaces
+ADALN_FEATURES = {"adaln_single.linear": 6, "adaln_single.emb": 1}  # feature key -> its width in multiples of D
+SIZE_CONDITION_SAMPLE_SIZE = 128  # a DiT config with use_additional_conditions absent or null: size conditions iff sample_size is 128
+
+
+def is_adaln_class(class_name: str | None) -> bool:
+    """True for a `model.class_name` of the DiT kind (FORMAT.md §2.3.2)."""
+    return class_name in ADALN_CLASSES
+
+
+def uses_size_conditions(config: dict) -> bool:
+    """Whether a DiT config embeds the image size and aspect ratio into its timestep embedding
+    (FORMAT.md §2.3.2): `use_additional_conditions` when it is a boolean; when absent or null, whether
+    `sample_size` (absent: 128, diffusers' default) is 128."""
+    flag = config.get("use_additional_conditions")
+    if flag is not None:
+        return bool(flag)
+    return config.get("sample_size", SIZE_CONDITION_SAMPLE_SIZE) == SIZE_CONDITION_SAMPLE_SIZE
+
+
+def replaced_by_time_cache(name: str, mode: str, per_resnet: bool = True, class_name: str | None = None) -> bool:
     """True for the state-dict names a time cache of `mode` replaces, which a file with that cache
-    MUST NOT hold: `time_embedding.*` (both modes) and every `time_emb_proj` (scheduler mode with
-    per-ResNet `features`; not with a scheduler-mode `embedding`, §2.3.1)."""
+    MUST NOT hold. UNets: `time_embedding.*` (both modes) and every `time_emb_proj` (scheduler mode with
+    per-ResNet `features`; not with a scheduler-mode `embedding`, §2.3.1). The DiT kind (`class_name`
+    in ADALN_CLASSES, §2.3.2): `adaln_single.*` with `features` (`per_resnet`), else the timestep MLP
+    `adaln_single.emb.timestep_embedder.*`."""
     parts = name.split(".")
+    if is_adaln_class(class_name):
+        if mode == "scheduler" and per_resnet:
+            return parts[0] == ADALN_MODULE
+        return name.startswith(ADALN_TIME_MLP + ".")
     return parts[0] == "time_embedding" or (mode == "scheduler" and per_resnet and "time_emb_proj" in parts)
 
 

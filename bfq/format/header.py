@@ -3,7 +3,8 @@
 `parse_header` (from bfq.format.strict_json) turns the header bytes into JSON values under
 FORMAT.md's JSON rules; `validate_header` checks every object and returns a typed `Header`;
 `check_layout` checks that the blocks tile the data section. Reader and writer both go through
-these functions.
+these functions. It is one cohesive module: every rule FORMAT.md states about the header, for
+every model kind, is checked here and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from bfq._io import display
 from bfq.errors import BfqFormatError
 from bfq.format.constants import (
+    ADALN_FEATURES,
     ALIGNMENT,
     CONDITIONED_TIME_KEYS,
     DENSE_DTYPES,
@@ -38,9 +40,11 @@ from bfq.format.constants import (
     TIME_CACHE_KEYS,
     TIME_CACHE_MODES,
     TOP_LEVEL_KEYS,
+    is_adaln_class,
     is_legal_packing,
     num_levels,
     replaced_by_time_cache,
+    uses_size_conditions,
 )
 from bfq.format.pack import stream_cells
 from bfq.format.strict_json import parse_header  # noqa: F401  (re-exported: the reader and writer parse here)
@@ -357,15 +361,42 @@ def _entries(raw: list, parse, kind: str, taken: dict) -> dict:
     return out
 
 
-def _check_time_layers_absent(cache: TimeCache, kind: str, names) -> None:
+def _check_time_layers_absent(cache: TimeCache, kind: str, names, class_name: str) -> None:
     for i, name in enumerate(names):
-        if replaced_by_time_cache(name, cache.mode, cache.per_resnet):
+        if replaced_by_time_cache(name, cache.mode, cache.per_resnet, class_name):
             _fail(f"{kind}[{i}].name", f"{_show(name)} is a time layer the {cache.mode} time cache replaces")
 
 
-def _check_time_cache_fits(config: dict, cache: TimeCache) -> None:
+def _check_adaln_cache(config: dict, cache: TimeCache, class_name: str) -> None:
+    """FORMAT.md §2.3.2: a DiT (adaLN-single) file carries a scheduler-mode cache only; its `features`
+    are exactly adaLN-single's two outputs, [T, 6D] and [T, D], and only without size conditions."""
+    if cache.mode != "scheduler":
+        _fail("time_cache.mode", f"{_show(cache.mode)}: a {class_name} file carries a scheduler-mode time cache only")
+    flag = config.get("use_additional_conditions")
+    if not (flag is None or isinstance(flag, bool)):
+        _fail("model.config.use_additional_conditions", f"{_show(flag)} must be true, false or null beside a time cache")
+    if not cache.per_resnet:
+        return
+    if set(cache.tables) != set(ADALN_FEATURES):
+        _fail("time_cache.features", f"keys {sorted(cache.tables)[:4]} of a {class_name} file must be exactly "
+                                     f"{sorted(ADALN_FEATURES)}")  # fmt: skip
+    width = cache.tables["adaln_single.emb"].shape[1]
+    for key, times in ADALN_FEATURES.items():
+        if cache.tables[key].shape[1] != times * width:
+            _fail(f"time_cache.features.{key}.shape", f"{list(cache.tables[key].shape)}: its width must be {times} x "
+                                                      f"{width}, the width of adaln_single.emb")  # fmt: skip
+    if uses_size_conditions(config):
+        _fail("time_cache", "scheduler-mode features of adaln_single hold what the timestep alone gives, but this model "
+                            "embeds the image size (use_additional_conditions, or sample_size 128 when it is unset): "
+                            "its cache holds the timestep embedding only ('embedding')")  # fmt: skip
+
+
+def _check_time_cache_fits(config: dict, cache: TimeCache, class_name: str = "") -> None:
     """FORMAT.md §2.3: a time cache holds features of the timestep alone; a model whose time
     embedding mixes in conditioning must not carry one that this conditioning would change."""
+    if is_adaln_class(class_name):
+        _check_adaln_cache(config, cache, class_name)
+        return
     kind = "features" if cache.per_resnet else "embedding"
     for key in CONDITIONED_TIME_KEYS[kind]:
         if config.get(key) is not None:
@@ -391,9 +422,10 @@ def validate_header(header: dict) -> Header:
     layers = _entries(layers_raw, _parse_layer, "layers", {})
     tensors = _entries(tensors_raw, _parse_dense, "tensors", layers)
     if cache:
-        _check_time_cache_fits(header["model"]["config"], cache)
-        _check_time_layers_absent(cache, "layers", layers)
-        _check_time_layers_absent(cache, "tensors", tensors)
+        class_name = header["model"]["class_name"]
+        _check_time_cache_fits(header["model"]["config"], cache, class_name)
+        _check_time_layers_absent(cache, "layers", layers, class_name)
+        _check_time_layers_absent(cache, "tensors", tensors, class_name)
     return Header(header, layers, tensors, cache)
 
 

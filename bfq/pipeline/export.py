@@ -20,13 +20,14 @@ DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16}
 DENSE_BITS = {"f32": 32, "f16": 16}
 
 
-def removed_by_cache(name: str, time_cache: dict | None) -> bool:
-    """True for state-dict entries a time cache object replaces (FORMAT.md §2.3; a scheduler cache
-    of ``{"time_embedding": table}`` keeps the time_emb_proj layers, §2.3.1); grid mode's "mlp"
-    cache replaces nothing (it stores the time MLP's weights under their own names)."""
+def removed_by_cache(name: str, time_cache: dict | None, class_name: str | None = None) -> bool:
+    """True for state-dict entries a time cache object replaces in a model of ``class_name`` (FORMAT.md
+    §2.3; a scheduler cache of ``{"time_embedding": table}`` keeps the time_emb_proj layers, §2.3.1;
+    adaLN-single, §2.3.2); grid mode's "mlp" cache replaces nothing (it stores the time MLP's weights
+    under their own names)."""
     mode = time_cache["mode"] if time_cache else None
     per_resnet = "time_embedding" not in time_cache["tables"] if time_cache else True
-    return mode in ("scheduler", "grid") and replaced_by_time_cache(name, mode, per_resnet)
+    return mode in ("scheduler", "grid") and replaced_by_time_cache(name, mode, per_resnet, class_name)
 
 
 def export_unet(
@@ -82,7 +83,7 @@ def _write_rest(writer, unet, skip: set, time_cache: dict | None, recipe: dict |
     mode = time_cache["mode"] if time_cache else None
     kept_fp16 = time_cache["tables"] if mode == "mlp" else {}
     for name, tensor in unet.state_dict(keep_vars=True).items():
-        if name in skip or removed_by_cache(name, time_cache):
+        if name in skip or removed_by_cache(name, time_cache, type(unet).__name__):
             continue
         if name in kept_fp16:
             writer.add_tensor(name, np.asarray(kept_fp16[name], dtype=np.float16))

@@ -8,14 +8,15 @@ Accepted inputs of :func:`resolve_model` (the built-in names come from the model
   (:func:`build_random_unet`; ``sdxl-random``: one seeded stream per parameter,
   :mod:`bfq.families.lazy`), no download; built lazily on request (``lazy=True``: weights read
   layer by layer), else refused up front when it cannot fit in memory;
-* ``sd15`` / ``sdxl``: the family's reference repo from the Hub
-  (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``;
-  UNet + scheduler only); any other ``owner/name`` that is not a local path is treated as a Hub repo id too, in the forms a
+* ``sd15`` / ``sdxl`` / ``pixart``: the family's reference repo from the Hub
+  (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``,
+  ``PixArt-alpha/PixArt-Sigma-XL-2-512-MS``; model + scheduler only, the family's scheduler when the
+  repo has none); any other ``owner/name`` that is not a local path is treated as a Hub repo id too, in the forms a
   diffusers user passes: a pipeline repo (``model_index.json`` + ``unet/``), a UNet repo
   (``config.json`` + weights at the top), either with ``subfolder=`` naming the UNet's folder, at
   any ``revision``; only the files needed are downloaded (the UNet, the scheduler);
 * a local diffusers pipeline directory (``model_index.json`` + ``unet/``, or ``transformer/`` for a
-  PixArt pipeline);
+  diffusion transformer such as PixArt);
 * a bare UNet directory (``config.json`` + weights), or a folder holding one (``subfolder=``);
 * a single-file checkpoint: ``.safetensors`` (original-SD layout through diffusers'
   ``from_single_file``, or a diffusers-layout SD-v1.5 or SDXL state dict). Pickle-based files (``.ckpt``,
@@ -40,7 +41,7 @@ import torch
 
 from bfq._io import sha256_file
 from bfq.errors import InputError
-from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, model_folder, sd15, sdxl
+from bfq.families import Family, FamilyError, builtin_models, family_for_config, family_for_name, sd15, sdxl
 from bfq.families.lazy import full_unet, lazy_unet, random_source
 from bfq.families.build import _empty_unet, build_meta_unet, build_random_unet, n_params  # noqa: F401 (public names)
 from bfq.families.sd15 import SD15_N_LINEAR_CONV_WEIGHTS, SD15_N_PARAMS, SD15_REPO  # noqa: F401 (public names)
@@ -207,8 +208,16 @@ def _load_scheduler(pipe_dir: Path):
     return cls.from_pretrained(pipe_dir, subfolder="scheduler")
 
 
+MODEL_COMPONENTS = ("unet", "transformer")  # a pipeline's model folder: UNet families, DiT families
+
+
+def _component(pipe_dir: Path) -> Path | None:
+    """The model folder of a diffusers pipeline directory (``unet/``, or ``transformer/`` for DiTs)."""
+    return next((pipe_dir / c for c in MODEL_COMPONENTS if (pipe_dir / c).is_dir()), None)
+
+
 def _resolve_pipeline(pipe_dir: Path, allow_pickle: bool):
-    unet, files = _load_unet_dir(pipe_dir / (model_folder(pipe_dir) or "unet"), allow_pickle)
+    unet, files = _load_unet_dir(_component(pipe_dir) or pipe_dir / "unet", allow_pickle)
     return unet, _load_scheduler(pipe_dir), files
 
 
@@ -325,7 +334,10 @@ def _resolve_builtin(family: Family, name: str, revision, subfolder, allow_pickl
             raise ModelError(f"the bundled {name} pipeline is missing at {base} (this bfq was built without it)")
         unet, scheduler, _ = _resolve_pipeline(base, allow_pickle=False)
         return ResolvedModel(unet, scheduler, {"kind": "builtin", "name": name}, base_dir=base, name=name)
-    return _resolve_hub(family.hub_repo, revision, subfolder, allow_pickle, cache_dir)
+    resolved = _resolve_hub(family.hub_repo, revision, subfolder, allow_pickle, cache_dir)
+    if resolved.scheduler is None:  # a model-only repo (PixArt-Σ 512: transformer/ alone): its family's sampler
+        resolved.scheduler = family.scheduler()
+    return resolved
 
 
 def resolve_model(
@@ -364,7 +376,7 @@ def resolve_model(
     if subfolder and path.is_dir():
         return _resolve_local_subfolder(path, subfolder, allow_pickle, name)
     if path.is_dir():
-        if (path / "model_index.json").is_file() and model_folder(path) is not None:
+        if (path / "model_index.json").is_file() and _component(path) is not None:
             unet, scheduler, files = _resolve_pipeline(path, allow_pickle)
             source = {"kind": "file", "name": path.name, "sha256": _sha256_files(files)}
             return ResolvedModel(unet, scheduler, source, base_dir=path, name=name)

@@ -22,7 +22,6 @@ import torch
 
 from bfq._io import atomic_path, locked_dir
 from bfq.errors import RecipeError
-from bfq.families import family_of
 from bfq.families.lazy import filled, is_lazy
 from bfq.pipeline import models
 from bfq.pipeline.allocate import DEFAULT_ALLOCATOR, METHODS, allocate
@@ -183,7 +182,7 @@ def default_analysis_mode(unet) -> str:
 def check_budget(unet, bits: float, *, time_cache: str, levels: str | None, time_proj_bits: int | None,
                  n_time_features: int) -> None:  # fmt: skip
     """Raise RecipeError unless ``bits`` lies between the averages of every layer at the fewest and at
-    the most bits (the first and last layers, conv_in/conv_out, at 8, the time features counted): known from the layer sizes
+    the most bits (conv_in/conv_out at 8, the time features counted): known from the layer sizes
     alone, so an impossible budget is refused before any sensitivity analysis."""
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
         raise RecipeError(f"the bit budget must be a finite number, got {bits!r}")
@@ -193,7 +192,7 @@ def check_budget(unet, bits: float, *, time_cache: str, levels: str | None, time
         raise RecipeError(
             f"a budget of {bits:g} bits per weight is impossible for this model: from {lo:.4f} (every layer at "
             f"{recipes.MIN_BITS} bit) to {hi:.4f} (every layer at {recipes.MAX_BITS} bits, {n_time_features:,} cached time "
-            f"features, {'/'.join(n.removesuffix('.weight') for n in recipes.first_last_layers(unet))} at 8 bits) with these settings"
+            f"features, conv_in/conv_out at 8 bits) with these settings"
         )
 
 
@@ -367,7 +366,7 @@ def quantize(
 
         t0 = time.perf_counter()
         steps = default_steps(model) if steps is None else steps
-        with filled(unet, family_of(unet).is_time_layer):  # the time layers of a lazy model (small)
+        with filled(unet, resolved.family.is_time_layer):  # the time layers of a lazy model (small)
             cache = compute_time_cache(resolved, time_cache, steps)
         n_tf = sum(t.size for t in cache["tables"].values())
         seconds["time_cache"] = time.perf_counter() - t0

@@ -3,6 +3,7 @@ timestep bookkeeping they share: a forward pre-hook records the exact timestep(s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -43,9 +44,18 @@ class _TimeState:
         self._rows: torch.Tensor | None = None
         self._rows_on: dict = {}
 
+    sample_arg, timestep_index = "sample", 1  # UNet2DConditionModel.forward(sample, timestep, ...)
+
+    def bind(self, forward) -> None:
+        """Read the sample and timestep arguments where ``forward`` (the model class's) takes them:
+        ``PixArtTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep, ...)``."""
+        names = list(inspect.signature(forward).parameters)[1:]  # without self
+        self.sample_arg, self.timestep_index = names[0], names.index("timestep")
+
     def pre_hook(self, module, args, kwargs):
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        sample = kwargs[self.sample_arg] if self.sample_arg in kwargs else args[0]
+        i = self.timestep_index
+        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[i] if len(args) > i else None)
         if timestep is None:
             raise ValueError("the UNet was called without a timestep")
         t = torch.as_tensor(timestep).detach().to("cpu", torch.float64).reshape(-1)
@@ -131,6 +141,25 @@ class _CachedTimeEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"timesteps={self.table.shape[0]}, dim={self.table.shape[1]}"
+
+
+class _CachedAdaLNSingle(nn.Module):
+    """Scheduler mode's ``adaln_single`` of a diffusion transformer without size conditions (FORMAT.md
+    §2.3.2): the cached rows of its two outputs for each batch element's timestep, the modulation
+    vector ``linear(silu(emb(t)))`` [B, 6D] and the embedded timestep ``emb(t)`` [B, D], cast to the
+    model's hidden dtype. Its buffers ``linear.features`` and ``emb.features`` are named after the
+    modules whose outputs they hold."""
+
+    def __init__(self, state: _TimeState, linear: torch.Tensor, emb: torch.Tensor):
+        super().__init__()
+        self._state = state
+        self.linear = _CachedTimeFeatures(state, linear)
+        self.emb = _CachedTimeFeatures(state, emb)
+
+    def forward(self, timestep, added_cond_kwargs=None, batch_size=None, hidden_dtype=None):
+        batch = self._state.current().shape[0] if batch_size is None else batch_size
+        like = self.emb.features.new_empty((batch, 0), dtype=hidden_dtype or torch.float32)
+        return self.linear(like), self.emb(like)
 
 
 class _GridTimeEmbedding(nn.Module):

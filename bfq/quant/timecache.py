@@ -23,6 +23,16 @@ Two modes:
   timesteps (0.61 % mean / 1.40 % max relative error of the embedding at half steps on tiny-sd,
   against 0.011 % / 0.019 % for the fp16 MLP); :func:`compute_grid_table` makes one.
 
+Diffusion transformers with adaLN-single (PixArt; the family's ``time_modulation``): the scheduler
+cache holds, per step, ``adaln_single``'s two outputs, the 6 x width modulation vector
+``linear(silu(emb(t)))`` every block reads and the embedded timestep ``emb(t)`` the final layer reads
+(FORMAT.md §2.3.2), and replaces all of ``adaln_single``; a model with size conditions caches the
+timestep MLP ``adaln_single.emb.timestep_embedder`` only (the ``embedding`` kind, as SDXL's); grid
+mode keeps that MLP in fp16 as for UNets.
+
+It is one cohesive module: computing, installing and counting a cache are one mechanism for every
+family, dispatched on the family's time path, so they live together.
+
 Mechanism: a forward pre-hook on the UNet records the exact timestep(s) of each call (float64, one per
 batch element, broadcast like diffusers' ``get_time_embed``), so fp16 casts inside the UNet never
 round them. ``time_embedding`` is replaced by a weight-free module: in scheduler mode it returns an
@@ -44,7 +54,9 @@ from torch import nn
 
 from bfq.errors import InputError
 from bfq.families import family_of
+from bfq.format.constants import ADALN_FEATURES
 from bfq.quant.time_modules import (
+    _CachedAdaLNSingle,
     _CachedTimeEmbedding,
     _CachedTimeFeatures,
     _GridTimeEmbedding,
@@ -71,20 +83,39 @@ def resnets_with_time_proj(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def _adaln(unet: nn.Module) -> bool:
+    """True for a model whose time path is adaLN-single (its family says so)."""
+    return family_of(unet).time_modulation == "adaln-single"
+
+
+def _time_mlp_path(unet: nn.Module) -> str:
+    return family_of(unet).time_mlp_module
+
+
 def time_layer_names(unet: nn.Module) -> list[str]:
     """State-dict weight names of the time MLP (``time_embedding.*`` Linear layers, e.g. ``linear_1``,
-    ``linear_2``) and of every resnet's ``time_emb_proj``, in module order."""
+    ``linear_2``) and of every resnet's ``time_emb_proj``, in module order; for adaLN-single, every
+    Linear of ``adaln_single``."""
+    family = family_of(unet)
     names = []
     for name, m in unet.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
-        if name.startswith("time_embedding.") or name.endswith(".time_emb_proj") or name == "time_emb_proj":
+        if family.time_modulation == "adaln-single":
+            keep = family.is_time_layer(name)
+        else:
+            keep = name.startswith("time_embedding.") or name.endswith(".time_emb_proj") or name == "time_emb_proj"
+        if keep:
             names.append(f"{name}.weight")
     return names
 
 
 def time_feature_dims(unet: nn.Module) -> dict[str, int]:
-    """``{resnet name: D}`` where D is the width of that resnet's cached feature (scheduler mode)."""
+    """``{resnet name: D}`` where D is the width of that resnet's cached feature (scheduler mode);
+    adaLN-single: ``{"adaln_single.linear": 6 x width, "adaln_single.emb": width}``."""
+    if _adaln(unet):
+        width = int(unet.config.num_attention_heads) * int(unet.config.attention_head_dim)
+        return {key: times * width for key, times in ADALN_FEATURES.items()}
     out = {}
     for name, r in resnets_with_time_proj(unet):
         proj = r.time_emb_proj
@@ -99,16 +130,18 @@ def per_resnet_cache(unet: nn.Module) -> bool:
 
 
 def time_embedding_dim(unet: nn.Module) -> int:
-    """Width of ``time_embedding``'s output (1280 for SD-v1.5 and SDXL)."""
-    te = unet.time_embedding
+    """Width of the timestep MLP's output (1280 for SD-v1.5 and SDXL; PixArt: its width, 1152)."""
+    te = unet.get_submodule(_time_mlp_path(unet))
     if isinstance(te, (_GridTimeEmbedding, _CachedTimeEmbedding)):
         return te.table.shape[1]
     return te.linear_2.out_features
 
 
 def time_mlp_weight_names(unet: nn.Module) -> list[str]:
-    """State-dict names of the time MLP's Linear weights (``time_embedding.linear_1.weight``, ...)."""
-    return [n for n in time_layer_names(unet) if n.startswith("time_embedding.")]
+    """State-dict names of the time MLP's Linear weights (``time_embedding.linear_1.weight``, ...;
+    PixArt: ``adaln_single.emb.timestep_embedder.linear_1.weight``, ...)."""
+    prefix = _time_mlp_path(unet) + "."
+    return [n for n in time_layer_names(unet) if n.startswith(prefix)]
 
 
 def n_time_features(unet: nn.Module, mode: str, n_timesteps: int) -> int:
@@ -156,11 +189,11 @@ def check_cached_steps(cached: Sequence[float], scheduler, steps: int, cached_st
 
 def time_cache_mode(unet: nn.Module) -> str | None:
     """"scheduler" or "grid" when a cache is installed, else None."""
-    te = getattr(unet, "time_embedding", None)
-    if isinstance(te, _GridTimeEmbedding):
-        return "grid"
-    if isinstance(te, (_TimeEmbeddingPlaceholder, _CachedTimeEmbedding)):
-        return "scheduler"
+    for m in unet.modules():
+        if isinstance(m, _GridTimeEmbedding):
+            return "grid"
+        if isinstance(m, (_TimeEmbeddingPlaceholder, _CachedTimeEmbedding, _CachedAdaLNSingle)):
+            return "scheduler"
     return None
 
 
@@ -172,6 +205,10 @@ def _check_mode(mode: str) -> None:
 def _refuse_if_unsupported(unet: nn.Module, mode: str) -> None:
     if time_cache_mode(unet) is not None:
         raise ValueError(f"a {time_cache_mode(unet)} time cache is already installed on this UNet")
+    if _adaln(unet):
+        if not isinstance(getattr(unet, "adaln_single", None), nn.Module):
+            raise ValueError("this model has no adaln_single to cache")
+        return
     te = getattr(unet, "time_embedding", None)
     if te is None or not hasattr(te, "linear_2"):
         raise ValueError("this UNet has no diffusers TimestepEmbedding `time_embedding` to cache")
@@ -190,9 +227,10 @@ def _refuse_if_unsupported(unet: nn.Module, mode: str) -> None:
 
 def _refuse_per_resnet_if_conditioned(unet: nn.Module) -> None:
     if not per_resnet_cache(unet):
+        what = "per-ResNet time features" if not _adaln(unet) else "adaln_single features"
         raise ValueError(
-            f"per-ResNet time features refused: a {family_of(unet).title} model's time features depend on its "
-            "conditioning too; its scheduler cache holds the time embedding only (compute_embedding_table)"
+            f"{what} refused: a {family_of(unet).title} model's time features depend on its "
+            "conditioning too (size conditions); its scheduler cache holds the time embedding only (compute_embedding_table)"
         )
 
 
@@ -204,10 +242,22 @@ def _float_copy(module: nn.Module) -> nn.Module:
 
 
 def _embeddings(unet: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """float32 ``time_embedding(time_proj(t))`` (t float64 [T]) computed on a float32 copy."""
-    device = next(unet.time_embedding.parameters()).device
-    t_emb = unet.time_proj(t.to(device)).to(torch.float32)
-    return _float_copy(unet.time_embedding)(t_emb)
+    """float32 ``time_embedding(time_proj(t))`` (t float64 [T]) computed on a float32 copy (the
+    family's modules: PixArt's ``adaln_single.emb.timestep_embedder(time_proj(t))``)."""
+    family = family_of(unet)
+    mlp = unet.get_submodule(family.time_mlp_module)
+    device = next(mlp.parameters()).device
+    t_emb = unet.get_submodule(family.time_proj_module)(t.to(device)).to(torch.float32)
+    return _float_copy(mlp)(t_emb)
+
+
+def _adaln_features(unet: nn.Module, ts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp16 adaLN-single outputs for timesteps ``ts``: the embedded timestep ``emb(t)`` [T, D] and the
+    modulation vector ``linear(silu(emb(t)))`` [T, 6D], in float32 on copies."""
+    emb = _embeddings(unet, ts)
+    ada = unet.adaln_single
+    linear = _float_copy(ada.linear)(ada.silu(emb))
+    return {"adaln_single.linear": linear.to(torch.float16).cpu(), "adaln_single.emb": emb.to(torch.float16).cpu()}
 
 
 @torch.no_grad()
@@ -219,6 +269,8 @@ def compute_scheduler_features(unet: nn.Module, timesteps) -> dict[str, torch.Te
     _refuse_if_unsupported(unet, "scheduler")
     _refuse_per_resnet_if_conditioned(unet)
     ts = torch.tensor(unique_timesteps(timesteps), dtype=torch.float64)
+    if _adaln(unet):
+        return _adaln_features(unet, ts)
     emb = _embeddings(unet, ts)
     if getattr(unet, "time_embed_act", None) is not None:
         emb = unet.time_embed_act(emb)
@@ -264,6 +316,7 @@ def _buffer_device(unet: nn.Module) -> torch.device:
 
 
 def _install_state(unet: nn.Module, state: _TimeState) -> None:
+    state.bind(type(unet).forward)
     unet.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
 
 
@@ -290,9 +343,10 @@ def build_cache(unet: nn.Module, mode: str | None, scheduler=None, steps: int = 
         ts = scheduler_timesteps(scheduler, steps)
         if not per_resnet_cache(unet):
             return {"mode": mode, "timesteps": ts, "tables": {"time_embedding": compute_embedding_table(unet, ts).numpy()}}
-        quantized_proj = [n for n, _ in iter_quantized(unet) if n.endswith("time_emb_proj.weight")]
+        quantized_proj = [n for n, _ in iter_quantized(unet) if n.endswith("time_emb_proj.weight")
+                          or family_of(unet).replaced_by_time_cache(n, mode, dict(unet.config))]
         if quantized_proj:
-            raise ValueError(f"the scheduler time cache removes time_emb_proj, but {quantized_proj[0]} is quantized; use 'grid'")
+            raise ValueError(f"the scheduler time cache removes {quantized_proj[0]}, but it is quantized; use 'grid'")
         tables = compute_scheduler_features(unet, ts)
         return {"mode": mode, "timesteps": ts, "tables": {k: v.numpy() for k, v in tables.items()}}
     if mode != "grid":
@@ -316,6 +370,8 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
     _refuse_if_unsupported(unet, "scheduler")
     _refuse_per_resnet_if_conditioned(unet)
     ts = unique_timesteps(timesteps)
+    if _adaln(unet):
+        return _install_adaln_cache(unet, ts, features)
     resnets = resnets_with_time_proj(unet)
     names = [n for n, _ in resnets]
     missing, unknown = sorted(set(names) - set(features)), sorted(set(features) - set(names))
@@ -337,6 +393,25 @@ def install_scheduler_cache(unet: nn.Module, timesteps, features) -> nn.Module:
     return unet
 
 
+def _install_adaln_cache(unet: nn.Module, ts: list[float], features) -> nn.Module:
+    """Replace ``adaln_single`` by the cached rows of its two outputs (FORMAT.md §2.3.2)."""
+    dims = time_feature_dims(unet)
+    missing, unknown = sorted(set(dims) - set(features)), sorted(set(features) - set(dims))
+    if missing or unknown:
+        raise ValueError(f"time features do not match the model: missing {missing}, unknown {unknown[:5]}")
+    device = _buffer_device(unet)
+    tensors = {}
+    for key, width in dims.items():
+        f = _stored_table(features[key], f"time features of {key}")
+        if tuple(f.shape) != (len(ts), width):
+            raise ValueError(f"time features of {key}: shape {tuple(f.shape)}, expected {(len(ts), width)}")
+        tensors[key] = f.to(device)
+    state = _TimeState(ts)
+    unet.adaln_single = _CachedAdaLNSingle(state, tensors["adaln_single.linear"], tensors["adaln_single.emb"])
+    _install_state(unet, state)
+    return unet
+
+
 def install_embedding_cache(unet: nn.Module, timesteps, table) -> nn.Module:
     """Replace ``time_embedding`` by the cached rows ``table`` (``[T, D_te]``, kept in its own
     precision) for exactly ``timesteps``; ``time_emb_proj`` and what the model adds to the embedding
@@ -354,15 +429,23 @@ def install_embedding_cache(unet: nn.Module, timesteps, table) -> nn.Module:
     if tuple(tab.shape) != want:
         raise ValueError(f"time embedding table: shape {tuple(tab.shape)}, expected {want}")
     state = _TimeState(ts)
-    unet.time_embedding = _CachedTimeEmbedding(state, tab.to(_buffer_device(unet)))
+    _set_module(unet, _time_mlp_path(unet), _CachedTimeEmbedding(state, tab.to(_buffer_device(unet))))
     _install_state(unet, state)
     return unet
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def install_grid_cache(unet: nn.Module, table) -> nn.Module:
     """Replace ``time_embedding`` by a lookup in ``table`` (``[N, D_te]``, floating point, kept in
     its own precision). In place. Reads version-1 grid files; bfq's grid mode now keeps the time MLP."""
     _refuse_if_unsupported(unet, "grid")
+    if _adaln(unet):
+        raise ValueError("grid time tables are not defined for adaLN-single models (FORMAT.md §2.3.2): grid mode keeps "
+                         "the timestep MLP")  # fmt: skip
     tab = _stored_table(table, "time table")
     want = time_embedding_dim(unet)
     if tab.ndim != 2 or tab.shape[1] != want or tab.shape[0] < 1:

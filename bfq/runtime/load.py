@@ -8,7 +8,8 @@ materialized), the cached time features are installed, and each quantized layer 
 * ``runtime="dense"``: an ordinary layer whose weight is decoded once into the target dtype.
 
 Either way the result drops into its family's pipeline (``StableDiffusionPipeline``,
-``StableDiffusionXLPipeline``: ``.from_pretrained(base, unet=unet)``) and computes the same numbers (FORMAT.md §2.1 fixes every dequantized weight to the bit).
+``StableDiffusionXLPipeline``: ``.from_pretrained(base, unet=unet)``; ``PixArtSigmaPipeline``:
+``transformer=model``) and computes the same numbers (FORMAT.md §2.1 fixes every dequantized weight to the bit).
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def load_unet(
     if device.type == "cpu" and dtype == torch.bfloat16:
         _bf16_cpu_boundary(model)
     return model
+
+
+def load_transformer(source: str | os.PathLike, **kwargs) -> nn.Module:
+    """:func:`load_unet` under the name a diffusion transformer's user looks for: both build the model
+    class the file's header names (``PixArtTransformer2DModel`` for a PixArt file), with the same
+    arguments (``runtime``, ``device``, ``dtype``, ...)."""
+    return load_unet(source, **kwargs)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -277,7 +285,9 @@ def _empty_model(bfq: BfqFile) -> nn.Module:
     except FamilyError as exc:
         raise BfqFormatError(f"model: {exc}") from None
     try:
-        with torch.device("meta"):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (pos_embed) computed
             return cls.from_config(config)
     except Exception as exc:  # diffusers raises many types for a config it cannot build
         raise BfqFormatError(f"model.config: cannot build {class_name} from it ({exc})") from None
