@@ -26,6 +26,7 @@ LAYERS = {
     "quant": {"format", "families"},
     "tinysd": {"format", "families", "quant"},
     "tinysdxl": {"format", "families", "quant", "tinysd"},
+    "tinypixart": {"format", "families", "quant", "tinysd"},
     "pipeline": {"format", "families", "quant", "tinysd", "tinysdxl"},
     "runtime": {"format", "families", "quant", "tinysd", "tinysdxl"},
     "diffusers": {"format", "families", "quant", "tinysd", "tinysdxl", "pipeline", "runtime"},

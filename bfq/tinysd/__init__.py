@@ -42,14 +42,15 @@ def load_pipeline(torch_dtype=None, unet=None, directory=None):
     return load_bundled("StableDiffusionPipeline", directory or pipeline_dir(), torch_dtype, unet)
 
 
-def load_bundled(pipeline_class: str, directory, torch_dtype=None, unet=None):
+def load_bundled(pipeline_class: str, directory, torch_dtype=None, unet=None, transformer=None):
     """A bundled tiny pipeline folder as the diffusers ``pipeline_class``, offline, in ``torch_dtype``
-    (the weights are stored in fp32), optionally with another ``unet``, progress bar off."""
+    (the weights are stored in fp32), optionally with another ``unet`` (or, for a diffusion
+    transformer pipeline, ``transformer``), progress bar off."""
     import torch
 
     from bfq._quiet import quiet_libraries
 
-    kwargs = {} if unet is None else {"unet": unet}
+    kwargs = {name: m for name, m in (("unet", unet), ("transformer", transformer)) if m is not None}
     with quiet_libraries():
         import diffusers
 

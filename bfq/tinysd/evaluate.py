@@ -64,33 +64,44 @@ def ddim_sampler(base=None):
     return DDIMScheduler.from_config(config, clip_sample=False)
 
 
-def _load(unet, base):
-    """The pipeline at ``base``, of the class its ``model_index.json`` names: tiny-sd's
-    ``StableDiffusionPipeline`` or an SDXL one such as tiny-sdxl's (two text encoders, ``time_ids``
-    for the default 16x16 size: the same prompts, latents, sampler and classifier score both)."""
+# Pipelines whose denoiser is a diffusion transformer (``pipe.transformer``), not a UNet.
+TRANSFORMER_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+
+
+def _pipeline_class(base) -> str:
+    """The pipeline class that ``model_index.json`` at ``base`` names: an SDXL one such as
+    tiny-sdxl's, a PixArt one such as tiny-pixart's, else tiny-sd's ``StableDiffusionPipeline``."""
     import json
 
-    from bfq.tinysd import load_pipeline
+    name = json.loads((Path(base) / "model_index.json").read_text()).get("_class_name")
+    return name if name in ("StableDiffusionXLPipeline", *TRANSFORMER_PIPELINES) else "StableDiffusionPipeline"
 
-    index = json.loads((Path(base) / "model_index.json").read_text())
-    if index.get("_class_name") != "StableDiffusionXLPipeline":
+
+def denoiser_of(pipe):
+    """The pipeline's denoiser: its ``transformer`` (PixArt) or its ``unet``."""
+    return pipe.transformer if type(pipe).__name__ in TRANSFORMER_PIPELINES else pipe.unet
+
+
+def _load(unet, base):
+    """The pipeline at ``base``, of the class its ``model_index.json`` names, with ``unet`` (a UNet,
+    or for a PixArt pipeline a transformer) swapped in when given. The same prompts, latents,
+    sampler and classifier score them all (SDXL's ``time_ids`` are those of the default 16x16 size)."""
+    from bfq.tinysd import load_bundled, load_pipeline
+
+    cls = _pipeline_class(base)
+    if cls == "StableDiffusionPipeline":
         return load_pipeline(unet=unet, directory=base)
-    from bfq._quiet import quiet_libraries
-
-    with quiet_libraries():
-        from diffusers import StableDiffusionXLPipeline
-
-        kwargs = {} if unet is None else {"unet": unet}
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(base), local_files_only=True, **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    component = "transformer" if cls in TRANSFORMER_PIPELINES else "unet"
+    return load_bundled(cls, base, **{component: unet})
 
 
 def _pipeline(unet, base, scheduler=None):
-    """The pipeline at ``base`` with ``unet`` swapped in and ``scheduler`` (default :func:`ddim_sampler`).
+    """The pipeline at ``base`` with ``unet`` (or a PixArt transformer) swapped in and ``scheduler``
+    (default :func:`ddim_sampler`).
 
-    Everything runs in float32: a UNet with half-precision weights is evaluated as a float32 copy,
-    except one that computes in bf16 behind a float32 interface (``bfq_compute``, a CPU bf16 load).
+    Everything runs in float32: a denoiser with half-precision weights is evaluated as a float32
+    copy, except one that computes in bf16 behind a float32 interface (``bfq_compute``, a CPU bf16
+    load).
     """
     import copy
 
@@ -101,8 +112,17 @@ def _pipeline(unet, base, scheduler=None):
         unet = copy.deepcopy(unet).float()
     pipe = _load(unet, base)
     pipe.scheduler = copy.deepcopy(scheduler) if scheduler is not None else ddim_sampler(base)
-    pipe.unet.eval()
+    denoiser_of(pipe).eval()
     return pipe
+
+
+def _call_kwargs(pipe) -> dict:
+    """Pipeline arguments beyond the common ones: PixArt's resolution binning knows only its own
+    256-2048 pixel sizes (off: the default size is the model's), and its caption cleaning would
+    depend on whether bs4 and ftfy are installed (off: the prompts are plain)."""
+    if type(pipe).__name__ in TRANSFORMER_PIPELINES:
+        return {"use_resolution_binning": False, "clean_caption": False}
+    return {}
 
 
 def generate(pipe, prompts: list[str], latents, cfg: float, steps: int, batch_size: int = 250, bar=None) -> np.ndarray:
@@ -120,6 +140,7 @@ def generate(pipe, prompts: list[str], latents, cfg: float, steps: int, batch_si
                 num_inference_steps=steps,
                 eta=0.0,
                 output_type="np",
+                **_call_kwargs(pipe),
             )
             out.append(np.asarray(result.images, dtype=np.float32))
             if bar is not None:
@@ -145,14 +166,15 @@ def evaluate(
     scheduler=None,
     progress: bool = False,
 ) -> dict:
-    """Score a tiny-sd (or tiny-sdxl) UNet: alignment and Fréchet distance at each CFG scale.
+    """Score a tiny-sd (or tiny-sdxl, tiny-pixart) denoiser: alignment and Fréchet distance at each CFG scale.
 
     Args:
-        unet: a ``UNet2DConditionModel`` to put into the pipeline (a quantized one from
-            ``bfq.load_unet`` for instance); None scores the UNet of ``base``.
+        unet: the denoiser to put into the pipeline: a ``UNet2DConditionModel`` (a quantized one
+            from ``bfq.load_unet`` for instance), or for a PixArt ``base`` a
+            ``PixArtTransformer2DModel``; None scores the denoiser of ``base``.
         base: the pipeline directory that provides VAE, text encoder(s), tokenizer(s) and scheduler
             config (default: the bundled tiny-sd; the bundled tiny-sdxl's is
-            ``bfq.tinysdxl.pipeline_dir()``).
+            ``bfq.tinysdxl.pipeline_dir()``, tiny-pixart's ``bfq.tinypixart.pipeline_dir()``).
         cfg_scales: the guidance sweep; ``default_cfg`` is added to it if missing.
         default_cfg: the scale whose scores are reported as top-level ``alignment`` and ``fd``.
         n_per_digit: images per digit and scale (10x that many per scale).
@@ -192,8 +214,8 @@ def evaluate(
         clf = classifier or load_classifier()
         pipe = _pipeline(unet, base, scheduler).to(device)
         prompts = eval_prompts(n_per_digit, seed)
-        size = pipe.unet.config.sample_size
-        shape = (len(prompts), pipe.unet.config.in_channels, size, size)
+        config = denoiser_of(pipe).config
+        shape = (len(prompts), config.in_channels, config.sample_size, config.sample_size)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
         digits = np.array([p.digit for p in prompts])
         sweep, grids = [], []

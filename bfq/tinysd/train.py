@@ -173,6 +173,79 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, s: dict, gen, log
     return ema
 
 
+def latents_of_digits(vae):
+    """The scaled ``vae`` posterior ``(mean, std)`` of every training image (``1797 x 4 x 8 x 8``
+    each), and the digits: the data of a denoiser trained on tiny-sd's frozen VAE."""
+    import torch
+
+    x, labels = _images()
+    vae = vae.eval()
+    scale = vae.config.scaling_factor
+    with torch.no_grad():
+        posts = [vae.encode(x[i : i + 500]).latent_dist for i in range(0, len(x), 500)]
+    return (torch.cat([p.mean for p in posts]) * scale, torch.cat([p.std for p in posts]) * scale), labels
+
+
+def train_denoiser(models, predict, latents, labels, s: dict, gen, log, *, steps: int, batch: int, lr: float,
+                   noise_config: dict):  # fmt: skip
+    """tiny-sd's recipe for a denoiser on frozen-VAE latents, jointly with its text encoder(s).
+
+    ε-prediction on latents sampled from the VAE posterior, uniform timesteps over the DDPM
+    schedule of ``noise_config`` (``num_train_timesteps``, ``beta_start``, ``beta_end``,
+    ``beta_schedule``), captions dropped to the empty prompt with probability ``s["uncond_prob"]``,
+    AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights.
+
+    Args:
+        models: the modules trained together (the denoiser first, then the text encoders).
+        predict: ``predict(zt, t, captions)`` -> the noise estimate, conditioning as the
+            pipeline does.
+        latents, labels: :func:`latents_of_digits`.
+        s: ``seed``, ``warmup``, ``weight_decay``, ``ema_decay``, ``uncond_prob``, ``grad_clip``,
+            ``device``.
+        gen: the torch generator of batches, latents, noise and timesteps.
+        steps, batch, lr: optimizer steps, images per step, peak learning rate.
+    Returns:
+        The EMA copies of ``models``, in eval mode.
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(
+        **{k: noise_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    )
+    mean, std = latents
+    params = [p for m in models for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=s["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, steps, s["warmup"]))
+    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
+    ema_params = [p for m in ema for p in m.parameters()]
+    rng = random.Random(s["seed"])
+    for m in models:
+        m.train()
+    dev = s["device"]
+    for step in range(steps):
+        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(dev)
+        captions = [
+            "" if rng.random() < s["uncond_prob"] else caption(int(labels[i]), rng) for i in idx.tolist()
+        ]
+        noise = torch.randn(z0.shape, generator=gen).to(dev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen).to(dev)
+        zt = noise_sched.add_noise(z0, noise, t)
+        loss = (predict(zt, t, captions) - noise).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
+        opt.step()
+        sched.step()
+        decay = min(s["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
+    return ema
+
+
 def train(out: str | Path, log=print, **settings) -> dict:
     """Train tiny-sd and save the pipeline to ``out``.
 

@@ -17,16 +17,13 @@ smoke test.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import random
 import time
 from pathlib import Path
 
 from bfq.tinysd.build import MAX_LENGTH, load_tokenizer
-from bfq.tinysd.data import caption
-from bfq.tinysd.train import _images, _lr_factor, _timed
+from bfq.tinysd.train import _timed, latents_of_digits, train_denoiser
 from bfq.tinysdxl.build import (
     SCHEDULER_CONFIG,
     build_models,
@@ -52,65 +49,23 @@ DEFAULTS = dict(
 )
 
 
-def latents_of_digits():
-    """The scaled VAE posterior ``(mean, std)`` of every training image (``1797 x 4 x 8 x 8`` each)
-    under tiny-sd's VAE, and the digits."""
-    import torch
-
-    x, labels = _images()
-    vae = load_vae().eval()
-    scale = vae.config.scaling_factor
-    with torch.no_grad():
-        posts = [vae.encode(x[i : i + 500]).latent_dist for i in range(0, len(x), 500)]
-    return (torch.cat([p.mean for p in posts]) * scale, torch.cat([p.std for p in posts]) * scale), labels
-
-
 def train_unet(unet, encoders, tokenizer, latents, labels, s: dict, gen, log):
-    """ε-prediction on latents, jointly with both text encoders. Returns the EMA copies
-    ``[unet, text_encoder, text_encoder_2]``."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    noise_sched = DDPMScheduler(
-        **{k: SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
-    )
-    models = [unet, *encoders]
-    mean, std = latents
-    params = [p for m in models for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=s["unet_lr"], weight_decay=s["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, s["unet_steps"], s["warmup"]))
-    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
-    ema_params = [p for m in ema for p in m.parameters()]
-    rng = random.Random(s["seed"])
-    for m in models:
-        m.train()
+    """ε-prediction on latents (:func:`bfq.tinysd.train.train_denoiser`), jointly with both text
+    encoders. Returns the EMA copies ``[unet, text_encoder, text_encoder_2]``."""
     dev = s["device"]
-    for step in range(s["unet_steps"]):
-        idx = torch.randint(0, len(mean), (s["unet_batch"],), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(dev)
-        captions = [
-            "" if rng.random() < s["uncond_prob"] else caption(int(labels[i]), rng) for i in idx.tolist()
-        ]
+
+    def predict(zt, t, captions):
         ids = tokenizer(
             captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids.to(dev)
-        noise = torch.randn(z0.shape, generator=gen).to(dev)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen).to(dev)
-        zt = noise_sched.add_noise(z0, noise, t)
         cond, pooled = encode(*encoders, ids)
-        added = dict(text_embeds=pooled, time_ids=time_ids(len(z0)).to(dev))
-        loss = (unet(zt, t, cond, added_cond_kwargs=added).sample - noise).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
-        opt.step()
-        sched.step()
-        decay = min(s["ema_decay"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        if step % 100 == 0 or step == s["unet_steps"] - 1:
-            log(f"unet step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
-    return ema
+        added = dict(text_embeds=pooled, time_ids=time_ids(len(zt)).to(dev))
+        return unet(zt, t, cond, added_cond_kwargs=added).sample
+
+    return train_denoiser(
+        [unet, *encoders], predict, latents, labels, s, gen, log,
+        steps=s["unet_steps"], batch=s["unet_batch"], lr=s["unet_lr"], noise_config=SCHEDULER_CONFIG,
+    )  # fmt: skip
 
 
 def train(out: str | Path, log=print, **settings) -> dict:
@@ -135,7 +90,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
     tokenizer = load_tokenizer(tinysd_dir() / "tokenizer")
     unet, *encoders = (m.to(s["device"]) for m in build_models(tokenizer, s["seed"]))
     gen = torch.Generator().manual_seed(s["seed"])
-    latents, labels = latents_of_digits()
+    latents, labels = latents_of_digits(load_vae())
     unet, *encoders = train_unet(unet, encoders, tokenizer, latents, labels, s, gen, log)
     seconds = time.perf_counter() - start
     record = dict(
