@@ -64,6 +64,7 @@ class Family:
     prompt_cond_keys: tuple[str, ...] = ()
     component: str = "unet"
     model_noun: str = "UNet"  # what messages and model cards call the model
+    tiny_digit_analysis: bool = True  # the tiny model's sensitivity analysis uses tiny-sd's digit prompts
     random_per_layer: bool = False
     # the time path (bfq.quant.timecache): how the timestep reaches the blocks, and where its modules are
     time_modulation: str = "resnet"  # "resnet": each ResNet's time_emb_proj; "adaln-single": one module for all blocks

@@ -71,14 +71,18 @@ def is_large(unet: nn.Module) -> bool:
 
 
 def _is_tinysd(base_dir, source) -> bool:
-    if source and source.get("kind") == "builtin" and source.get("name") == "tiny-sd":
+    """A bundled tiny model analysed with tiny-sd's digit prompts and guidance (its family's
+    ``tiny_digit_analysis``: tiny-sd, tiny-pixart; tiny-sdxl keeps the generic prompts its published
+    analysis used), by built-in name or pipeline folder."""
+    from bfq.families import FAMILIES
+
+    tiny = [f for f in FAMILIES if f.tiny_digit_analysis]
+    if source and source.get("kind") == "builtin" and source.get("name") in {f.tiny_name for f in tiny}:
         return True
     if base_dir is None:
         return False
     try:
-        from bfq.tinysd import pipeline_dir
-
-        return Path(base_dir).resolve() == Path(pipeline_dir()).resolve()
+        return any(Path(base_dir).resolve() == f.tiny_pipeline_dir().resolve() for f in tiny)
     except Exception:  # pragma: no cover
         return False
 
