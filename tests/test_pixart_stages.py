@@ -241,3 +241,85 @@ def test_generate_with_the_float_transformer_through_the_cli(pipe_dir, tmp_path)
                                   "--steps", "2", "--seed", "1", "--quiet", "-o", str(tmp_path / "c.png")])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "c.png").size == (32 * 5, 24 * 5)  # its own size (no resolution binning), enlarged
+
+
+# ------------------------------------------------- quantize, fine-tune, export, load, generate
+
+
+@pytest.fixture(scope="module")
+def quantized(pipe_dir, tmp_path_factory):
+    """`bfq quantize PIPELINE` of the test pipeline: initialized only, and with two steps of each
+    fine-tuning stage on the digits (a scheduler cache for 4 DPM-Solver++ steps)."""
+    root = tmp_path_factory.mktemp("pixart-q")
+    runner = CliRunner()
+    common = ["quantize", str(pipe_dir), "--recipe", "uniform-2", "--steps", "4", "--quiet"]
+    made = runner.invoke(main, [*common, "-o", str(root / "init.bfq")])
+    assert made.exit_code == 0, made.output
+    made = runner.invoke(main, [*common, "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "4", "--lr", "1e-2",
+                                "--data", "tiny-sd-digits", "-o", str(root / "ft.bfq")])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    return root / "init.bfq", root / "ft.bfq"
+
+
+def test_quantize_fine_tune_and_export_a_pixart_pipeline(quantized):
+    import numpy as np
+
+    from bfq.format import open_bfq
+
+    init, ft = quantized
+    with open_bfq(init) as a, open_bfq(ft) as b:
+        assert b.header.model["class_name"] == "PixArtTransformer2DModel"
+        record = json.loads(b.header.metadata["finetune"])
+        changed = [n for n in a.layers if not np.array_equal(a.read_scales(n), b.read_scales(n))]
+        assert b.header.time_cache.mode == "scheduler" and len(b.header.time_cache.timesteps) == 4
+        assert "pos_embed.proj.weight" in b.layers and not any(n.startswith("adaln_single.") for n in b.layers)
+    assert record["stage1_steps"] == 2 and record["stage2_steps"] == 2 and len(changed) > 10
+    result = CliRunner().invoke(main, ["verify", str(ft), "--build"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_packed_pixart_file_generates_the_dense_images_in_its_pipeline(quantized, pipe_dir):
+    """bfq.load_pipeline gives a PixArtSigmaPipeline around the file's transformer; packed and dense
+    runtimes give the same images, and they are images, not noise."""
+    import numpy as np
+
+    import bfq
+
+    images = {}
+    for runtime in ("packed", "dense"):
+        pipe = bfq.load_pipeline(str(quantized[1]), base=str(pipe_dir), runtime=runtime, device="cpu", compute="fp32")
+        assert type(pipe).__name__ == "PixArtSigmaPipeline"
+        assert any(type(m).__name__.startswith("Packed") for m in pipe.transformer.modules()) == (runtime == "packed")
+        images[runtime] = pipe(["a handwritten digit three", "seven"], num_inference_steps=4, guidance_scale=3.0,
+                               generator=torch.Generator().manual_seed(0), output_type="np",
+                               use_resolution_binning=False).images  # fmt: skip
+    np.testing.assert_allclose(images["packed"], images["dense"], atol=1e-5)
+    assert images["packed"].shape == (2, 16, 16, 3) and images["packed"].std() > 0.01
+
+
+def test_generate_a_pixart_file_through_the_cli(quantized, pipe_dir, tmp_path):
+    """`bfq generate FILE.bfq`: the steps its cache was made for by default, a sampler whose timesteps
+    are cached, a negative prompt and a seed; a sampler that visits other timesteps is refused up front."""
+    runner = CliRunner()
+    out = tmp_path / "grid.png"
+    args = ["generate", str(quantized[1]), "--base", str(pipe_dir), "--prompt", "seven", "--cfg", "3", "--seed", "2", "--quiet"]
+    result = runner.invoke(main, [*args, "--negative-prompt", "blurry", "--batch", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "seed        2" in result.output
+    refused = runner.invoke(main, [*args, "--sampler", "ddim", "-o", str(tmp_path / "x.png")])
+    assert refused.exit_code == 2 and "Samplers that fit: " in refused.output and "dpm++" in refused.output, refused.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_model_card_names_the_transformer_its_pipeline_and_blocks(quantized):
+    from bfq.hub import model_card
+
+    card = model_card(quantized[1], repo_id="you/pixart-2bit", diffusers=True,
+                      base={"base_model": None, "license": None, "pipeline": "you/pixart-base"})  # fmt: skip
+    assert "The diffusion transformer of pipe quantized to" in card
+    assert 'transformer = bfq.load_transformer("you/pixart-2bit")  # a diffusers PixArtTransformer2DModel' in card
+    assert "pipeline (PixArtSigmaPipeline) whose `transformer/` holds" in card and "# a PixArtSigmaPipeline" in card
+    assert "- pixart" in card and "UNet" not in card
+    for block in ("transformer_blocks.0", "transformer_blocks.1", "caption_projection", "pos_embed/proj_out"):
+        assert f"\n| {block} | " in card, block
+    assert "\n| pos_embed/proj_out | 2 | 2,304 | 8-bit ×2 | 8.01 |\n" in card  # log2(257) bits

@@ -256,7 +256,7 @@ def model_card(
         "```python",
         "import bfq",
         "",
-        f'{family.component} = bfq.load_unet("{spec}"{rev})  # a diffusers {family.model_class}: float32 on the CPU, '
+        f'{family.component} = bfq.load_{family.component}("{spec}"{rev})  # a diffusers {family.model_class}: float32 on the CPU, '
         'float16 with device="cuda"',
         "```",
         "",
