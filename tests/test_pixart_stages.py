@@ -133,7 +133,7 @@ def test_analyze_and_allocate_a_pixart_pipeline(pipe_dir, tmp_path, mode):
     sens, out = tmp_path / "sens.json", tmp_path / "recipe.json"
     runner = CliRunner()
     result = runner.invoke(main, ["analyze", str(pipe_dir), "--mode", mode, "--prompts", "2", "--steps", "4",
-                                  "--timesteps", "2", "--quiet", "-o", str(sens)])  # fmt: skip
+                                  "--timesteps", "2", "--cache-steps", "4", "--quiet", "-o", str(sens)])  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads(sens.read_text())
     model = PixArtTransformer2DModel.from_pretrained(pipe_dir, subfolder="transformer")
@@ -143,11 +143,25 @@ def test_analyze_and_allocate_a_pixart_pipeline(pipe_dir, tmp_path, mode):
     assert doc["settings"]["conditioning"] == "text_encoder" and doc["model"]["class_name"] == "PixArtTransformer2DModel"
     errors = {n: e["errors"] for n, e in doc["layers"].items() if "errors" in e}
     assert all(e["1"]["mse"] > e["3"]["mse"] >= 0 for e in errors.values())  # fewer bits, more error, every layer
-    result = runner.invoke(main, ["allocate", str(sens), "--bits", "1.99", "-o", str(out)])
+    result = runner.invoke(main, ["allocate", str(sens), "--bits", "1.99", "-o", str(out), "--plot", str(tmp_path / "a.png")])
     assert result.exit_code == 0, result.output
-    assert "(2 fixed at 8 bits)" in result.output
+    assert "(2 fixed at 8 bits)" in result.output and (tmp_path / "a.png").stat().st_size > 1000
     plan = recipes.resolve_recipe(str(out), model, "scheduler")
     assert set(plan.bits.values()) > {8} and plan.bits["proj_out.weight"] == 8
+
+
+def test_allocation_plots_follow_the_transformer(transformer):
+    from bfq.pipeline.plots import layer_kind, unet_order
+
+    names = list(recipes.quantizable_layers(transformer, "grid"))
+    order = unet_order(names)
+    assert order[0] == "pos_embed.proj.weight" and order[-1] == "proj_out.weight"
+    assert order.index("transformer_blocks.1.attn1.to_q.weight") > order.index("transformer_blocks.0.ff.net.2.weight")
+    assert [layer_kind(n) for n in ("pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight",
+                                    "adaln_single.linear.weight", "transformer_blocks.0.attn2.to_k.weight",
+                                    "transformer_blocks.0.attn2.to_out.0.weight", "transformer_blocks.0.ff.net.2.weight")] == [
+        "first/last", "first/last", "caption proj", "time proj", "cross-attn k/v", "cross-attn q/out", "ff"]  # fmt: skip
+    assert layer_kind("down_blocks.0.attentions.0.proj_out.weight") == "proj"  # a UNet's, inside a block
 
 
 # ------------------------------------------------------------------------------- fine-tuning
