@@ -337,3 +337,27 @@ def test_model_card_names_the_transformer_its_pipeline_and_blocks(quantized):
     for block in ("transformer_blocks.0", "transformer_blocks.1", "caption_projection", "pos_embed/proj_out"):
         assert f"\n| {block} | " in card, block
     assert "\n| pos_embed/proj_out | 2 | 2,304 | 8-bit ×2 | 8.01 |\n" in card  # log2(257) bits
+
+
+# ------------------------------------------------------------------------- the bundled tiny-pixart
+
+
+def test_eval_tiny_pixart_and_a_file_made_from_it(tmp_path):
+    """`bfq quantize tiny-pixart` caches its metric's 20 steps of its own sampler; `bfq eval` scores
+    tiny-pixart and the file with tiny-pixart's pipeline (the file with the sampler it caches)."""
+    from bfq.format import open_bfq
+    from bfq.tinypixart import pipeline_dir
+
+    runner = CliRunner()
+    out = tmp_path / "t.bfq"
+    made = runner.invoke(main, ["quantize", "tiny-pixart", "--recipe", "uniform-4", "--quiet", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    with open_bfq(out) as f:
+        assert len(f.header.time_cache.timesteps) == 20 and "DPMSolverMultistepScheduler" in f.header.metadata["scheduler"]
+    results = {}
+    for model in ("tiny-pixart", str(out)):
+        result = runner.invoke(main, ["eval", model, "--n-per-digit", "3", "--cfg", "3", "--quiet", "--json"])
+        assert result.exit_code == 0, result.output
+        results[model] = json.loads(result.stdout)
+        assert results[model]["settings"]["base"] == str(pipeline_dir()) and results[model]["settings"]["steps"] == 20
+    assert results["tiny-pixart"]["alignment"] >= 0.9 and results[str(out)]["alignment"] >= 0.5
