@@ -83,6 +83,10 @@ def test_recipes_cover_attention_feed_forward_patch_caption_and_final_layers(tra
     plan = recipes.resolve_recipe("uniform-2", transformer, "scheduler")
     assert {n for n, b in plan.bits.items() if b == 8} == {"pos_embed.proj.weight", "proj_out.weight"}
     assert "pos_embed.proj/proj_out 8-bit" in plan.notes
+    # grid mode keeps adaln_single's projection to the 6 x width modulation: the time projection of a DiT
+    grid = recipes.resolve_recipe("uniform-2", transformer, "grid", time_proj_bits=4)
+    assert recipes.time_projections(transformer, "grid") == ["adaln_single.linear.weight"]
+    assert set(grid.bits) - set(plan.bits) == {"adaln_single.linear.weight"} and grid.bits["adaln_single.linear.weight"] == 4
 
 
 # ------------------------------------------------------------------------------- conditioning

@@ -2,8 +2,8 @@
 cache the time features, initialize the quantized layers, optionally fine-tune them (Stage I and
 Stage II, bfq.pipeline.finetune), export a .bfq.
 
-Each stage lives in its own module; this one only wires them and records what was done: one
-cohesive thing, the single place where the stages meet.
+Each stage lives in its own module; this one only wires them and records what was done:
+one cohesive thing, the single place where the stages meet.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
         )
     fixed = {}
     if time_proj_bits is not None:  # where the cache keeps them (grid; SDXL's scheduler cache)
-        fixed = {n: int(time_proj_bits) for n in need if n.endswith("time_emb_proj.weight")}
+        fixed = {n: int(time_proj_bits) for n in recipes.time_projections(unet, time_cache)}
     alloc = allocate(sens, budget, method, fixed=fixed, n_time_features=n_time_features, need_layers=need,
                      **dict(allocator_options or {}))  # fmt: skip
     recipe = alloc.to_recipe()

@@ -146,9 +146,18 @@ def replaced_by_cache(unet: nn.Module, name: str, time_cache: str) -> bool:
     return family_of(unet).replaced_by_time_cache(name, time_cache, dict(unet.config))
 
 
+def time_projections(unet: nn.Module, time_cache: str) -> list[str]:
+    """The quantizable layers on the model's time path that the cache mode keeps: a UNet's
+    ``time_emb_proj`` layers (grid mode; SDXL's scheduler cache), a PixArt transformer's
+    ``adaln_single.linear`` (grid mode) and size embedders (a size-conditioned model): the layers
+    ``time_proj_bits`` gives bits."""
+    family = family_of(unet)
+    return [n for n in quantizable_layers(unet, time_cache) if family.is_time_layer(n.removesuffix(".weight"))]
+
+
 def _keeps_time_proj(unet: nn.Module, time_cache: str) -> bool:
-    """True when the time_emb_proj layers stay (and need bits) under this cache mode."""
-    return any(_is_time_proj(n) for n in quantizable_layers(unet, time_cache))
+    """True when time projections stay (and need bits) under this cache mode."""
+    return bool(time_projections(unet, time_cache))
 
 
 def quantizable_layers(unet: nn.Module, time_cache: str = "scheduler") -> dict[str, int]:
@@ -177,7 +186,7 @@ def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> 
         removed = [n for n in unknown if _is_time_embedding(n) or _is_time_proj(n)]
         if removed:
             parts.append(f"({len(removed)} of them are time layers the {time_cache!r} time cache removes)")
-    if _keeps_time_proj(unet, time_cache) and missing and all(_is_time_proj(n) for n in missing):
+    if missing and set(missing) <= set(time_projections(unet, time_cache)):
         who = "grid mode" if time_cache == "grid" else "this model's scheduler time cache"
         parts.append(f"({who} keeps time_emb_proj layers: give them bits, e.g. with time_proj_bits)")
     raise RecipeError(f"recipe {recipe.name!r} does not fit this model: " + "; ".join(parts))
@@ -265,12 +274,12 @@ def uniform_recipe(unet: nn.Module, bits: int, *, time_cache: str = "scheduler",
     """``uniform-N``: every quantizable layer at ``bits``, the first and last layers (conv_in/conv_out)
     at 8 bits."""
     layers = quantizable_layers(unet, time_cache)
-    ends = first_last_layers(unet)
+    ends, time_projs = first_last_layers(unet), set(time_projections(unet, time_cache))
     plan = {}
     for name in layers:
         if name in ends:
             plan[name] = FIRST_LAST_BITS
-        elif _is_time_proj(name) and time_proj_bits is not None:
+        elif name in time_projs and time_proj_bits is not None:
             plan[name] = time_proj_bits
         else:
             plan[name] = bits
@@ -334,8 +343,8 @@ def resolve_recipe(name_or_path: str | os.PathLike, unet: nn.Module, time_cache:
         recipe = Recipe.load(name)
         if _keeps_time_proj(unet, time_cache):
             tb = DEFAULT_TIME_PROJ_BITS if time_proj_bits is None else time_proj_bits
-            for n in quantizable_layers(unet, time_cache):
-                if _is_time_proj(n) and n not in recipe.bits:
+            for n in time_projections(unet, time_cache):
+                if n not in recipe.bits:
                     recipe.bits[n] = tb
             recipe.bits = _in_model_order(recipe.bits, linear_conv_weights(unet))
     else:
