@@ -15,9 +15,10 @@ def quantize_cmd(model, **params):
 
     MODEL is `tiny-sd` (bundled), `sd15-random` (SD-v1.5-shaped, random weights), `sd15` (the Hub's
     Stable Diffusion v1.5; needs network), `sdxl-random` / `sdxl` (the same for SDXL base 1.0),
-    `tiny-sdxl` (bundled, trained on tiny-sd's digits), a Hub repo id, a diffusers pipeline directory, a UNet
+    `tiny-sdxl` (bundled, trained on tiny-sd's digits), `pixart-random` / `pixart` (PixArt-Σ 512's
+    transformer), a Hub repo id, a diffusers pipeline directory (unet/ or transformer/), a model
     directory (config.json + weights) or a .safetensors checkpoint, of an SD-1/2-class or an
-    SDXL-class UNet.
+    SDXL-class UNet or a PixArt-class diffusion transformer.
 
     \b
     Examples:
@@ -25,6 +26,7 @@ def quantize_cmd(model, **params):
       bfq quantize tiny-sd --bits 1.99 --stage1-steps 400 --lr 1e-4 --batch-size 32 -o tiny-ft.bfq
       bfq quantize tiny-sdxl --bits 1.99 --stage1-steps 400 --stage2-steps 400 -o tiny-sdxl-ft.bfq
       bfq quantize sd15-random --recipe bitsfusion-sd15 -o sd15.bfq
+      bfq quantize pixart-random --recipe uniform-2 -o pixart.bfq
       bfq quantize ./my-unet --recipe uniform-2 --time-cache grid -o my.bfq
     """
     run_quantize(model, params)

@@ -38,7 +38,8 @@ def _cli(*args):
 def test_bfq_to_folder_and_back_is_bit_exact(vector, tmp_path):
     result = _cli("convert", VECTORS / vector, "-o", tmp_path / "dir")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "dir" / "unet" / WEIGHTS_NAME).is_file()
+    component = "transformer" if vector.startswith("pixart") else "unet"  # Appendix A: DiT files in transformer/
+    assert (tmp_path / "dir" / component / WEIGHTS_NAME).is_file()
     result = _cli("convert", tmp_path / "dir", "-o", tmp_path / "back.bfq")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "back.bfq").read_bytes() == (VECTORS / vector).read_bytes()

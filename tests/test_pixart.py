@@ -315,3 +315,34 @@ def test_pixart_builtin_downloads_the_transformer_only(tmp_path, monkeypatch):
     with open_bfq(out) as f:
         assert f.header.model["source"]["repo"] == FAMILY.hub_repo and f.header.model["class_name"] == "PixArtTransformer2DModel"
         assert len(f.header.time_cache.timesteps) == 4 and set(f.header.time_cache.tables) == {"adaln_single.linear", "adaln_single.emb"}
+
+
+def test_inspect_and_verify_a_pixart_file(quantized_files):
+    import json
+
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["verify", "--build", str(quantized_files["scheduler"])])
+    assert r.exit_code == 0 and "PixArtTransformer2DModel" in r.output, r.output
+    r = runner.invoke(main, ["inspect", "--json", str(quantized_files["sized"])])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["model"]["class_name"] == "PixArtTransformer2DModel"
+
+
+def test_quantize_on_load_through_diffusers(tmp_path):
+    """``PixArtTransformer2DModel.from_pretrained(float folder, quantization_config=bfq.BfqConfig(...))``
+    quantizes as `bfq quantize` does, with the pipeline's scheduler for the cache."""
+    import bfq
+
+    folder = _pipeline_folder(tmp_path / "pipe", tiny_pixart(9))
+    model = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer",
+                                                     quantization_config=bfq.BfqConfig(recipe="uniform-2", steps=STEPS))  # fmt: skip
+    assert tc.time_cache_mode(model) == "scheduler" and type(model.proj_out).__name__ == "PackedLinear"
+    from bfq.pipeline.quantize import quantize
+
+    path = quantize(folder, tmp_path / "same.bfq", recipe="uniform-2", steps=STEPS, progress=False).path
+    dense = bfq.load_transformer(path, runtime="dense")
+    x, cond = torch.randn(2, 4, 8, 8), FAMILY.conditioning(dict(dense.config), 2, seq_len=3)
+    torch.testing.assert_close(_run(model, x, _timesteps()[1], cond), _run(dense, x, _timesteps()[1], cond), rtol=0, atol=0)

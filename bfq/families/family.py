@@ -45,6 +45,11 @@ class Family:
             PixArt: ``encoder_attention_mask``).
         component: the model's folder in a diffusers pipeline repo (``unet``; ``transformer`` for
             DiT families), where the diffusers layout (FORMAT.md appendix A) puts it.
+        time_modulation: how the timestep reaches the blocks, what :mod:`bfq.quant.timecache`
+            dispatches on: ``"resnet"`` (each ResNet's ``time_emb_proj`` reads the time embedding)
+            or ``"adaln-single"`` (one ``adaln_single`` module modulates every block, FORMAT.md §2.3.2).
+        time_proj_module, time_mlp_module: module paths of the sinusoidal timestep projection and of
+            the timestep MLP (what grid mode keeps in fp16 and a scheduler ``embedding`` cache holds).
     """
 
     name: str

@@ -305,12 +305,15 @@ def _resumable(work_dir: Path) -> bool:
 
 def default_steps(model: str | os.PathLike) -> int:
     """Sampler steps a scheduler cache is made for when none are given: for a bundled tiny model
-    (tiny-sd, tiny-sdxl) its family's ``tiny_steps`` (the tiny-sd metric's 20), else the paper's PNDM-50."""
+    (tiny-sd, tiny-sdxl) its family's ``tiny_steps`` (the tiny-sd metric's 20), for another built-in
+    its family's ``default_steps`` (the reference pipeline's: 50 for SD-v1.5 and SDXL, 20 for
+    PixArt-Σ), else the paper's PNDM-50."""
     from bfq.families import family_for_name, is_builtin
 
     name = os.fspath(model)
-    if is_builtin(name) and name == family_for_name(name).tiny_name:
-        return family_for_name(name).tiny_steps
+    if is_builtin(name):
+        family = family_for_name(name)
+        return family.tiny_steps if name == family.tiny_name else family.default_steps
     return DEFAULT_STEPS
 
 

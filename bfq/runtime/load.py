@@ -281,9 +281,11 @@ def _empty_model(bfq: BfqFile) -> nn.Module:
         raise BfqFormatError(f"model.class_name: {class_name!r} is not a diffusers model class")
     config = {k: v for k, v in bfq.header.model["config"].items() if not k.startswith("_")}
     try:
-        family_for_config(config, class_name)
+        family = family_for_config(config, class_name)
     except FamilyError as exc:
         raise BfqFormatError(f"model: {exc}") from None
+    if family.model_class != class_name:  # a legacy name (Transformer2DModel): the file must name the class it was built as
+        raise BfqFormatError(f"model.class_name: {class_name!r}; a {family.title} file names {family.model_class!r}")
     try:
         from accelerate import init_empty_weights
 
