@@ -365,3 +365,25 @@ def test_eval_tiny_pixart_and_a_file_made_from_it(tmp_path):
         results[model] = json.loads(result.stdout)
         assert results[model]["settings"]["base"] == str(pipeline_dir()) and results[model]["settings"]["steps"] == 20
     assert results["tiny-pixart"]["alignment"] >= 0.9 and results[str(out)]["alignment"] >= 0.5
+
+
+def test_push_a_pixart_file_with_a_preview(quantized, pipe_dir, tmp_path, monkeypatch):
+    """`bfq push --preview` of a PixArt file: a PixArtSigmaPipeline repo (transformer/ in bfq's
+    diffusers layout, the file's scheduler, the base's T5 encoder, tokenizer and VAE), a preview grid
+    made with the quantized transformer, and a card that shows it and loads the transformer."""
+    from tests.hub_server import FakeHub, point_client_at
+
+    repo = "user/pixart-2bit"
+    with FakeHub(token="hf_test") as hub:
+        point_client_at(monkeypatch, hub.url, tmp_path / "hf-home", token="hf_test")
+        result = CliRunner().invoke(main, ["push", str(quantized[1]), "--repo", repo, "--base", str(pipe_dir),
+                                           "--preview-prompt", "seven", "--preview-prompt", "two"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        files = set(hub.files(repo))
+        card = hub.file(repo, "README.md").decode()
+        assert json.loads(hub.file(repo, "model_index.json"))["_class_name"] == "PixArtSigmaPipeline"
+        assert json.loads(hub.file(repo, "transformer/config.json"))["quantization_config"]["quant_method"] == "bfq"
+    assert {"ft.bfq", "preview.png", "transformer/config.json", "text_encoder/config.json", "tokenizer/tokenizer.json",
+            "vae/config.json", "scheduler/scheduler_config.json"} <= files and not any(f.startswith("unet/") for f in files)  # fmt: skip
+    assert "![preview grid generated with this model](preview.png)" in card and "'seven'; 'two'" in card
+    assert f'transformer = bfq.load_transformer("{repo}")' in card and "whose `transformer/` holds" in card
