@@ -66,6 +66,20 @@ def test_golden_folder_is_the_time_scheduler_vector(tmp_path):
         assert f.metadata()["bfq_layout"] == "1"
 
 
+def test_golden_folder_of_the_dit_kind_is_the_pixart_vector(tmp_path):
+    """spec/diffusers/pixart_scheduler/ is spec/vectors/pixart_scheduler.bfq in the layout: component
+    folder transformer/ (FORMAT.md appendix A, §2.3.2), the adaLN-single tables under their keys."""
+    from safetensors import safe_open
+
+    golden = GOLDEN.parent / "pixart_scheduler"
+    assert _cli("convert", VECTORS / "pixart_scheduler.bfq", "-o", tmp_path).exit_code == 0
+    for name in ("config.json", WEIGHTS_NAME):
+        assert (tmp_path / "transformer" / name).read_bytes() == (golden / "transformer" / name).read_bytes()
+    assert bytes(read_layout(golden)) == (VECTORS / "pixart_scheduler.bfq").read_bytes()
+    with safe_open(golden / "transformer" / WEIGHTS_NAME, "pt") as f:
+        assert {"bfq_time_cache.adaln_single.linear", "bfq_time_cache.adaln_single.emb"} <= set(f.keys())
+
+
 def _rewrite(folder: Path, edit) -> None:
     """Apply ``edit`` to the safetensors header of ``folder``'s weights file (data untouched)."""
     path = folder / "unet" / WEIGHTS_NAME

@@ -54,7 +54,8 @@ def test_bundled_folder_is_a_pixart_sigma_pipeline_with_a_t5_encoder_and_tiny_sd
     assert (pipeline_dir() / weights).read_bytes() == (tinysd_dir() / weights).read_bytes()
     # the tokenizer is the one build_tokenizer makes: caption words are single pieces, every prompt ends in </s>
     tok = loaded.tokenizer
-    assert tok(["a handwritten digit seven", ""]).input_ids == build_tokenizer()(["a handwritten digit seven", ""]).input_ids
+    prompts = ["a handwritten digit seven", ""]
+    assert tok(prompts).input_ids == build_tokenizer()(prompts).input_ids
     ids = tok("a handwritten digit seven").input_ids
     assert len(ids) == 5 and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
     assert tok("").input_ids == [tok.eos_token_id]
@@ -68,7 +69,7 @@ def test_transformer_is_pixarts_with_adaln_single_and_patch_2(pipe):
     assert type(tr) is PixArtTransformer2DModel
     assert cfg.norm_type == "ada_norm_single" and cfg.patch_size == 2 and cfg.sample_size == 8
     assert cfg.in_channels == cfg.out_channels == 4 and cfg.use_additional_conditions is False
-    assert tr.adaln_single.use_additional_conditions is False
+    assert tr.use_additional_conditions is False and not hasattr(tr.adaln_single.emb, "resolution_embedder")
     width = cfg.num_attention_heads * cfg.attention_head_dim
     assert cfg.cross_attention_dim == width and cfg.caption_channels == pipe.text_encoder.config.d_model
     # adaLN-single: one timestep MLP giving 6 x width, and a learned table per block
@@ -135,6 +136,33 @@ def test_pipeline_makes_the_digit_asked_for_through_the_tinysd_metric(pipe):
     with torch.no_grad():
         broken.proj_out.weight.zero_()  # predicts a constant: no digit at all
     assert evaluate(broken, **kw)["fd"] > result["fd"] + 10
+
+
+def test_bfq_eval_tiny_pixart():
+    """`bfq eval tiny-pixart` (the pixart family's built-in name) scores the bundled PixArt pipeline."""
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(main, ["eval", "tiny-pixart", "--n-per-digit", "2", "--cfg", "3", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["settings"]["base"] == str(pipeline_dir()) and scores["settings"]["steps"] == 20
+    assert scores["alignment"] >= 0.8
+
+
+def test_bfq_eval_scores_a_file_made_from_tiny_pixart(tmp_path):
+    """`bfq eval FILE.bfq` finds tiny-pixart as the file's base by its transformer's shape."""
+    from bfq_cli.main import main
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    out = tmp_path / "t.bfq"
+    made = runner.invoke(main, ["quantize", "tiny-pixart", "--recipe", "uniform-4", "--quiet", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    result = runner.invoke(main, ["eval", str(out), "--n-per-digit", "2", "--cfg", "3", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)  # stderr may hold a note on the file's sampler
+    assert scores["settings"]["base"] == str(pipeline_dir()) and scores["alignment"] >= 0.5
 
 
 def test_bundled_artifact_matches_its_recorded_hash_quality_and_is_small():

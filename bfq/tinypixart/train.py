@@ -13,6 +13,13 @@ attention mask, which the transformer's cross-attention also receives).
 Deterministic for a given seed and thread count on a given machine. The defaults are the settings
 of the bundled ``bfq/data/tiny-pixart``; its ``TRAINING.json`` records them, the wall time, the
 content hash and the measured quality. Tiny settings (``--steps 2 --batch 8``) make a smoke test.
+
+Why lr 3e-3 and 4000 steps: as in tiny-sd, the text conditioning comes late. After 500 steps at lr
+2e-3 the transformer drew digit-like strokes but ignored the prompt (alignment 0.06 over 50 images,
+the same images at every CFG scale); tiny-sd's sweeps found 3e-3 learns the conditioning in fewer
+steps than 2e-3, and 4000 steps was what the shared machine's time allowed. The bundled run reaches
+alignment 1.000 at every scale of the metric's sweep. Cost: 0.5 s per step on one thread when the
+machine is lightly loaded, 0.97 s on average for the bundled run (load average 3-10 on 2 cores).
 """
 
 from __future__ import annotations
@@ -36,9 +43,9 @@ from bfq.tinysd.train import _timed, latents_of_digits, train_denoiser
 
 DEFAULTS = dict(
     seed=0,
-    steps=5000,
+    steps=4000,
     batch=128,
-    lr=2e-3,
+    lr=3e-3,
     warmup=100,
     weight_decay=1e-2,
     ema_decay=0.995,
