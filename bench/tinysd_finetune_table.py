@@ -1,5 +1,6 @@
 """Issue 6's table on tiny-sd at 1.99 bits: init only, the paper's Stage I ablation steps, Stage II;
-with --model tiny-sdxl, issue 19's table on the bundled tiny-sdxl (same metric and data).
+with --model tiny-sdxl, issue 19's table on the bundled tiny-sdxl, with --model tiny-pixart issue
+22's on the bundled diffusion transformer (same metric and data).
 
 Rows (every quantized row goes the whole user path: `bfq.pipeline.quantize.quantize` with
 `stage1_steps`/`stage2_steps` -> .bfq on disk -> `bfq.load_unet` -> the tiny-sd metric):
@@ -10,6 +11,11 @@ Rows (every quantized row goes the whole user path: `bfq.pipeline.quantize.quant
   I: + feature distill.     + lambda=0.01 down/up-block feature distillation, uniform t
   I: + Beta(3,1) t          + quantization-error-aware time sampling (= the paper's Stage I)
   I + II                    the paper's Stage I, then Stage II (noise prediction on the digits)
+  uniform 2-bit             recipe uniform-2 (every layer 2 bits, the first and last 8), no training
+
+The scheduler-mode time cache of every file is made for the metric's sampler (DDIM, 20 steps, the
+model's noise schedule), so each row is scored as the fp32 row is, also where the model's own
+scheduler visits other timesteps (tiny-pixart's DPM-Solver++).
 
 All rows share one work directory: the sensitivity analysis and the initialized scales are
 computed once, and the last row reuses the Stage I run of the row before it (so its CPU time is
@@ -39,6 +45,7 @@ def rows(args) -> list[tuple[str, int, int, dict]]:
         ("I: + feature distillation", s1, 0, {"t_sampling": "uniform"}),
         ("I: + Beta(3,1) t sampling", s1, 0, {}),
         ("I + II", s1, s2, {}),
+        ("uniform 2-bit", 0, 0, {"recipe": "uniform-2"}),
     ]
 
 
@@ -49,10 +56,10 @@ def main():
     from bfq.format.inspect import summarize
     from bfq.pipeline.finetune import FinetuneConfig
     from bfq.pipeline.quantize import quantize
-    from bfq.tinysd.evaluate import DEFAULT_CFG, DEFAULT_STEPS
+    from bfq.tinysd.evaluate import DEFAULT_CFG, DEFAULT_STEPS, ddim_sampler
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-sd", choices=("tiny-sd", "tiny-sdxl"), help="the bundled tiny model")
+    parser.add_argument("--model", default="tiny-sd", choices=("tiny-sd", "tiny-sdxl", "tiny-pixart"), help="the bundled tiny model")
     parser.add_argument("--bits", type=float, default=1.99)
     parser.add_argument("--allocator", default="optimal", help="the allocator of --bits (the published table: optimal)")
     parser.add_argument("--stage1-steps", type=int, default=400)
@@ -63,7 +70,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-per-digit", type=int, default=50, help="images per digit for the metric (CFG %g)" % DEFAULT_CFG)
     parser.add_argument("--seeds", default="0", help="comma-separated evaluation seeds (prompts and initial noise); the table gives the mean")
-    parser.add_argument("--only", help="comma-separated row numbers (1 = init only) to run; fp32 runs unless --no-fp32")
+    parser.add_argument("--only", help="comma-separated row numbers (1 = init only, 6 = uniform 2-bit) to run; fp32 runs unless --no-fp32")
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 row (when completing a table)")
     parser.add_argument("--work-dir", help="keep the analysis, scales and checkpoints here (default: a temporary one)")
     parser.add_argument("--out", help="write the rows as JSON here")
@@ -87,7 +94,9 @@ def main():
             if wanted and i not in wanted:
                 continue
             path = work_dir / f"row{i}.bfq"
-            done = quantize(args.model, path, bits=args.bits, allocator=args.allocator, steps=DEFAULT_STEPS,
+            settings = dict(settings)
+            plan = {"recipe": settings.pop("recipe")} if "recipe" in settings else {"bits": args.bits, "allocator": args.allocator}
+            done = quantize(args.model, path, **plan, steps=DEFAULT_STEPS, scheduler=ddim_sampler(metric.get("base")),
                             work_dir=work_dir, progress=False,
                             stage1_steps=s1, stage2_steps=s2, finetune_config=base.replace(**settings),
                             finetune_stage2_config=stage2)  # fmt: skip

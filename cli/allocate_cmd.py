@@ -126,7 +126,7 @@ def _one_line(a) -> str:
 def _report(a) -> str:
     s = a.summary()
     d = a.details
-    fixed = sum(1 for n in a.bits if n in ("conv_in.weight", "conv_out.weight"))
+    fixed = len(d.get("fixed_layers", ()))
     lines = [
         f"recipe      {a.name}  ({a.method} allocation, {a.levels} levels, time cache {a.time_cache})",
         f"avg bits    {a.avg_bits:.6f} by the paper's accounting (budget {a.budget:g}; N_w {a.n_weights_total:,}, "

@@ -21,7 +21,7 @@ from bfq.tinysd.evaluate import (
 
 
 def _tiny_dirs() -> dict[str, Path]:
-    """The bundled tiny pipelines the metric scores, by built-in name (``tiny-sd``, ``tiny-sdxl``)."""
+    """The bundled tiny pipelines the metric scores, by built-in name (``tiny-sd``, ``tiny-sdxl``, ``tiny-pixart``)."""
     from bfq.families import FAMILIES
 
     return {f.tiny_name: f.tiny_pipeline_dir() for f in FAMILIES}
@@ -29,7 +29,7 @@ def _tiny_dirs() -> dict[str, Path]:
 
 def _resolve(model: str, steps: int | None, runtime: str, compute: str = "fp32"):
     """``(unet, base, scheduler, steps, note)`` for MODEL: a bundled tiny model (``tiny-sd``,
-    ``tiny-sdxl``), a ``.bfq`` made from one, or a pipeline directory. Everything is checked before
+    ``tiny-sdxl``, ``tiny-pixart``), a ``.bfq`` made from one, or a pipeline directory. Everything is checked before
     anything is generated: the step count (within the scheduler's training timesteps), the file's
     origin, and for a ``.bfq`` with a scheduler-mode time cache the steps it was made for (the
     default; others are refused). Such a file is sampled with the evaluation's DDIM sampler when
@@ -71,14 +71,19 @@ def _resolve(model: str, steps: int | None, runtime: str, compute: str = "fp32")
     return unet, base, scheduler, steps, note
 
 
-_SHAPE_KEYS = ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels", "addition_embed_type")
+_SHAPE_KEYS = ("in_channels", "sample_size", "cross_attention_dim", "block_out_channels", "addition_embed_type",
+               "num_layers", "patch_size", "caption_channels")  # the last three: a diffusion transformer's
 
 
 def _made_from(model: str, config: dict, tiny: dict[str, Path]) -> str:
-    """The bundled tiny model whose UNet (or diffusion transformer) shape ``config`` has (InputError when none)."""
+    """The bundled tiny model whose model shape ``config`` has (InputError when none)."""
+    from bfq.families import model_folder
+
     for name, directory in tiny.items():
-        component = "transformer" if (directory / "transformer" / "config.json").is_file() else "unet"
-        ref = json.loads((directory / component / "config.json").read_text())
+        folder = model_folder(directory)
+        if folder is None:  # a tiny model this checkout lacks
+            continue
+        ref = json.loads((directory / folder / "config.json").read_text())
         if all(config.get(k) == ref.get(k) for k in _SHAPE_KEYS):
             return name
     shape = ", ".join(f"{k} {config.get(k)}" for k in _SHAPE_KEYS[:4])

@@ -56,7 +56,7 @@ _QUANTIZE_OPTIONS = (
     click.option("--init", type=click.Choice(["alternating", "minmax"]), default="alternating", show_default=True, help="Scale initialization."),
     click.option("--levels", type=click.Choice(["balanced", "plain"]), default=None, help="Level set (default: the recipe's, balanced 2^n+1)."),
     click.option("--time-cache", type=click.Choice(["scheduler", "grid"]), default="scheduler", show_default=True, help=TIME_CACHE_HELP),
-    click.option("--steps", type=Count(1), default=None, help="Sampler steps the scheduler cache is made for, at most the scheduler's training timesteps (default 50; tiny-sd and tiny-sdxl: their evaluation's 20)."),
+    click.option("--steps", type=Count(1), default=None, help="Sampler steps the scheduler cache is made for, at most the scheduler's training timesteps (default 50; tiny-sd, tiny-sdxl and tiny-pixart: their evaluation's 20; pixart, pixart-random: PixArt-Σ's 20)."),
     click.option("--time-proj-bits", type=click.IntRange(1, 8), default=None, help="Bits of the time projections in grid mode (default 4)."),
     click.option("--scale-dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True),
     click.option("--dense-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True, help="Precision of biases and norms."),
@@ -71,7 +71,7 @@ _QUANTIZE_OPTIONS = (
 # (option name, FinetuneConfig field, click kwargs). Defaults are None: an option that is not given
 # leaves the config file's value (or FinetuneConfig's default) alone.
 _CONFIG_OPTIONS = (
-    ("--data", "data", dict(help="Training data: tiny-sd-digits (the default of tiny-sd and tiny-sdxl), folder:PATH (images + .txt captions, "
+    ("--data", "data", dict(help="Training data: tiny-sd-digits (the default of tiny-sd, tiny-sdxl and tiny-pixart), folder:PATH (images + .txt captions, "
                                  "encoded by the model's VAE and text encoder) or prompts:FILE (one prompt a line; "
                                  "latents are teacher samples).")),
     ("--lr", "lr", dict(type=Finite(0, min_open=True), help="AdamW learning rate, constant [default: 1e-4 for Stage I, 1e-5 for Stage II, the measured best on tiny-sd].")),
@@ -84,7 +84,7 @@ _CONFIG_OPTIONS = (
     ("--mixed-precision", "mixed_precision", dict(type=click.Choice(["no", "bf16", "fp16"]), help="Autocast precision [default: no].")),
     ("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", dict(default=None, help="Recompute activations to save memory.")),
     ("--checkpoint-every", "checkpoint_every", dict(type=Count(0), help="Save a resumable checkpoint every N steps (and at the end; 0: only at the end) [default: 500].")),
-    ("--eval-every", "eval_every", dict(type=Count(0), help="Evaluate samples every N steps (tiny-sd metric for tiny-sd and tiny-sdxl, or CLIP score with --eval-clip) [default: 0, off].")),
+    ("--eval-every", "eval_every", dict(type=Count(0), help="Evaluate samples every N steps (tiny-sd metric for tiny-sd, tiny-sdxl and tiny-pixart, or CLIP score with --eval-clip) [default: 0, off].")),
     ("--eval-clip", "eval_clip", dict(type=click.Path(exists=True, file_okay=False),
                                       help="Local CLIP model directory: evaluate other models than tiny-sd by CLIP score (with --eval-prompts).")),
     ("--eval-prompts", "eval_prompts", dict(type=click.Path(exists=True, dir_okay=False), help="Prompt file (one a line) for --eval-clip.")),

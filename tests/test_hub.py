@@ -197,7 +197,7 @@ def test_default_push_of_a_file_with_a_known_base_publishes_the_diffusers_pipeli
     only = _cli("push", str(path), "--repo", "user/only", "--bfq-only")
     assert only.exit_code == 0 and "note:" not in only.output and "DiffusionPipeline" not in only.stdout, only.output
     assert _pushed(hub, "user/only") == {"tiny.bfq", "README.md"}
-    assert "DiffusionPipeline" not in hub.file("user/only", "README.md").decode()
+    assert "DiffusionPipeline.from_pretrained" not in hub.file("user/only", "README.md").decode()
 
 
 def test_without_a_base_the_default_pushes_the_bfq_with_a_note_and_diffusers_refuses(hub, models):

@@ -72,6 +72,33 @@ def family_for_name(name: str) -> Family:
                       f"built-in models: {', '.join(builtin_models())}")  # fmt: skip
 
 
+def model_folder(pipeline_dir) -> str | None:
+    """The folder of a diffusers pipeline directory that holds its model (``"unet"``; a DiT
+    pipeline's ``"transformer"``): the first family component with a ``config.json``, else None."""
+    from pathlib import Path
+
+    for component in dict.fromkeys(f.component for f in FAMILIES):
+        if (Path(pipeline_dir) / component / "config.json").is_file():
+            return component
+    return None
+
+
+def pipeline_family(pipeline_dir) -> tuple[Family, dict]:
+    """``(family, model config)`` of a diffusers pipeline directory (its ``unet/`` or ``transformer/``).
+
+    Raises:
+        FamilyError: no model folder, or a model no family covers.
+    """
+    import json
+    from pathlib import Path
+
+    folder = model_folder(pipeline_dir)
+    if folder is None:
+        raise FamilyError(f"{pipeline_dir} holds no model folder ({' or '.join(dict.fromkeys(f.component for f in FAMILIES))}/)")
+    config = json.loads((Path(pipeline_dir) / folder / "config.json").read_text())
+    return family_for_config(config), config
+
+
 def builtin_models() -> tuple[str, ...]:
     """Every built-in model name: ``tiny-sd``, ``sd15-random``, ``sd15``, ``tiny-sdxl``, ..."""
     return tuple(n for f in FAMILIES for n in f.builtin_names())
@@ -82,4 +109,5 @@ def is_builtin(name: str) -> bool:
 
 
 __all__ = ["FAMILIES", "Family", "FamilyError", "TIMESTEP_AND_CONDITIONING", "TIMESTEP_ONLY", "builtin_models",
-           "family_for_config", "family_for_name", "family_of", "is_builtin", "supported"]  # fmt: skip
+           "family_for_config", "family_for_name", "family_of", "is_builtin", "model_folder", "pipeline_family",
+           "supported"]  # fmt: skip

@@ -38,8 +38,11 @@ class Family:
             (:func:`bfq.families.lazy.random_source`), so ``bfq quantize`` reads them layer by layer
             instead of holding the float model; False: one stream in module order
             (:func:`bfq.families.build.build_random_unet`, whose published figures depend on it).
-        added_cond_keys: what a forward needs in ``added_cond_kwargs`` besides the text (SDXL:
+        added_cond_keys: what a forward takes in ``added_cond_kwargs`` besides the text (SDXL:
             ``text_embeds``, ``time_ids``); empty when nothing.
+        prompt_cond_keys: conditioning tensors besides ``encoder_hidden_states`` that depend on the
+            prompt, which CFG-aware training swaps for the empty prompt's (SDXL: ``text_embeds``;
+            PixArt: ``encoder_attention_mask``).
         component: the model's folder in a diffusers pipeline repo (``unet``; ``transformer`` for
             DiT families), where the diffusers layout (FORMAT.md appendix A) puts it.
         time_modulation: how the timestep reaches the blocks, what :mod:`bfq.quant.timecache`
@@ -63,7 +66,10 @@ class Family:
     pipeline_kwargs: dict = {}
     hub_tag: str = "stable-diffusion"
     added_cond_keys: tuple[str, ...] = ()
+    prompt_cond_keys: tuple[str, ...] = ()
     component: str = "unet"
+    model_noun: str = "UNet"  # what messages and model cards call the model
+    tiny_digit_analysis: bool = True  # the tiny model's sensitivity analysis uses tiny-sd's digit prompts
     random_per_layer: bool = False
     # the time path (bfq.quant.timecache): how the timestep reaches the blocks, and where its modules are
     time_modulation: str = "resnet"  # "resnet": each ResNet's time_emb_proj; "adaln-single": one module for all blocks
@@ -113,7 +119,8 @@ class Family:
 
     def is_time_layer(self, module_name: str) -> bool:
         """True for the modules of the time path (the timestep MLP and what reads only its output):
-        the small layers a time cache is computed from, filled first in a lazy model."""
+        the small layers a time cache is computed from, filled first in a lazy model; fine-tuning
+        keeps those that are not quantized float and frozen, so the cache made after it is exact."""
         return "time_emb" in module_name
 
     # ---- conditioning a forward needs
@@ -130,9 +137,59 @@ class Family:
         return {"encoder_hidden_states": ehs.to(device=device, dtype=dtype)}
 
     def forward(self, model, sample, timestep, cond: dict):
-        """``model``'s output for ``sample`` at ``timestep`` with ``cond`` (what :meth:`conditioning`
-        returns): the one place that knows the model's call signature."""
-        return model(sample, timestep, **cond)
+        """``model``'s noise prediction (a tensor shaped like ``sample``) at ``timestep`` with ``cond``
+        (what :meth:`conditioning` returns, or :meth:`model_kwargs` of a flat dict): the one place
+        that knows the model's call signature."""
+        return model(sample, timestep, **cond).sample
+
+    # ---- conditioning as one flat dict of batch-first tensors (sliced, repeated, joined like one tensor)
+    def flat_conditioning(self, kwargs: dict) -> dict:
+        """``encoder_hidden_states`` and the family's other conditioning tensors (``added_cond_kwargs``
+        unnested; None values dropped) of ``kwargs`` as :meth:`conditioning` returns them."""
+        out = {k: v for k, v in kwargs.items() if k != "added_cond_kwargs" and v is not None}
+        out.update({k: v for k, v in (kwargs.get("added_cond_kwargs") or {}).items() if v is not None})
+        return out
+
+    def model_kwargs(self, flat: dict) -> dict:
+        """The forward's keyword arguments of a flat conditioning dict (the inverse of
+        :meth:`flat_conditioning`: the ``added_cond_keys`` go into ``added_cond_kwargs``)."""
+        added = {k: v for k, v in flat.items() if k in self.added_cond_keys}
+        rest = {k: v for k, v in flat.items() if k not in self.added_cond_keys}
+        return {**rest, **({"added_cond_kwargs": added} if added else {})}
+
+    def drop_padding(self, *flats: dict) -> tuple[dict, ...]:
+        """Flat conditioning dicts (:meth:`flat_conditioning`) without the text positions that are
+        masked out in all of them (the same model outputs, less compute); unchanged without a mask."""
+        return flats
+
+    def required_cond_keys(self, config: dict) -> tuple[str, ...]:
+        """Flat conditioning keys besides the text that every forward of a model with ``config`` needs."""
+        return self.added_cond_keys
+
+    def text_width(self, config: dict) -> int:
+        """Width of the text features the model takes (``encoder_hidden_states``' last dimension)."""
+        return int(config["cross_attention_dim"])
+
+    # ---- structure the stages ask about
+    def first_last_layers(self, config: dict) -> tuple[str, ...]:
+        """The weights a recipe keeps at 8 bits, as the paper keeps a UNet's first and last layers."""
+        return ("conv_in.weight", "conv_out.weight")
+
+    def feature_modules(self, model) -> list:
+        """The modules whose outputs Stage I's feature distillation matches (every down and up block)."""
+        return list(getattr(model, "down_blocks", [])) + list(getattr(model, "up_blocks", []))
+
+    def pipeline_from(self, base, model, **kwargs):
+        """The family's diffusers pipeline from the pipeline folder or Hub repo ``base`` with ``model``
+        as its :attr:`component` (``unet=``); ``kwargs`` go to ``from_pretrained``."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class).from_pretrained(
+            base, **{self.component: model}, **self.pipeline_kwargs, **kwargs)  # fmt: skip
+
+    def pipeline_call_kwargs(self, config: dict) -> dict:
+        """Extra arguments for a call of ``pipeline_class`` around a model with ``config``."""
+        return {}
 
     def encode_prompts(self, base_dir, texts: list[str], config: dict, device=None) -> dict:
         """The conditioning of ``texts`` by the text encoder(s) of the pipeline in ``base_dir``

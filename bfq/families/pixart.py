@@ -41,6 +41,9 @@ class PixArt(Family):
     pipeline_kwargs = {}
     hub_tag = "pixart"
     component = "transformer"
+    model_noun = "diffusion transformer"
+    added_cond_keys = ("resolution", "aspect_ratio")
+    prompt_cond_keys = ("encoder_attention_mask",)
     time_modulation = "adaln-single"
     time_proj_module = "adaln_single.emb.time_proj"
     time_mlp_module = ADALN_TIME_MLP
@@ -64,6 +67,56 @@ class PixArt(Family):
 
     def is_time_layer(self, module_name: str) -> bool:
         return module_name == ADALN_MODULE or module_name.startswith(ADALN_MODULE + ".")
+
+    def drop_padding(self, *flats: dict) -> tuple[dict, ...]:
+        """The T5 features and masks cut after the last position any of them attends to: masked keys
+        add exactly nothing to cross-attention (their weight underflows to 0), so the outputs are
+        the same and a 300-token pipeline prompt of a few words costs a few tokens."""
+        masks = [f["encoder_attention_mask"] for f in flats if f.get("encoder_attention_mask") is not None]
+        if len(masks) != len(flats):
+            return flats
+        keep = max(int(m.flatten(0, -2).any(0).nonzero().max()) + 1 if bool(m.any()) else 1 for m in masks)
+        return tuple({**f, "encoder_hidden_states": f["encoder_hidden_states"][:, :keep],
+                      "encoder_attention_mask": f["encoder_attention_mask"][:, :keep]} for f in flats)  # fmt: skip
+
+    def required_cond_keys(self, config: dict) -> tuple[str, ...]:
+        return self.added_cond_keys if uses_size_conditions(config) else ()
+
+    def text_width(self, config: dict) -> int:
+        return int(config.get("caption_channels") or config["cross_attention_dim"])
+
+    def first_last_layers(self, config: dict) -> tuple[str, ...]:
+        """The patch embedding (a convolution over the latent) and the final projection to the patches."""
+        return ("pos_embed.proj.weight", "proj_out.weight")
+
+    def feature_modules(self, model) -> list:
+        """Every transformer block (a DiT has no down/up blocks: its blocks' outputs are the features)."""
+        return list(model.transformer_blocks)
+
+    def pipeline_from(self, base, model, **kwargs):
+        """The PixArt pipeline of ``base`` (``PixArtSigmaPipeline``, or ``PixArtAlphaPipeline`` where its
+        ``model_index.json`` says so) with ``model`` as its ``transformer``.
+
+        Raises:
+            ValueError: ``base`` is another kind of pipeline."""
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(base, transformer=model, **kwargs)
+        if type(pipe).__name__ not in PIPELINE_CLASSES:
+            raise ValueError(f"{base} is a {type(pipe).__name__}, not a PixArt pipeline ({' or '.join(PIPELINE_CLASSES)})")
+        return pipe
+
+    def pipeline_call_kwargs(self, config: dict) -> dict:
+        """No resolution binning for a model whose ``sample_size`` the pipeline has no size bins for
+        (its bins exist for 256-2048 pixel models only; a tiny model would be refused), and caption
+        cleaning only where its libraries are installed (what the pipeline falls back to anyway,
+        without a warning per prompt)."""
+        from diffusers.utils import is_bs4_available, is_ftfy_available
+
+        out = {"clean_caption": is_bs4_available() and is_ftfy_available()}
+        if int(config.get("sample_size", 0)) not in RESOLUTION_BINS:
+            out["use_resolution_binning"] = False
+        return out
 
     def config(self) -> dict:
         """The public PixArt-Σ 512 ``transformer/config.json`` (about 0.6 B parameters)."""
@@ -134,27 +187,35 @@ class PixArt(Family):
 
     def forward(self, model, sample, timestep, cond: dict):
         """The noise prediction (the first ``in_channels`` channels when the model also predicts a variance)."""
-        out = model(sample, timestep=timestep, return_dict=False, **cond)[0]
+        import torch
+
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(sample.shape[0]) if t.dim() == 0 else t  # the pipeline's t.expand(batch)
+        out = model(sample, timestep=t, return_dict=False, **cond)[0]
         channels = sample.shape[1]
         return out[:, :channels] if out.shape[1] == 2 * channels else out
 
     def encode_prompts(self, base_dir, texts: list[str], config: dict, device=None) -> dict:
         """The T5 features of ``texts`` as the PixArt pipeline in ``base_dir`` computes them (its own
-        ``encode_prompt``, its default sequence length), and the size conditions of its default image size.
-
-        The pipeline's attention mask is not returned: the features of padding tokens are what the
-        model was trained with."""
+        ``encode_prompt``, its default sequence length), their attention mask (``encoder_attention_mask``
+        [B, S], which the pipeline passes to the transformer's cross-attention) and the size conditions
+        of its default image size."""
         import torch
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(base_dir, transformer=None, vae=None, local_files_only=True)
+        from bfq._quiet import quiet_libraries
+
+        with quiet_libraries():
+            pipe = DiffusionPipeline.from_pretrained(base_dir, transformer=None, vae=None, local_files_only=True)
         with torch.no_grad():
-            ehs = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device, clean_caption=False)[0]
+            ehs, mask = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device, clean_caption=False)[:2]
         pixels = int(config["sample_size"]) * VAE_SCALE
-        return {"encoder_hidden_states": ehs.float(),
+        return {"encoder_hidden_states": ehs.float(), "encoder_attention_mask": mask,
                 "added_cond_kwargs": size_conditions(config, len(texts), pixels, pixels, torch.float32, device)}  # fmt: skip
 
 
+PIPELINE_CLASSES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+RESOLUTION_BINS = (32, 64, 128, 256)  # sample sizes PixArt pipelines have aspect-ratio bins for
 VAE_SCALE = 8  # pixels per latent cell of PixArt's VAE (size conditions are in pixels)
 
 

@@ -35,6 +35,8 @@ class SDXL(Family):
     pipeline_kwargs = {}
     hub_tag = "stable-diffusion-xl"
     added_cond_keys = ("text_embeds", "time_ids")
+    prompt_cond_keys = ("text_embeds",)
+    tiny_digit_analysis = False  # tiny-sdxl's published analysis used the generic prompts
 
     def matches(self, class_name: str, config: dict) -> bool:
         return unet_like(class_name, config) and config.get("addition_embed_type") == "text_time"

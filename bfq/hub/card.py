@@ -22,11 +22,17 @@ _TINY = tuple(f.tiny_name for f in FAMILIES)  # the bundled tiny pipelines, trai
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?", re.ASCII)  # a Hub repo id; anything else from a file is not linked
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>|~&])")  # what opens inline Markdown or HTML mid-line
-_BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|conv_in|conv_out)(?:\.|$)")
+_BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block|conv_in|conv_out|"
+                    r"pos_embed|caption_projection|transformer_blocks\.\d+|adaln_single|proj_out)(?:\.|$)")
+_FIRST_LAST = {"conv_in": "conv_in/out", "conv_out": "conv_in/out", "pos_embed": "pos_embed/proj_out",
+               "proj_out": "pos_embed/proj_out"}  # the first and last layers, one row
+_BLOCK_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "conv_in/out": 3,  # a UNet's
+               "caption_projection": 0, "adaln_single": 1, "transformer_blocks": 2, "pos_embed/proj_out": 3}  # a DiT's
 
 
 def block_bits(summary: dict) -> list[dict]:
-    """Bits per UNet block: down_blocks.N, mid_block, up_blocks.N, conv_in/out, other.
+    """Bits per block: a UNet's down_blocks.N, mid_block, up_blocks.N, conv_in/out; a diffusion
+    transformer's caption_projection, adaln_single, transformer_blocks.N, pos_embed/proj_out; other.
 
     Each row: block, layers, weights, widths ({bits: layer count}), avg_bits (log2 of the level
     count, weighted by weights: the paper's accounting without the time features)."""
@@ -34,7 +40,7 @@ def block_bits(summary: dict) -> list[dict]:
     for layer in summary["layers"]:
         match = _BLOCK.match(layer["name"])
         block = match.group(1) if match else "other"
-        block = "conv_in/out" if block in ("conv_in", "conv_out") else block
+        block = _FIRST_LAST.get(block, block)
         row = rows.setdefault(block, {"block": block, "layers": 0, "weights": 0, "widths": {}, "_ideal": 0.0})
         size = math.prod(layer["shape"])
         row["layers"] += 1
@@ -44,7 +50,7 @@ def block_bits(summary: dict) -> list[dict]:
 
     def order(name: str):
         kind, _, index = name.partition(".")
-        rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "conv_in/out": 3}.get(kind, 4)
+        rank = _BLOCK_RANK.get(kind, 4)
         return rank, int(index) if index.isdigit() else 0
 
     out = []
@@ -94,16 +100,17 @@ def _hub_license(repo: str, revision: str | None, token) -> dict:
     return out
 
 
-def _family_tag(path: Path) -> str:
-    """The Hub tag of the file's model family (read from its header); SD's for a model of none."""
+def _family(path: Path):
+    """The file's model family (read from its header); SD-v1.5's for a model of none."""
+    from bfq.families import sd15
     from bfq.format import open_bfq
 
     with open_bfq(path) as f:
         model = f.header.model
     try:
-        return family_for_config(model["config"], model["class_name"]).hub_tag
+        return family_for_config(model["config"], model["class_name"])
     except FamilyError:
-        return "stable-diffusion"
+        return sd15.FAMILY
 
 
 def _sampled_steps(summary: dict) -> int:
@@ -187,7 +194,8 @@ def model_card(
         meta["base_model"] = base["base_model"]
         meta["base_model_relation"] = "quantized"
     meta["pipeline_tag"] = "text-to-image"
-    meta["tags"] = ["bfq", "quantization", "quantized", f"{round(avg)}-bit", "bitsfusion", _family_tag(path), "diffusers"]
+    family = _family(path)
+    meta["tags"] = ["bfq", "quantization", "quantized", f"{round(avg)}-bit", "bitsfusion", family.hub_tag, "diffusers"]
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
     spec = f"{repo_id}/{filename}" if name_file else repo_id
@@ -201,13 +209,13 @@ def model_card(
         prompt = _SD_PROMPTS[0]
     else:
         base_arg = ', base="BASE_PIPELINE"'
-        base_cli, base_note = " --base BASE_PIPELINE", "`BASE_PIPELINE`: the diffusers pipeline (directory or Hub id) this UNet was quantized from"
+        base_cli, base_note = " --base BASE_PIPELINE", f"`BASE_PIPELINE`: the diffusers pipeline (directory or Hub id) this {family.model_noun} was quantized from"
         prompt = _SD_PROMPTS[0]
     source = summary["model"]["source"] or {}
     quantized_from = (
         f"[{base['base_model']}](https://huggingface.co/{base['base_model']})" if base.get("base_model")
         else f"{base['pipeline']}, the small digit model bundled with bfq" if base.get("pipeline") in _TINY
-        else _md(source.get("name", "a Stable Diffusion UNet"))
+        else _md(source.get("name", f"a {family.title} model"))
     )  # fmt: skip
     title = repo_id.split("/")[-1]
     scheduler_cache = bool(summary["time_cache"]) and summary["time_cache"]["mode"] == "scheduler"
@@ -220,14 +228,14 @@ def model_card(
         "",
         f"# {title}",
         "",
-        f"The UNet of {quantized_from} quantized to **{avg:.2f} bits per weight** with "
+        f"The {family.model_noun} of {quantized_from} quantized to **{avg:.2f} bits per weight** with "
         "bfq (BitsFusion, Sui et al., NeurIPS 2024), stored in "
         f"`{filename}`: a checksummed, memory-mappable `.bfq` container "
         f"({_fmt_bytes(summary['file_bytes'])}), written by {_md(summary['producer'])}.",
         "",
         "## Use it",
         "",
-        *(_diffusers_snippet(repo_id, revision, prompt, steps_arg) if diffusers else []),
+        *(_diffusers_snippet(repo_id, revision, prompt, steps_arg, family) if diffusers else []),
         "With the `bfq` Python package (plus torch and diffusers) installed, a whole pipeline"
         + (f" (the file named: this repo holds {len(files)} quantizations, listed below)" if len(files) > 1 else "")
         + ":",
@@ -235,19 +243,21 @@ def model_card(
         "```python",
         "import bfq",
         "",
-        f'pipe = bfq.load_pipeline("{spec}"{rev}{base_arg})  # float16 on CUDA, float32 on the CPU (the UNet in bf16 where the CPU has native bf16)',
+        f'pipe = bfq.load_pipeline("{spec}"{rev}{base_arg})  # a {family.pipeline_class}: float16 on CUDA, '
+        f"float32 on the CPU (the {family.model_noun} in bf16 where the CPU has native bf16)",
         f'image = pipe("{prompt}"{steps_arg}).images[0]',
         'image.save("image.png")',
         "```",
         "",
         f"`load_pipeline` takes the VAE, text encoder and tokenizer from {base_note}"
         + (" and the scheduler the time-feature cache was made for (it samples only that step count)." if scheduler_cache else ".")
-        + " The UNet alone, for a pipeline of your own:",
+        + f" The {family.model_noun} alone, for a pipeline of your own (its `{family.component}`):",
         "",
         "```python",
         "import bfq",
         "",
-        f'unet = bfq.load_unet("{spec}"{rev})  # a diffusers UNet2DConditionModel: float32 on the CPU, float16 with device="cuda"',
+        f'{family.component} = bfq.load_{family.component}("{spec}"{rev})  # a diffusers {family.model_class}: float32 on the CPU, '
+        'float16 with device="cuda"',
         "```",
         "",
         "From the command line:",
@@ -302,17 +312,19 @@ def model_card(
     return "\n".join(lines)
 
 
-def _diffusers_snippet(repo_id, revision, prompt: str, steps_arg: str) -> list[str]:
+def _diffusers_snippet(repo_id, revision, prompt: str, steps_arg: str, family) -> list[str]:
     rev = f", revision={revision!r}" if revision else ""
     return [
-        "This repo is also a diffusers pipeline whose `unet/` holds the same model in bfq's diffusers layout: "
-        "plain diffusers loads it once `bfq` is imported (it registers the `bfq` quantization backend).",
+        f"This repo is also a diffusers pipeline ({family.pipeline_class}) whose `{family.component}/` holds the same "
+        "model in bfq's diffusers layout: plain diffusers loads it once `bfq` is imported (it registers the `bfq` "
+        "quantization backend).",
         "",
         "```python",
         "import bfq  # registers the \"bfq\" quantization backend with diffusers",
         "from diffusers import DiffusionPipeline",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}"{rev})  # the UNet stays at ~2 bits per weight in memory',
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}"{rev})  # the {family.model_noun} stays at ~2 bits per '
+        "weight in memory",
         f'image = pipe("{prompt}"{steps_arg}).images[0]',
         'image.save("image.png")',
         "```",

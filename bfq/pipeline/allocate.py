@@ -165,6 +165,13 @@ def _problem(sens, *, fixed: Mapping[str, int] | None = None, n_time_features: i
     )  # fmt: skip
 
 
+def _first_last(prob: _Problem) -> str:
+    """The layers the analysis fixed (a UNet's ``conv_in/conv_out``; a DiT's patch embedding and final
+    projection), for notes."""
+    fixed = [n.removesuffix(".weight") for n, e in prob.sens["layers"].items() if "fixed_bits" in e]
+    return "/".join(fixed) or "no layer"
+
+
 def _check_budget(prob: _Problem, budget: float) -> None:
     if not _is_number(budget) or not math.isfinite(budget):
         raise SensitivityError(f"the bit budget must be a finite number, got {budget!r}")
@@ -253,7 +260,8 @@ def _result(prob: _Problem, method: str, budget: float, alloc_bits, metric: str,
     avg = prob.avg_bits(plan)
     if avg > budget:  # every allocator guarantees this; a failure here is a bug, not bad input
         raise AssertionError(f"{method} allocation exceeds the budget: {avg} > {budget}")
-    details = {"metric": metric, **details}
+    fixed = [n for n, e in prob.sens["layers"].items() if "fixed_bits" in e]
+    details = {"metric": metric, **details, "fixed_layers": fixed}
     return Allocation(
         name=f"alloc-{method}-{budget:g}", method=method, budget=float(budget), levels=prob.levels, bits=plan,
         avg_bits=avg, n_weights=dict(prob.counts), n_time_features=prob.n_tf, n_weights_total=prob.n_w,
@@ -341,8 +349,8 @@ def allocate_paper(sens, budget: float, *, eta: float = DEFAULT_ETA, metric: str
             the analysis has), or None (no refinement). Measured at the largest candidate bit-width.
         percentiles: the refinement thresholds (+1 bit above each).
         max_bits: bits of a layer no candidate satisfies (default: largest candidate + 1, i.e. 4).
-        fixed: extra ``{layer: bits}`` to keep out of the allocation (conv_in/conv_out are fixed by
-            the sensitivity file already).
+        fixed: extra ``{layer: bits}`` to keep out of the allocation (the first and last layers,
+            conv_in/conv_out of a UNet, are fixed by the sensitivity file already).
         n_time_features: N_tf override (default: the analysis's).
         need_layers: when given, the exact recipe layer list of the target model (checked).
     Raises:
@@ -379,7 +387,7 @@ def allocate_paper(sens, budget: float, *, eta: float = DEFAULT_ETA, metric: str
     notes = (f"BitsFusion Alg. 1: S = {metric}*N^-{eta:g}, S_o = {s_o:.6g} by bisection, "
              + (f"+1/+1/+1 bits above the {'/'.join(f'{p:g}' for p in percentiles)}th percentiles of "
                 f"{align} at {top} bits" if align else "no alignment refinement")
-             + ", conv_in/conv_out 8-bit")  # fmt: skip
+             + f", {_first_last(prob)} 8-bit")  # fmt: skip
     details = {"eta": eta, "threshold": s_o, "bisection_steps": steps, "align_metric": align,
                "percentiles": pct, "refined_layers": int((add > 0).sum()), "max_bits": max_bits,
                "ceiling_avg_bits": ceiling}  # fmt: skip
@@ -403,7 +411,7 @@ def allocate_size_only(sens, budget: float, *, eta: float = DEFAULT_ETA, max_bit
     bits, s_o, steps = _threshold_search(prob, S, np.zeros(len(prob.names), dtype=np.int64), max_bits, budget)
     if bits is None:  # cannot happen after _check_budget unless cand[0] > 1
         raise SensitivityError(f"budget {budget} bits is below every layer at {prob.cand[0]} bits")
-    notes = f"size-only baseline: S = 4^-b*N^-{eta:g}, S_o = {s_o:.6g} by bisection, conv_in/conv_out 8-bit"
+    notes = f"size-only baseline: S = 4^-b*N^-{eta:g}, S_o = {s_o:.6g} by bisection, {_first_last(prob)} 8-bit"
     details = {"eta": eta, "threshold": s_o, "bisection_steps": steps, "max_bits": max_bits}
     metric = "mse"
     return _result(prob, "size-only", budget, bits, metric, details, notes)
@@ -550,7 +558,7 @@ def allocate_optimal(sens, budget: float, *, metric: str = "mse", align_metric: 
         what = f"normalised summed {metric} + {align_weight:g} x normalised summed {align}"
         details["predicted_align"] = float(np.maximum(prob.matrix(align), 0.0)[np.arange(L), pick].sum())
     notes = (f"optimal allocation: least {what} over bit-widths {prob.cand} within the budget (DP at "
-             f"{R} units + greedy fill; Lagrangian bound {bound:.6g}), conv_in/conv_out 8-bit")
+             f"{R} units + greedy fill; Lagrangian bound {bound:.6g}), {_first_last(prob)} 8-bit")
     return _result(prob, method, budget, plan_bits, metric, details, notes)
 
 

@@ -12,22 +12,36 @@ import numpy as np
 from bfq._io import atomic_path
 
 
+# the first and last layers of a UNet (conv_in/conv_out) and of a diffusion transformer (patch embedding, proj_out)
+FIRST_LAST = ("conv_in.weight", "conv_out.weight", "pos_embed.proj.weight", "proj_out.weight")
+
+
 def _block_of(name: str) -> str:
     parts = name.split(".")
     if parts[0] in ("down_blocks", "up_blocks"):
         return f"{parts[0][:-7]}{parts[1]}"  # down0, up2
+    if parts[0] == "transformer_blocks":
+        return f"b{parts[1]}"  # a DiT's block
     if parts[0] == "mid_block":
         return "mid"
+    if parts[0] == "caption_projection":
+        return "caption"
     return parts[0].replace(".weight", "")
+
+
+def _is_dit(names) -> bool:
+    return any(n.startswith("transformer_blocks.") for n in names)
 
 
 def layer_kind(name: str) -> str:
     """A coarse layer type for plots: resnet conv, shortcut, sampler, self-attn, cross-attn q/out,
-    cross-attn k/v, ff, proj, time proj, first/last."""
-    if name in ("conv_in.weight", "conv_out.weight"):
+    cross-attn k/v, ff, proj, caption proj, time proj, first/last."""
+    if name in FIRST_LAST:
         return "first/last"
-    if "time_emb_proj" in name:
+    if "time_emb_proj" in name or name.startswith("adaln_single."):
         return "time proj"
+    if name.startswith("caption_projection."):
+        return "caption proj"
     if "conv_shortcut" in name:
         return "shortcut"
     if "samplers" in name:
@@ -46,19 +60,22 @@ def layer_kind(name: str) -> str:
 KIND_COLORS = {
     "resnet conv": "#4c72b0", "shortcut": "#dd8452", "sampler": "#8c8c8c", "self-attn": "#55a868",
     "cross-attn q/out": "#c44e52", "cross-attn k/v": "#8172b3", "ff": "#937860", "proj": "#da8bc3",
-    "time proj": "#ccb974", "first/last": "#222222",
+    "time proj": "#ccb974", "first/last": "#222222", "caption proj": "#64b5cd",
 }  # fmt: skip
 
 
 def unet_order(names) -> list[str]:
-    """``names`` reordered along the UNet's data flow: conv_in, down blocks, mid block, up blocks,
-    conv_out (diffusers registers ``mid_block`` after ``up_blocks``); stable within a block."""
+    """``names`` reordered along the model's data flow: conv_in, down blocks, mid block, up blocks,
+    conv_out (diffusers registers ``mid_block`` after ``up_blocks``); a diffusion transformer's
+    patch embedding, caption projection, time projection, blocks, proj_out; stable within a block."""
+    blocks = ("down_blocks", "up_blocks", "transformer_blocks")
 
     def key(item):
         i, n = item
         b = n.split(".")[0]
-        rank = {"conv_in": 0, "time_embedding": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3}.get(b, 4)
-        sub = int(n.split(".")[1]) if b in ("down_blocks", "up_blocks") else 0
+        rank = {"conv_in": 0, "time_embedding": 0, "pos_embed": 0, "caption_projection": 0, "adaln_single": 0,
+                "down_blocks": 1, "transformer_blocks": 1, "mid_block": 2, "up_blocks": 3}.get(b, 4)  # fmt: skip
+        sub = int(n.split(".")[1]) if b in blocks else 0
         return (rank, sub, i)
 
     return [n for _, n in sorted(enumerate(names), key=key)]
@@ -74,8 +91,8 @@ def require_matplotlib():
 
 
 def plot_allocation(alloc, path, *, title: str | None = None) -> Path:
-    """Bits per layer across the UNet (down, mid, up), coloured by layer type, with log10 layer
-    sizes underneath: the paper's App. H table as a picture. ``alloc`` may be a :class:`bfq.pipeline.allocate.Allocation`
+    """Bits per layer across the UNet (down, mid, up) or a diffusion transformer's blocks, coloured
+    by layer type, with log10 layer sizes underneath: the paper's App. H table as a picture. ``alloc`` may be a :class:`bfq.pipeline.allocate.Allocation`
     or ``{"bits": {...}, "n_weights": {...}}``. Needs matplotlib."""
     matplotlib = require_matplotlib()
 
@@ -96,8 +113,9 @@ def plot_allocation(alloc, path, *, title: str | None = None) -> Path:
     start = 0
     for i in range(1, len(names) + 1):
         if i == len(names) or blocks[i] != blocks[start]:
-            if blocks[start] not in ("conv_in", "conv_out"):
-                shade = 0.06 if blocks[start].startswith(("down", "up")) and int(blocks[start][-1]) % 2 else 0.0
+            if blocks[start] not in ("conv_in", "conv_out", "pos_embed", "proj_out"):
+                numbered = blocks[start].startswith(("down", "up", "b")) and blocks[start][-1].isdigit()
+                shade = 0.06 if numbered and int(blocks[start].lstrip("downupb")) % 2 else 0.0
                 shade = 0.12 if blocks[start] == "mid" else shade
                 for a in (ax, ax2):
                     a.axvspan(start - 0.5, i - 0.5, color="k", alpha=shade, lw=0)
@@ -109,7 +127,8 @@ def plot_allocation(alloc, path, *, title: str | None = None) -> Path:
     ax2.set_ylabel("log10 N")
     ax2.set_xlim(-0.7, len(names) - 0.3)
     ax2.set_xticks([])
-    ax2.set_xlabel("layers in UNet order (down → mid → up)")
+    ax2.set_xlabel("layers in model order (patch embedding → blocks → proj_out)" if _is_dit(names)
+                   else "layers in UNet order (down → mid → up)")  # fmt: skip
     used = [k for k in KIND_COLORS if k in set(kinds)]
     handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS[k]) for k in used]
     fig.legend(handles, used, ncol=len(used), fontsize=7, loc="lower center", frameon=False, handlelength=1.0)

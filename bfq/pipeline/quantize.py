@@ -2,7 +2,8 @@
 cache the time features, initialize the quantized layers, optionally fine-tune them (Stage I and
 Stage II, bfq.pipeline.finetune), export a .bfq.
 
-Each stage lives in its own module; this one only wires them and records what was done.
+Each stage lives in its own module; this one only wires them and records what was done:
+one cohesive thing, the single place where the stages meet.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def recipe_for_budget(unet, budget: float, *, sensitivity=None, method: str = DE
         )
     fixed = {}
     if time_proj_bits is not None:  # where the cache keeps them (grid; SDXL's scheduler cache)
-        fixed = {n: int(time_proj_bits) for n in need if n.endswith("time_emb_proj.weight")}
+        fixed = {n: int(time_proj_bits) for n in recipes.time_projections(unet, time_cache)}
     alloc = allocate(sens, budget, method, fixed=fixed, n_time_features=n_time_features, need_layers=need,
                      **dict(allocator_options or {}))  # fmt: skip
     recipe = alloc.to_recipe()
@@ -341,8 +342,13 @@ def quantize(
     finetune_config=None,
     finetune_stage2_config=None,
     log: Callable[[str], None] | None = None,
+    scheduler=None,
 ) -> QuantizeResult:
     """Quantize `model` (see bfq.pipeline.models.resolve_model) and write `out`.
+
+    `scheduler` (a diffusers scheduler with the model's noise schedule, e.g. the DDIM sampler of a
+    tiny model's metric) is the sampler a scheduler-mode time cache is made for and the file
+    records, instead of the model's own.
 
     `work_dir`, when given, keeps the initialized scales and the fine-tuning checkpoints, so that a
     rerun with the same settings resumes where it stopped; it is locked for the run (a second run
@@ -365,6 +371,8 @@ def quantize(
         resolved = models.resolve_model(model, revision=revision, subfolder=subfolder, allow_pickle=allow_pickle,
                                         lazy=stream)  # fmt: skip
         unet = resolved.unet
+        if scheduler is not None:
+            resolved.scheduler = scheduler
         seconds["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Recipes (bit plans): which bit-width each Linear/Conv2d weight of a UNet gets.
+"""Recipes (bit plans): which bit-width each Linear/Conv2d weight of a UNet (or a diffusion transformer) gets.
 
 A recipe is JSON (schema: ``spec/recipe.schema.json``)::
 
@@ -9,12 +9,16 @@ It must name exactly the layers :func:`quantizable_layers` lists for the model a
 mode: every ``nn.Linear``/``nn.Conv2d`` weight except the time layers the cache removes
 (``scheduler``: ``time_embedding.*`` and every ``time_emb_proj``; ``grid``: ``time_embedding.*`` only).
 For a model whose time features depend on more than the timestep (its family says so, e.g. SDXL's
-``add_embedding``) the scheduler cache removes ``time_embedding.*`` only, as grid mode does.
+``add_embedding``) the scheduler cache removes ``time_embedding.*`` only, as grid mode does. A
+PixArt transformer's scheduler cache removes all of ``adaln_single`` (grid mode: its timestep MLP
+only); everything else is quantizable: attention, cross-attention, feed-forward, ``caption_projection``,
+the patch embedding and ``proj_out`` (:meth:`bfq.families.Family.replaced_by_time_cache`).
 
 Built-in recipes:
 
 * ``uniform-N`` (N = 1..8): every layer at N bits, except ``conv_in`` and ``conv_out`` at 8 bits as
-  in the paper (§3.3 step 4). In grid mode the ``time_emb_proj`` layers get N bits too (or
+  in the paper (§3.3 step 4); for a diffusion transformer (PixArt) its first and last layers, the
+  patch embedding ``pos_embed.proj`` and the final ``proj_out``. In grid mode the ``time_emb_proj`` layers get N bits too (or
   ``time_proj_bits`` when given).
 * ``bitsfusion-sd15``: the paper's App. H table (BITSFUSION.md §3.4) for the SD-v1.5 UNet, 258
   layers. In grid mode the 22 ``time_emb_proj`` layers, which the paper deletes, get
@@ -142,9 +146,18 @@ def replaced_by_cache(unet: nn.Module, name: str, time_cache: str) -> bool:
     return family_of(unet).replaced_by_time_cache(name, time_cache, dict(unet.config))
 
 
+def time_projections(unet: nn.Module, time_cache: str) -> list[str]:
+    """The quantizable layers on the model's time path that the cache mode keeps: a UNet's
+    ``time_emb_proj`` layers (grid mode; SDXL's scheduler cache), a PixArt transformer's
+    ``adaln_single.linear`` (grid mode) and size embedders (a size-conditioned model): the layers
+    ``time_proj_bits`` gives bits."""
+    family = family_of(unet)
+    return [n for n in quantizable_layers(unet, time_cache) if family.is_time_layer(n.removesuffix(".weight"))]
+
+
 def _keeps_time_proj(unet: nn.Module, time_cache: str) -> bool:
-    """True when the time_emb_proj layers stay (and need bits) under this cache mode."""
-    return any(_is_time_proj(n) for n in quantizable_layers(unet, time_cache))
+    """True when time projections stay (and need bits) under this cache mode."""
+    return bool(time_projections(unet, time_cache))
 
 
 def quantizable_layers(unet: nn.Module, time_cache: str = "scheduler") -> dict[str, int]:
@@ -173,7 +186,7 @@ def validate(recipe: Recipe, unet: nn.Module, time_cache: str = "scheduler") -> 
         removed = [n for n in unknown if _is_time_embedding(n) or _is_time_proj(n)]
         if removed:
             parts.append(f"({len(removed)} of them are time layers the {time_cache!r} time cache removes)")
-    if _keeps_time_proj(unet, time_cache) and missing and all(_is_time_proj(n) for n in missing):
+    if missing and set(missing) <= set(time_projections(unet, time_cache)):
         who = "grid mode" if time_cache == "grid" else "this model's scheduler time cache"
         parts.append(f"({who} keeps time_emb_proj layers: give them bits, e.g. with time_proj_bits)")
     raise RecipeError(f"recipe {recipe.name!r} does not fit this model: " + "; ".join(parts))
@@ -250,19 +263,27 @@ def _in_model_order(bits: dict[str, int], order) -> dict[str, int]:
     return dict(sorted(bits.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
+def first_last_layers(unet: nn.Module) -> tuple[str, ...]:
+    """The weights every recipe keeps at :data:`FIRST_LAST_BITS`: a UNet's ``conv_in``/``conv_out``,
+    a DiT's patch embedding and final projection (the model's family says which)."""
+    return family_of(unet).first_last_layers(dict(unet.config))
+
+
 def uniform_recipe(unet: nn.Module, bits: int, *, time_cache: str = "scheduler", levels: str = "balanced",
                    time_proj_bits: int | None = None) -> Recipe:  # fmt: skip
-    """``uniform-N``: every quantizable layer at ``bits``, conv_in/conv_out at 8 bits."""
+    """``uniform-N``: every quantizable layer at ``bits``, the first and last layers (conv_in/conv_out)
+    at 8 bits."""
     layers = quantizable_layers(unet, time_cache)
+    ends, time_projs = first_last_layers(unet), set(time_projections(unet, time_cache))
     plan = {}
     for name in layers:
-        if name in ("conv_in.weight", "conv_out.weight"):
+        if name in ends:
             plan[name] = FIRST_LAST_BITS
-        elif _is_time_proj(name) and time_proj_bits is not None:
+        elif name in time_projs and time_proj_bits is not None:
             plan[name] = time_proj_bits
         else:
             plan[name] = bits
-    notes = f"every layer {bits}-bit {levels}, conv_in/conv_out {FIRST_LAST_BITS}-bit"
+    notes = f"every layer {bits}-bit {levels}, {'/'.join(n.removesuffix('.weight') for n in ends)} {FIRST_LAST_BITS}-bit"
     return Recipe(f"uniform-{bits}", levels, plan, notes)
 
 
@@ -322,8 +343,8 @@ def resolve_recipe(name_or_path: str | os.PathLike, unet: nn.Module, time_cache:
         recipe = Recipe.load(name)
         if _keeps_time_proj(unet, time_cache):
             tb = DEFAULT_TIME_PROJ_BITS if time_proj_bits is None else time_proj_bits
-            for n in quantizable_layers(unet, time_cache):
-                if _is_time_proj(n) and n not in recipe.bits:
+            for n in time_projections(unet, time_cache):
+                if n not in recipe.bits:
                     recipe.bits[n] = tb
             recipe.bits = _in_model_order(recipe.bits, linear_conv_weights(unet))
     else:

@@ -1,5 +1,6 @@
-"""Generate images with a quantized UNet (or a float one) inside its base pipeline (the model
-family's pipeline class: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
+"""Generate images with a quantized UNet or diffusion transformer (or a float one) inside its base
+pipeline (the model family's pipeline class: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``PixArtSigmaPipeline``/``PixArtAlphaPipeline`` with the model as its ``transformer``).
 
 A file with a scheduler-mode time cache holds time features for the timesteps of one sampler and
 step count only: sampling defaults to them, and a step count or sampler that would visit other
@@ -20,7 +21,7 @@ import torch
 from bfq._io import atomic_path, display, sha256_file
 from bfq._quiet import quiet_libraries
 from bfq.errors import InputError
-from bfq.families import FAMILIES, family_for_config
+from bfq.families import FAMILIES, family_for_config, model_folder
 from bfq.quant.timecache import check_cached_steps, scheduler_timesteps
 from bfq.runtime.load import compute_dtype
 
@@ -65,7 +66,7 @@ def _local_pipeline(name: str, sha256: str, file) -> str:
     where = [Path(file).resolve().parent] if file is not None else []
     folders = [d / name for d in (*where, Path.cwd()) if (d / name / "model_index.json").is_file()]
     for folder in dict.fromkeys(folders):
-        if _unet_sha256(folder / "unet") == sha256:
+        if _unet_sha256(folder / (model_folder(folder) or "unet")) == sha256:
             return str(folder)
     if folders:
         raise InputError(f"the file was made from a pipeline folder named {name!r}; {folders[0]} has that name but another "
@@ -201,8 +202,9 @@ def float_sampler(unet, scheduler=None) -> FileSampler:
 def load_pipeline(model: str, *, base: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
                   revision: str | None = None, runtime: str = "auto", sampler: FileSampler | None = None, unet=None,
                   compute: str = "auto"):  # fmt: skip
-    """The model family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``)
-    around the quantized UNet of ``model`` (a .bfq path or Hub repo id), ready to call::
+    """The model family's diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``PixArtSigmaPipeline``) around the quantized model of ``model`` (a .bfq path or Hub repo id),
+    ready to call::
 
         pipe = bfq.load_pipeline("tiny.bfq")
         image = pipe("a handwritten digit seven", num_inference_steps=20).images[0]
@@ -228,10 +230,8 @@ def load_pipeline(model: str, *, base: str | None = None, device: str | None = N
         int8 = dict(compute="int8") if compute == "int8" and dtype is None else dict(dtype=unet_dtype)
         unet = bfq.load_unet(sampler.path, device=device, runtime=runtime, **int8)
     with quiet_libraries():
-        import diffusers
-
         try:
-            pipe = getattr(diffusers, family.pipeline_class).from_pretrained(base, unet=unet, **family.pipeline_kwargs)
+            pipe = family.pipeline_from(base, unet)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the base pipeline {base} (VAE, text encoder): {exc}; pass --base "
                              f"DIR_OR_REPO naming a {family.title} pipeline") from None  # fmt: skip
@@ -261,14 +261,18 @@ def generate(model: str, prompts: list[str], *, base=None, out="grid.png", num_i
     if sampler and chosen is None:  # the file names no scheduler: the base's schedule
         chosen = facts.check_sampler(sampler, steps, pipe.scheduler)
     pipe.scheduler = chosen or pipe.scheduler
+    family = family_for_config(facts.config, facts.class_name)
+    extra = family.pipeline_call_kwargs(facts.config)
+    if negative_prompt is not None:  # PixArt's pipelines take "" for none, not None
+        extra["negative_prompt"] = negative_prompt
     facts.check_steps(steps, pipe.scheduler)  # a file that does not name its scheduler: the base's
     generator = torch.Generator("cpu").manual_seed(seed)
     rows = []
     for i, prompt in enumerate(prompts):
         pipe.set_progress_bar_config(disable=not progress, desc=f"prompt {i + 1}/{len(prompts)}", unit="step", file=sys.stderr,
                                      bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}]")  # fmt: skip
-        rows.append(pipe(prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images, num_inference_steps=steps,
-                         guidance_scale=guidance, generator=generator, width=width, height=height).images)  # fmt: skip
+        rows.append(pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps, guidance_scale=guidance,
+                         generator=generator, width=width, height=height, **extra).images)  # fmt: skip
     grid = image_grid(rows)
     with atomic_path(out) as tmp:
         grid.save(tmp, format=image_format)

@@ -31,17 +31,11 @@ def _ddim(sched_cfg: Mapping, steps: int):
 
 
 # Conditioning is a flat dict of batch-first tensors: "encoder_hidden_states" and whatever the
-# family adds (SDXL: "text_embeds", "time_ids"), so that it is sliced, repeated and joined like one tensor.
+# family adds (SDXL: "text_embeds", "time_ids"; PixArt: "encoder_attention_mask"), so that it is
+# sliced, repeated and joined like one tensor (Family.flat_conditioning, Family.model_kwargs).
 def _cond_kwargs(family, cond: dict) -> dict:
-    """The model keyword arguments of a flat conditioning dict (the family's added_cond_keys go
-    into ``added_cond_kwargs``)."""
-    added = {k: v for k, v in cond.items() if k in family.added_cond_keys}
-    rest = {k: v for k, v in cond.items() if k not in family.added_cond_keys}
-    return {**rest, **({"added_cond_kwargs": added} if added else {})}
-
-
-def _flat(kwargs: dict) -> dict:
-    return {"encoder_hidden_states": kwargs["encoder_hidden_states"], **kwargs.get("added_cond_kwargs", {})}
+    """The model keyword arguments of a flat conditioning dict."""
+    return family.model_kwargs(cond)
 
 
 def _cond_map(cond: dict, fn) -> dict:
@@ -62,12 +56,12 @@ def _cond_repeat(cond: dict, n: int) -> dict:
 
 def _forward(unet, x, t, cond: dict, idx) -> torch.Tensor:
     family = family_of(unet)
-    return family.forward(unet, x[idx], t[idx], _cond_kwargs(family, _cond_map(cond, lambda v: v[idx]))).sample
+    return family.forward(unet, x[idx], t[idx], _cond_kwargs(family, _cond_map(cond, lambda v: v[idx])))
 
 
 @torch.no_grad()
 def _predict(unet, x, t, emb: dict, batch_size: int) -> torch.Tensor:
-    """``unet(x, t, **emb).sample`` in chunks of ``batch_size`` (t: one per sample)."""
+    """The model's noise prediction for ``x`` at ``t`` (one per sample) in chunks of ``batch_size``."""
     return torch.cat([_forward(unet, x, t, emb, slice(i, i + batch_size)) for i in range(0, x.shape[0], batch_size)])
 
 
@@ -106,17 +100,18 @@ class _Context:
     def _conditioning(self) -> tuple[dict, dict]:
         s = self.s
         family, config = family_of(self.unet), dict(self.unet.config)
-        dim = config["cross_attention_dim"]
+        dim = family.text_width(config)
         if s["conditioning"] == "random":
             g = torch.Generator().manual_seed(s["seed"] + 7919)
             cond = family.conditioning(config, s["n_prompts"], seq_len=RANDOM_SEQ_LEN, generator=g)
             uncond = family.conditioning(config, 1, seq_len=RANDOM_SEQ_LEN, generator=g)
-            return _flat(cond), _flat(uncond)
-        cond, uncond = (_flat(family.encode_prompts(self.base_dir, texts, config, self.device))
-                        for texts in (list(s["prompts"]), [""]))  # fmt: skip
+            return family.flat_conditioning(cond), family.flat_conditioning(uncond)
+        cond, uncond = family.drop_padding(*(family.flat_conditioning(family.encode_prompts(self.base_dir, texts, config,
+                                                                                           self.device))
+                                             for texts in (list(s["prompts"]), [""])))  # fmt: skip
         width = cond["encoder_hidden_states"].shape[-1]
         if width != dim:
-            raise SensitivityError(f"text encoder width {width} != the UNet's cross_attention_dim {dim}")
+            raise SensitivityError(f"text encoder width {width} != the width of text features the model takes, {dim}")
         return cond, uncond
 
     def initial_noise(self, offset: int = 0) -> torch.Tensor:

@@ -45,10 +45,10 @@ The result is a versioned JSON object (``spec/sensitivity.schema.json``)::
      "layers": {"<weight name>": {"n_weights": N, "errors": {"1": {"mse": ...}, ...}}
                 | {"n_weights": N, "fixed_bits": 8}}}
 
-``layers`` lists every layer a recipe needs (model order); conv_in/conv_out are fixed at 8 bits
-and not analysed. With ``out=PATH`` the file is rewritten atomically (temporary file +
-``os.replace``) after every (layer, bits) entry, so a killed run loses at most the entry in
-progress; rerunning with the same ``out`` and settings skips what is done. A file made for another
+``layers`` lists every layer a recipe needs (model order); the first and last layers (conv_in/conv_out;
+a DiT's patch embedding and proj_out) are fixed at 8 bits, not analysed. With ``out=PATH`` the file
+is rewritten atomically (temporary file + ``os.replace``) after every (layer, bits) entry, so a
+killed run loses at most the entry in progress; rerunning with the same ``out`` and settings skips what is done. A file made for another
 model or other settings is refused, never mixed. Given the seed, results are deterministic on one
 machine (for a fixed thread count); the device and batch size are recorded but do not enter the
 settings (they change only rounding).
@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from bfq._io import write_text_atomic
+from bfq.families import family_of
 from bfq.families.lazy import is_lazy, materialized, weight_of
 from bfq.pipeline.analyze.measure import (
     _Context,
@@ -80,7 +81,6 @@ from bfq.pipeline.analyze.measure import (
 )
 from bfq.pipeline.analyze.settings import (
     DEFAULT_BITS,
-    FIXED_LAYERS,
     _default_cache_steps,
     _n_time_features,
     analysis_settings,
@@ -172,7 +172,8 @@ def analyze(unet: nn.Module, *, out: str | os.PathLike | None = None, mode: str 
         n_time_features = _n_time_features(unet, time_cache, scheduler, cache_steps)
     accounting = {"time_cache": time_cache, "levels": levels, "n_weights_total": int(sum(linear_conv_weights(unet).values())),
                   "n_time_features": int(n_time_features), "cache_steps": int(cache_steps)}  # fmt: skip
-    layers = {n: ({"n_weights": c, "fixed_bits": FIRST_LAST_BITS} if n in FIXED_LAYERS else {"n_weights": c, "errors": {}})
+    fixed = family_of(unet).first_last_layers(dict(unet.config))
+    layers = {n: ({"n_weights": c, "fixed_bits": FIRST_LAST_BITS} if n in fixed else {"n_weights": c, "errors": {}})
               for n, c in counts.items()}  # fmt: skip
     doc = _new_doc(fp, settings, accounting, layers)
     out = Path(out) if out is not None else None

@@ -16,7 +16,6 @@ LOCAL_RESOLUTION = 16  # latent side of local mode's recording forward (at most 
 LOCAL_PROBES = 4  # random-projection backwards per target (guided prediction, guidance direction)
 LOCAL_MAX_ROWS = 256  # input rows (Linear) or feature-map positions (Conv2d) recorded per layer and CFG half
 DEFAULT_BITS = (1, 2, 3)
-FIXED_LAYERS = ("conv_in.weight", "conv_out.weight")
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     set_alpha_to_one=False, steps_offset=1, clip_sample=False)  # fmt: skip
 RANDOM_SEQ_LEN = 16  # token count of the random embeddings of a bare UNet
@@ -72,14 +71,18 @@ def is_large(unet: nn.Module) -> bool:
 
 
 def _is_tinysd(base_dir, source) -> bool:
-    if source and source.get("kind") == "builtin" and source.get("name") == "tiny-sd":
+    """A bundled tiny model analysed with tiny-sd's digit prompts and guidance (its family's
+    ``tiny_digit_analysis``: tiny-sd, tiny-pixart; tiny-sdxl keeps the generic prompts its published
+    analysis used), by built-in name or pipeline folder."""
+    from bfq.families import FAMILIES
+
+    tiny = [f for f in FAMILIES if f.tiny_digit_analysis]
+    if source and source.get("kind") == "builtin" and source.get("name") in {f.tiny_name for f in tiny}:
         return True
     if base_dir is None:
         return False
     try:
-        from bfq.tinysd import pipeline_dir
-
-        return Path(base_dir).resolve() == Path(pipeline_dir()).resolve()
+        return any(Path(base_dir).resolve() == f.tiny_pipeline_dir().resolve() for f in tiny)
     except Exception:  # pragma: no cover
         return False
 

@@ -11,7 +11,10 @@ A *batch* is a dict of CPU or device tensors:
   (prompts-only mode), then noises it like any other latent;
 * for a model whose family needs ``added_cond_kwargs`` (SDXL): ``"text_embeds"`` ``[B, P]`` and
   ``"time_ids"`` ``[B, n]`` (required), ``"uncond_text_embeds"`` ``[P]`` (optional, default zeros:
-  what SDXL's pipeline uses for the empty prompt).
+  what SDXL's pipeline uses for the empty prompt); for a PixArt transformer
+  ``"encoder_attention_mask"`` ``[B, S]`` and ``"uncond_encoder_attention_mask"`` ``[S]`` (the T5
+  padding mask the pipeline passes to cross-attention; ``resolution``/``aspect_ratio`` too for a
+  model with size conditions).
 
 Any iterable of such dicts works. The sources here are *indexed*: ``source.batch(i)`` is a pure
 function of ``i`` and the source's seed, so a resumed run (or rank ``r`` of ``world`` processes)
@@ -24,7 +27,7 @@ before:
   VAE and text encoder on the training device (cached in the work directory,
   :mod:`bfq.pipeline.finetune.encoding`);
 * :func:`prompt_batches`: prompts alone (a list, or a text file with one prompt a line), encoded by
-  the text encoder(s) the pipeline's model family uses (SDXL: both, and the size conditions);
+  the text encoder(s) the pipeline's model family uses (SDXL: both, and the size conditions; PixArt: T5);
 * :class:`TensorBatches`: tensors already in memory.
 
 :func:`make_source` turns a ``--data`` string (``tiny-sd-digits``, ``folder:PATH``,
@@ -41,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bfq.families import FAMILIES
 from bfq.pipeline.finetune.encoding import (
     EncodedFolder,
     encode_folder,
@@ -53,7 +57,7 @@ from bfq.pipeline.finetune.encoding import (
 )
 
 DATA_KINDS = ("tiny-sd-digits", "folder:PATH", "prompts:FILE")
-TINY_MODELS = ("tiny-sd", "tiny-sdxl")  # the bundled models whose built-in data is tiny-sd's digits
+TINY_MODELS = tuple(f.tiny_name for f in FAMILIES)  # the bundled models whose built-in data is tiny-sd's digits
 
 
 def _seed(*parts: int) -> int:
@@ -213,12 +217,9 @@ def tinysd_digits(pipeline_dir: str | os.PathLike | None = None, *, batch_size: 
     mean, std = encode_images(load_vae(base), images)
     captions = [t.format(w=DIGIT_WORDS[d], n=str(d)) for d in range(10) for t in DIGIT_TEMPLATES]
     family, config = _pipeline_family(base)
-    if family.added_cond_keys:
-        cond = family.encode_prompts(base, captions, config)
-        uncond = family.encode_prompts(base, [""], config)
-        added = {**cond["added_cond_kwargs"], "uncond_text_embeds": uncond["added_cond_kwargs"]["text_embeds"][0]}
-        return DigitBatches(mean, std, labels, captions, cond["encoder_hidden_states"],
-                            uncond["encoder_hidden_states"][0], batch_size=batch_size, seed=seed, added=added)  # fmt: skip
+    if _family_encodes(family):
+        table, uncond, added = _family_encoded(family, base, captions, config)
+        return DigitBatches(mean, std, labels, captions, table, uncond, batch_size=batch_size, seed=seed, added=added)
     tokenizer, encoder = load_text_encoder(base)
     table = encode_text(tokenizer, encoder, captions + [""])
     return DigitBatches(mean, std, labels, captions, table[:-1], table[-1], batch_size=batch_size, seed=seed)
@@ -284,26 +285,39 @@ def prompt_batches(prompts, pipeline_dir, *, batch_size: int = 16, seed: int = 0
     if isinstance(prompts, (str, os.PathLike)):
         prompts = read_prompts(prompts)
     family, config = _pipeline_family(pipeline_dir)
-    if family.added_cond_keys:
-        cond = family.encode_prompts(pipeline_dir, list(prompts), config, device)
-        uncond = family.encode_prompts(pipeline_dir, [""], config, device)
-        added = {**{k: v.cpu() for k, v in cond["added_cond_kwargs"].items()},
-                 "uncond_text_embeds": uncond["added_cond_kwargs"]["text_embeds"][0].cpu()}  # fmt: skip
-        return TensorBatches(cond["encoder_hidden_states"].cpu(), uncond["encoder_hidden_states"][0].cpu(),
-                             batch_size=batch_size, seed=seed, added=added)  # fmt: skip
+    if _family_encodes(family):
+        table, uncond, added = _family_encoded(family, pipeline_dir, list(prompts), config, device)
+        return TensorBatches(table, uncond, batch_size=batch_size, seed=seed, added=added)
     tokenizer, encoder = load_text_encoder(pipeline_dir, device)
     table = encode_text(tokenizer, encoder, list(prompts) + [""])
     return TensorBatches(table[:-1], table[-1], batch_size=batch_size, seed=seed)
 
 
 def _pipeline_family(pipeline_dir):
-    """(family, UNet config) of a diffusers pipeline directory."""
-    import json
+    """(family, model config) of a diffusers pipeline directory (its ``unet/`` or ``transformer/``)."""
+    from bfq.families import pipeline_family
 
-    from bfq.families import family_for_config
+    return pipeline_family(pipeline_dir)
 
-    config = json.loads((Path(pipeline_dir) / "unet" / "config.json").read_text())
-    return family_for_config(config), config
+
+def _family_encodes(family) -> bool:
+    """True for a family whose text conditioning is more than one CLIP encoder's last hidden state
+    (SDXL: two encoders, pooled text and size ids; PixArt: T5 features and their attention mask):
+    its pipeline's own ``encode_prompt`` encodes the captions (Family.encode_prompts)."""
+    return bool(family.added_cond_keys or family.prompt_cond_keys)
+
+
+def _family_encoded(family, base, texts: list[str], config: dict, device=None):
+    """``(text features [N, S, D], empty prompt's [S, D], other tensors)`` of ``texts`` encoded by
+    ``family`` with the pipeline in ``base`` (padding no text attends to dropped): the other tensors flat, one row per text (SDXL:
+    ``text_embeds``, ``time_ids``; PixArt: ``encoder_attention_mask``), and for those that depend on
+    the prompt the empty prompt's as ``uncond_<key>`` (CPU, float32 except masks)."""
+    cond, uncond = family.drop_padding(family.flat_conditioning(family.encode_prompts(base, texts, config, device)),
+                                       family.flat_conditioning(family.encode_prompts(base, [""], config, device)))
+    table, empty = cond.pop("encoder_hidden_states").cpu(), uncond.pop("encoder_hidden_states")[0].cpu()
+    added = {k: v.cpu() for k, v in cond.items()}
+    added.update({f"uncond_{k}": uncond[k][0].cpu() for k in family.prompt_cond_keys if k in uncond})
+    return table, empty, added
 
 
 def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, batch_size: int = 16, seed: int = 0,
@@ -312,7 +326,7 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
 
     Args:
         spec: ``"tiny-sd-digits"``, ``"folder:PATH"``, ``"prompts:FILE"``, or None for the model's
-            built-in data (tiny-sd's digits for tiny-sd and tiny-sdxl).
+            built-in data (tiny-sd's digits for the bundled tiny models: tiny-sd, tiny-sdxl, tiny-pixart).
         model_name: the model's name (``bfq.pipeline.models.ResolvedModel.name``).
         pipeline_dir: the pipeline whose VAE/text encoder encode folder and prompt data.
         device: where the VAE and text encoder run.
@@ -343,9 +357,9 @@ def make_source(spec: str | None, *, model_name: str = "", pipeline_dir=None, ba
             "(model_index.json + unet/ vae/ text_encoder/ tokenizer/) as the model"
         )
     if kind == "folder":
-        if _pipeline_family(pipeline_dir)[0].added_cond_keys:
+        if _family_encodes(_pipeline_family(pipeline_dir)[0]):
             raise ValueError(f"folder data is not supported yet for {_pipeline_family(pipeline_dir)[0].title} models "
-                             "(their second text encoder and size conditions): use prompts:FILE")  # fmt: skip
+                             "(their own text encoders and conditioning): use prompts:FILE")  # fmt: skip
         return image_caption_folder(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device,
                                     cache_dir=cache_dir, log=log)  # fmt: skip
     return prompt_batches(arg, pipeline_dir, batch_size=batch_size, seed=seed, device=device)

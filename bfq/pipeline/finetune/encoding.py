@@ -80,9 +80,12 @@ def encode_images(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torc
 
 
 def image_resolution(pipeline_dir: str | os.PathLike) -> int:
-    """The pixel size the pipeline's UNet was trained at: ``unet.sample_size * 2^(VAE levels - 1)``."""
+    """The pixel size the pipeline's model (UNet or transformer) was trained at:
+    ``sample_size * 2^(VAE levels - 1)``."""
+    from bfq.families import pipeline_family
+
     base = Path(pipeline_dir)
-    unet_cfg = json.loads((base / "unet" / "config.json").read_text())
+    unet_cfg = pipeline_family(base)[1]
     vae_cfg = json.loads((base / "vae" / "config.json").read_text())
     return int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
 

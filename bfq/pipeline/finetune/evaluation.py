@@ -41,7 +41,6 @@ def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: flo
 
     @torch.no_grad()
     def run(unet) -> dict:
-        import diffusers
         from diffusers import DDIMScheduler
         from transformers import CLIPModel, CLIPProcessor
 
@@ -50,8 +49,7 @@ def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: flo
         family = family_of(unet)
         device = next(unet.parameters()).device
         extra = {"requires_safety_checker": False} if "safety_checker" in family.pipeline_kwargs else {}
-        pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-            str(pipeline_dir), unet=unet, local_files_only=True, **family.pipeline_kwargs, **extra)  # fmt: skip
+        pipe = family.pipeline_from(str(pipeline_dir), unet, local_files_only=True, **extra)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
@@ -61,7 +59,8 @@ def clip_eval_fn(pipeline_dir, clip_model, prompts, *, steps: int = 25, cfg: flo
         for i in range(0, len(prompt_list), batch_size):
             chunk = prompt_list[i : i + batch_size]
             gen = torch.Generator().manual_seed(seed + i)
-            images = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="pil").images
+            images = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="pil",
+                          **family.pipeline_call_kwargs(dict(unet.config))).images  # fmt: skip
             inputs = proc(text=chunk, images=images, return_tensors="pt", padding=True, truncation=True)
             out = model(**{k: v.to(device) for k, v in inputs.items()})
             a = F.normalize(out.image_embeds.double(), dim=-1)

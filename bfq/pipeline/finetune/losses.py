@@ -30,12 +30,18 @@ def sample_timesteps(n: int, num_train_timesteps: int, rng: np.random.Generator,
     return torch.from_numpy(np.minimum(T - 1, np.floor(T * u))).long()
 
 
-def is_frozen_time_layer(name: str, module: nn.Module) -> bool:
-    """True for the time layers kept in floating point and frozen: ``time_embedding.*`` and every
-    ``time_emb_proj`` that is not a quantized layer (``name`` is the module's name)."""
-    if name == "time_embedding" or name.startswith("time_embedding."):
-        return True
-    return name.rsplit(".", 1)[-1] == "time_emb_proj" and not isinstance(module, QUANT_MODULES)
+def is_frozen_time_layer(name: str, module: nn.Module, family=None) -> bool:
+    """True for the time layers kept in floating point and frozen: those the model's family puts on
+    the time path (a UNet's ``time_embedding.*`` and every ``time_emb_proj``; a PixArt transformer's
+    ``adaln_single.*``) that are not quantized layers (``name`` is the module's name; ``family``
+    default: SD's)."""
+    if isinstance(module, QUANT_MODULES):
+        return False
+    if family is None:
+        from bfq.families import sd15
+
+        family = sd15.FAMILY
+    return family.is_time_layer(name)
 
 
 def trainable_parameters(unet: nn.Module, train_dense: bool = True) -> list[tuple[str, nn.Parameter]]:
@@ -43,9 +49,10 @@ def trainable_parameters(unet: nn.Module, train_dense: bool = True) -> list[tupl
     weights and scales of every quantized layer, plus (``train_dense``) every other parameter
     except the frozen time layers."""
     frozen, quant = set(), set()
+    family = family_of(unet)
     for name, module in unet.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
-        if is_frozen_time_layer(name, module):
+        if is_frozen_time_layer(name, module, family):
             frozen.update(own)
         elif isinstance(module, QUANT_MODULES):
             quant.update(own)
@@ -92,16 +99,18 @@ def noise_scheduler_from(scheduler_or_config=None):
 
 
 class _FeatureHooks:
-    """Collects the hidden-state output of every ``down_blocks[i]`` and ``up_blocks[i]``, but only
-    inside :meth:`collecting`: any other forward (an evaluation, teacher sampling, a checkpoint
-    recomputation) retains nothing."""
+    """Collects the hidden-state output of every block the model's family names for feature
+    distillation (a UNet's ``down_blocks[i]`` and ``up_blocks[i]``, a PixArt transformer's
+    ``transformer_blocks[i]``), but only inside :meth:`collecting`: any other forward (an
+    evaluation, teacher sampling, a checkpoint recomputation) retains nothing."""
 
     def __init__(self, unet: nn.Module):
         self.outputs: list[torch.Tensor] = []
         self.active = False
-        blocks = list(getattr(unet, "down_blocks", [])) + list(getattr(unet, "up_blocks", []))
+        family = family_of(unet)
+        blocks = family.feature_modules(unet)
         if not blocks:
-            raise ValueError("feature distillation needs a UNet with down_blocks/up_blocks")
+            raise ValueError(f"feature distillation needs the blocks of a {family.title} model, and this one has none")
         self.handles = [b.register_forward_hook(self._hook) for b in blocks]
 
     def _hook(self, module, args, output):
@@ -131,22 +140,22 @@ class _FeatureHooks:
 def teacher_samples(teacher, ehs, uncond, scheduler_config, *, steps: int, cfg: float, generator,
                     sample_shape, added: dict | None = None, uncond_added: dict | None = None) -> torch.Tensor:  # fmt: skip
     """Clean latents ``x_0`` sampled by ``teacher`` (DDIM, eta 0, classifier-free guidance ``cfg``)
-    for the text embeddings ``ehs`` ``[B, S, D]`` (and ``added`` ``added_cond_kwargs``, with
-    ``uncond_added`` for the unconditional branch: SDXL); initial noise from ``generator`` (CPU)."""
+    for the text embeddings ``ehs`` ``[B, S, D]`` and ``added``, the family's other conditioning
+    tensors as a flat dict (SDXL: ``text_embeds``, ``time_ids``; PixArt: ``encoder_attention_mask``),
+    with ``uncond_added`` the unconditional branch's where they depend on the prompt; initial noise
+    from ``generator`` (CPU)."""
     from diffusers import DDIMScheduler
 
     device = ehs.device
     sched = DDIMScheduler.from_config(dict(scheduler_config), clip_sample=False)
     sched.set_timesteps(steps)
     z = torch.randn((ehs.shape[0], *sample_shape), generator=generator).to(device) * sched.init_noise_sigma
-    cond = torch.cat([uncond.expand_as(ehs), ehs])
-    kwargs = {"encoder_hidden_states": cond}
-    if added:
-        both = {k: torch.cat([uncond_added.get(k, v).expand_as(v), v]) for k, v in added.items()}
-        kwargs["added_cond_kwargs"] = both
+    flat = {"encoder_hidden_states": torch.cat([uncond.expand_as(ehs), ehs])}
+    flat.update({k: torch.cat([(uncond_added or {}).get(k, v).expand_as(v), v]) for k, v in (added or {}).items()})
     family = family_of(teacher)
+    kwargs = family.model_kwargs(flat)
     for t in sched.timesteps:
-        eps = family.forward(teacher, torch.cat([z, z]), t.to(device), kwargs).sample.float()
+        eps = family.forward(teacher, torch.cat([z, z]), t.to(device), kwargs).float()
         e_u, e_c = eps.chunk(2)
         z = sched.step(e_u + cfg * (e_c - e_u), t, z, eta=0.0).prev_sample
     return z
@@ -165,7 +174,7 @@ class StageLoss:
         self.prediction = self.noise_sched.config.prediction_type
         self.uncond = uncond
         self.family = family_of(student)
-        self.added_keys = self.family.added_cond_keys
+        self.required = self.family.required_cond_keys(dict(student.config))
         use_feat = cfg.stage == "distill" and cfg.feat_weight > 0
         self.hooks = (_FeatureHooks(student), _FeatureHooks(teacher)) if use_feat else None
 
@@ -202,20 +211,20 @@ class StageLoss:
         if bool(drop.any()):
             ehs = torch.where(drop[:, None, None], uncond.expand_as(ehs), ehs)
         zt = self.noise_sched.add_noise(x0, noise, t)
-        kwargs = {"encoder_hidden_states": ehs}
-        if added:
-            if bool(drop.any()):
-                te, ute = added["text_embeds"], uncond_added["text_embeds"]
-                added = {**added, "text_embeds": torch.where(drop[:, None], ute.expand_as(te), te)}
-            kwargs["added_cond_kwargs"] = added
+        flat = {"encoder_hidden_states": ehs, **added}
+        if bool(drop.any()):
+            for k, u in uncond_added.items():
+                v = flat[k]
+                flat[k] = torch.where(drop.view(-1, *[1] * (v.dim() - 1)), u.expand_as(v), v)
+        kwargs = self.family.model_kwargs(flat)
         with self._collecting(0), self.acc.autocast():
-            pred = self.family.forward(model, zt, t, kwargs).sample.float()
+            pred = self.family.forward(model, zt, t, kwargs).float()
         if cfg.stage == "noise":
             target = noise if self.prediction == "epsilon" else self.noise_sched.get_velocity(x0, noise, t)
             loss = F.mse_loss(pred, target)
             return loss, {"loss_noise": loss.detach()}
         with torch.no_grad(), self._collecting(1), self.acc.autocast():
-            target = self.family.forward(self.teacher, zt, t, kwargs).sample.float()
+            target = self.family.forward(self.teacher, zt, t, kwargs).float()
         l_noise = F.mse_loss(pred, target)
         parts = {"loss_noise": l_noise.detach()}
         loss = l_noise
@@ -226,19 +235,23 @@ class StageLoss:
             parts["loss_feat"] = l_feat.detach()
         return loss, parts
 
-    def _added(self, batch: dict, dev) -> tuple[dict | None, dict | None]:
-        """``added_cond_kwargs`` of the batch (SDXL: ``text_embeds``, ``time_ids``) and the
-        unconditional ``text_embeds`` (``uncond_text_embeds``) that CFG dropout puts in; (None, None)
-        for a model that needs none."""
-        if not self.added_keys:
-            return None, None
-        missing = [k for k in self.added_keys if k not in batch]
+    def _added(self, batch: dict, dev) -> tuple[dict, dict]:
+        """The batch's conditioning besides the text, flat (SDXL: ``text_embeds``, ``time_ids``;
+        PixArt: ``encoder_attention_mask``, and the size conditions of a model that uses them), and the
+        unconditional values that CFG dropout puts in for those that depend on the prompt
+        (``uncond_<key>`` of the batch, default zeros: what SDXL's pipeline uses for the empty prompt)."""
+        missing = [k for k in self.required if k not in batch]
         if missing:
             raise ValueError(f"this {self.family.title} model needs {', '.join(missing)} in every batch "
                              "(its added_cond_kwargs); the batch has only " + ", ".join(sorted(batch)))  # fmt: skip
-        added = {k: batch[k].to(dev, torch.float32) for k in self.added_keys}
-        uncond = batch.get("uncond_text_embeds", torch.zeros_like(added["text_embeds"][:1]))
-        return added, {"text_embeds": uncond.to(dev, torch.float32).reshape(1, -1)}
+        keys = dict.fromkeys(self.family.added_cond_keys + self.family.prompt_cond_keys)
+        added = {k: batch[k].to(dev, torch.float32) for k in keys if k in batch}
+        uncond = {}
+        for k in self.family.prompt_cond_keys:
+            if k in added:
+                u = batch.get(f"uncond_{k}", torch.zeros_like(added[k][:1]))
+                uncond[k] = u.to(dev, torch.float32).reshape(1, *added[k].shape[1:])
+        return added, uncond
 
     def _teacher_x0(self, ehs, uncond, gen, added=None, uncond_added=None):
         if self.teacher is None:
