@@ -190,7 +190,7 @@ def test_bf16_cpu_unet_takes_the_fast_paths(tiny_file, monkeypatch):
     sample, ehs = tiny_inputs(fast, seq=5)
     threads, out, seen = torch.get_num_threads(), {}, {}
     try:
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             with torch.no_grad():
                 out[n] = fast(sample, 37, ehs).sample, flash(sample, 37, ehs).sample
@@ -198,9 +198,9 @@ def test_bf16_cpu_unet_takes_the_fast_paths(tiny_file, monkeypatch):
             calls.update(attention=0, conv=0)
     finally:
         torch.set_num_threads(threads)
-    assert seen[1]["attention"] == 8 and seen[2]["attention"] == 0  # 4 transformers: self and cross
-    assert seen[1]["conv"] > 0 and seen[2]["conv"] == 0
-    (a, b), (a2, b2) = out[1], out[2]
+    assert seen[1]["attention"] == seen[2]["attention"] == 8 and seen[3]["attention"] == 0  # 4 transformers
+    assert seen[1]["conv"] > 0 and seen[2]["conv"] == seen[3]["conv"] == 0
+    (a, b), (a2, b2) = out[1], out[3]
     assert not torch.equal(a, b) and torch.equal(a2, b2) and float((a - b).norm() / b.norm()) < 0.03
     with torch.no_grad():
         bfq.load_unet(tiny_file)(sample.float(), 37, ehs.float())
