@@ -24,9 +24,7 @@ machine is lightly loaded, 0.97 s on average for the bundled run (load average 3
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from bfq.tinypixart.build import (
     save_pipeline,
     tokenize,
 )
-from bfq.tinysd.train import _timed, latents_of_digits, train_denoiser
+from bfq.tinysd.train import _timed, latents_of_digits, reused_vae_record, run_cli, train_denoiser, training_settings
 
 DEFAULTS = dict(
     seed=0,
@@ -86,11 +84,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
     """
     import torch
 
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown training settings: {sorted(unknown)}")
-    s = dict(DEFAULTS, **settings)
-    torch.set_num_threads(s["threads"])
+    s = training_settings(DEFAULTS, settings)
     start = time.perf_counter()
     log = _timed(log)
     tokenizer = build_tokenizer()
@@ -99,16 +93,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
     latents, labels = latents_of_digits(load_vae())
     transformer, text_encoder = train_transformer(transformer, text_encoder, tokenizer, latents, labels, s, gen, log)
     seconds = time.perf_counter() - start
-    record = dict(
-        command=f"python -m bfq.tinypixart.train --out DIR --seed {s['seed']}"
-        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in s.items() if k != "seed" and v != DEFAULTS[k]),
-        settings=s,
-        data="scikit-learn digits (1797 images, 8x8) upscaled bilinearly to 16x16, dark on light",
-        vae="tiny-sd's trained VAE, weights copied unchanged (force_upcast false)",
-        seconds_total=round(seconds, 1),
-        seconds_per_step=round(seconds / max(1, s["steps"]), 3),
-        machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-    )
+    record = reused_vae_record("bfq.tinypixart.train", DEFAULTS, s, seconds, s["steps"])
     save_pipeline(out, transformer.cpu(), text_encoder.cpu(), training=record)
     record = json.loads((Path(out) / "TRAINING.json").read_text())
     log(f"saved {out} in {seconds:.0f}s, sha256 {record['sha256']}")
@@ -117,13 +102,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
 
 def main(argv=None):
     """Command line: every key of DEFAULTS is an option (``--steps 1500``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output pipeline directory")
-    for key, value in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    train(out, log=lambda line: print(line, flush=True), **args)
+    run_cli(train, DEFAULTS, __doc__, argv)
 
 
 if __name__ == "__main__":

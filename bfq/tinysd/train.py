@@ -258,11 +258,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
     """
     import torch
 
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown training settings: {sorted(unknown)}")
-    s = dict(DEFAULTS, **settings)
-    torch.set_num_threads(s["threads"])
+    s = training_settings(DEFAULTS, settings)
     start = time.perf_counter()
     out = Path(out)
     log = _timed(log)
@@ -299,15 +295,50 @@ def train(out: str | Path, log=print, **settings) -> dict:
     return record
 
 
-def main(argv=None):
-    """Command line: every key of DEFAULTS is an option (``--unet-steps 1500``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_settings(defaults: dict, overrides: dict) -> dict:
+    """``defaults`` updated with ``overrides`` (a TypeError names unknown keys); sets torch's thread count."""
+    import torch
+
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown training settings: {sorted(unknown)}")
+    s = dict(defaults, **overrides)
+    torch.set_num_threads(s["threads"])
+    return s
+
+
+def reused_vae_record(module: str, defaults: dict, s: dict, seconds: float, steps: int) -> dict:
+    """The ``TRAINING.json`` record of a tiny model trained on tiny-sd's digits with tiny-sd's VAE
+    (tiny-sdxl, tiny-pixart): the command that reproduces it, its settings and its timing."""
+    import torch
+
+    return dict(
+        command=f"python -m {module} --out DIR --seed {s['seed']}"
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in s.items() if k != "seed" and v != defaults[k]),
+        settings=s,
+        data="scikit-learn digits (1797 images, 8x8) upscaled bilinearly to 16x16, dark on light",
+        vae="tiny-sd's trained VAE, weights copied unchanged (force_upcast false)",
+        seconds_total=round(seconds, 1),
+        seconds_per_step=round(seconds / max(1, steps), 3),
+        machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+    )
+
+
+def run_cli(train, defaults: dict, doc: str, argv=None) -> None:
+    """A training module's command line: ``--out`` and every key of ``defaults`` as an option."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output pipeline directory")
-    for key, value in DEFAULTS.items():
+    for key, value in defaults.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     train(out, log=lambda line: print(line, flush=True), **args)
+
+
+
+def main(argv=None):
+    """Command line: every key of DEFAULTS is an option (``--unet-steps 1500``)."""
+    run_cli(train, DEFAULTS, __doc__, argv)
 
 
 if __name__ == "__main__":

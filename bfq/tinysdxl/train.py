@@ -16,14 +16,12 @@ smoke test.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 from bfq.tinysd.build import MAX_LENGTH, load_tokenizer
-from bfq.tinysd.train import _timed, latents_of_digits, train_denoiser
+from bfq.tinysd.train import _timed, latents_of_digits, reused_vae_record, run_cli, train_denoiser, training_settings
 from bfq.tinysdxl.build import (
     SCHEDULER_CONFIG,
     build_models,
@@ -80,11 +78,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
     """
     import torch
 
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown training settings: {sorted(unknown)}")
-    s = dict(DEFAULTS, **settings)
-    torch.set_num_threads(s["threads"])
+    s = training_settings(DEFAULTS, settings)
     start = time.perf_counter()
     log = _timed(log)
     tokenizer = load_tokenizer(tinysd_dir() / "tokenizer")
@@ -93,16 +87,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
     latents, labels = latents_of_digits(load_vae())
     unet, *encoders = train_unet(unet, encoders, tokenizer, latents, labels, s, gen, log)
     seconds = time.perf_counter() - start
-    record = dict(
-        command=f"python -m bfq.tinysdxl.train --out DIR --seed {s['seed']}"
-        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in s.items() if k != "seed" and v != DEFAULTS[k]),
-        settings=s,
-        data="scikit-learn digits (1797 images, 8x8) upscaled bilinearly to 16x16, dark on light",
-        vae="tiny-sd's trained VAE, weights copied unchanged (force_upcast false)",
-        seconds_total=round(seconds, 1),
-        seconds_per_step=round(seconds / max(1, s["unet_steps"]), 3),
-        machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-    )
+    record = reused_vae_record("bfq.tinysdxl.train", DEFAULTS, s, seconds, s["unet_steps"])
     save_pipeline(out, unet.cpu(), *(e.cpu() for e in encoders), training=record)
     record = json.loads((Path(out) / "TRAINING.json").read_text())
     log(f"saved {out} in {seconds:.0f}s, sha256 {record['sha256']}")
@@ -111,13 +96,7 @@ def train(out: str | Path, log=print, **settings) -> dict:
 
 def main(argv=None):
     """Command line: every key of DEFAULTS is an option (``--unet-steps 1500``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output pipeline directory")
-    for key, value in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    train(out, log=lambda line: print(line, flush=True), **args)
+    run_cli(train, DEFAULTS, __doc__, argv)
 
 
 if __name__ == "__main__":
